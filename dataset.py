@@ -1,0 +1,214 @@
+"""CIFAR-10/100 from the standard python layout, held on the training device.
+
+The whole split lives as one uint8 tensor on the device. Each training batch
+is cropped (reflect-pad 4, random 32x32), flipped and normalised in a single
+batched gather: no PIL, no loader worker processes. Every batch carries the
+samples' dataset indices (CRD needs them).
+"""
+import os
+import pickle
+from dataclasses import dataclass
+from typing import NamedTuple, Tuple
+
+import numpy as np
+import torch
+
+from utils import UserError
+
+
+@dataclass(frozen=True)
+class CifarInfo:
+    name: str
+    num_class: int
+    folder: str
+    train_files: Tuple[str, ...]
+    test_files: Tuple[str, ...]
+    label_key: str
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    torchvision_class: str
+
+
+DATASETS = {
+    'cifar10': CifarInfo('cifar10', 10, 'cifar-10-batches-py',
+                         tuple(f'data_batch_{i}' for i in range(1, 6)), ('test_batch',),
+                         'labels', (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 'CIFAR10'),
+    'cifar100': CifarInfo('cifar100', 100, 'cifar-100-python', ('train',), ('test',),
+                          'fine_labels', (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 'CIFAR100'),
+}
+
+
+class DataError(UserError):
+    """The dataset is missing, cannot be fetched, or is malformed; the message says what to do."""
+
+
+def _read_batch(path, label_key, num_class):
+    """One pickled batch -> (uint8 [n, 3, 32, 32], int64 [n]), checked for structure."""
+    try:
+        with open(path, 'rb') as f:
+            entry = pickle.load(f, encoding='latin1')
+    except Exception as e:  # truncated, not a pickle, wrong protocol...
+        raise DataError(f"{path}: cannot be read as a CIFAR batch ({type(e).__name__}: {e})") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: expected a dict, found {type(entry).__name__}")
+    entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    if 'data' not in entry or label_key not in entry:
+        raise DataError(f"{path}: missing key 'data' or {label_key!r} (has {sorted(entry)})")
+    data, labels = entry['data'], entry[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise DataError(f"{path}: 'data' must be a uint8 array, found "
+                        f"{getattr(data, 'dtype', type(data).__name__)}")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: 'data' must have shape (n, 3072), found {data.shape}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {label_key!r} is not a list of integers") from None
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {data.shape[0]} images but {labels.size} labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_class):
+        raise DataError(f"{path}: labels must lie in [0, {num_class}), found "
+                        f"[{labels.min()}, {labels.max()}]")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.from_numpy(labels)
+
+
+def _read_split(folder, files, info):
+    parts = [_read_batch(os.path.join(folder, f), info.label_key, info.num_class) for f in files]
+    images = torch.cat([p[0] for p in parts])
+    if images.shape[0] == 0:
+        raise DataError(f"{folder}: the split in {', '.join(files)} holds no images")
+    return images, torch.cat([p[1] for p in parts])
+
+
+def _missing_message(info, root, reason):
+    return (f"{info.name} not found: looked for {os.path.join(root, info.folder)}/ "
+            f"({', '.join(info.train_files + info.test_files)}). {reason}\n"
+            f"Get it with network access by running once without --no_download, or unpack "
+            f"the official python archive (https://www.cs.toronto.edu/~kriz/cifar.html) so "
+            f"that {info.folder}/ sits in --img_root.")
+
+
+def _download(info, root):
+    """Fetch through torchvision's downloader, which verifies the archive's md5."""
+    import torchvision
+    try:
+        getattr(torchvision.datasets, info.torchvision_class)(root, train=True, download=True)
+    except Exception as e:
+        raise DataError(_missing_message(
+            info, root, f"Downloading it failed ({type(e).__name__}: {e}).")) from None
+
+
+def load_cifar(root, name, download=True, log=print):
+    """Read a CIFAR dataset directly from its pickles (no md5 gate, so re-packed
+    copies load). Returns (train_images, train_labels, test_images, test_labels)
+    as CPU tensors: uint8 [n, 3, 32, 32] and int64 [n]."""
+    info = DATASETS[name]
+    folder = os.path.join(root, info.folder)
+    files = info.train_files + info.test_files
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+        if not download:
+            raise DataError(_missing_message(info, root, "Downloading is off (--no_download)."))
+        log(f"{info.name} not found under {root}: downloading it with torchvision")
+        _download(info, root)
+    train = _read_split(folder, info.train_files, info)
+    test = _read_split(folder, info.test_files, info)
+    log(f"{info.name}: {len(train[0])} training and {len(test[0])} test images from {folder}")
+    return (*train, *test)
+
+
+class Batch(NamedTuple):
+    img: torch.Tensor     # float [B, 3, 32, 32], normalised
+    target: torch.Tensor  # int64 [B]
+    idx: torch.Tensor     # int64 [B], indices into the training split
+
+
+def reflect_index(pos, size=32):
+    """Map positions in [-size, 2*size-1) to the source index of a reflect padding."""
+    return (size - 1) - ((size - 1) - pos.abs()).abs()
+
+
+def augment(images, rng_generator, pad=4, out=None):
+    """Random reflect-pad crop and horizontal flip of a uint8 batch, as one gather.
+
+    The padded image is never built: each output pixel reads its source
+    through reflected row and column indices; flipping reverses the columns.
+    """
+    b, _, h, w = images.shape
+    dev = images.device
+    shifts = torch.randint(0, 2 * pad + 1, (2, b), device=dev, generator=rng_generator)
+    flips = torch.randint(0, 2, (b,), device=dev, generator=rng_generator).bool()
+    ar_h = torch.arange(h, device=dev)
+    ar_w = torch.arange(w, device=dev)
+    rows = reflect_index(shifts[0, :, None] - pad + ar_h, h)                     # [B, H]
+    cols_idx = torch.where(flips[:, None], (w - 1) - ar_w, ar_w)                 # [B, W]
+    cols = reflect_index(shifts[1, :, None] - pad + cols_idx, w)                 # [B, W]
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    ci = torch.arange(images.shape[1], device=dev)[None, :, None, None]
+    return images[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class DeviceLoader:
+    """Batches of a split held on the device.
+
+    Training: a fresh permutation per epoch (from this loader's own generator,
+    so a checkpoint can restore it), augmented batches; the last partial batch
+    is kept, as in the seed. Evaluation: the split in order, large batches.
+    With `world > 1`, each epoch's global batch of `batch_size * world` samples
+    is drawn as in one process and rank `rank` takes its slice.
+    """
+
+    def __init__(self, images, labels, info, batch_size, device, train, seed=0,
+                 rank=0, world=1):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.device = torch.device(device)
+        self.train, self.batch_size = train, batch_size
+        self.rank, self.world = rank, world
+        scale = 1.0 / (255.0 * torch.tensor(info.std))
+        self.scale = scale.view(1, 3, 1, 1).to(device)
+        self.shift = (-torch.tensor(info.mean) * 255.0 * scale).view(1, 3, 1, 1).to(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self):
+        global_batch = self.batch_size * self.world
+        return -(-len(self.labels) // global_batch)
+
+    def normalise(self, x_uint8):
+        return torch.addcmul(self.shift, x_uint8.float(), self.scale)
+
+    def __iter__(self):
+        n = len(self.labels)
+        global_batch = self.batch_size * self.world
+        order = (torch.randperm(n, device=self.device, generator=self.generator) if self.train
+                 else torch.arange(n, device=self.device))
+        for start in range(0, n, global_batch):
+            idx = order[start:start + global_batch]
+            x = self.images[idx]
+            if self.train:  # augment the global batch, so ranks see what one process would
+                x = augment(x, self.generator)
+            if self.world > 1:
+                per = -(-len(idx) // self.world)
+                sl = slice(self.rank * per, (self.rank + 1) * per)
+                idx, x = idx[sl], x[sl]
+            yield Batch(self.normalise(x), self.labels[idx], idx)
+
+    def state_dict(self):
+        return {'generator': self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state['generator'])
+
+
+def make_loaders(args, device, log=print, rank=0, world=1):
+    """Train and test loaders for `args.data_name` under `args.img_root`, on `device`."""
+    info = DATASETS[args.data_name]
+    train_x, train_y, test_x, test_y = load_cifar(args.img_root, args.data_name,
+                                                  download=not args.no_download, log=log)
+    if args.batch_size * world > len(train_y):
+        raise DataError(f'--batch_size {args.batch_size} is larger than the training split '
+                        f'({len(train_y)} images)')
+    train = DeviceLoader(train_x, train_y, info, args.batch_size, device, train=True,
+                         seed=args.seed, rank=rank, world=world)
+    test = DeviceLoader(test_x, test_y, info, args.eval_batch_size, device, train=False)
+    return train, test

@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny CIFAR datasets written in the standard python layout
+(so the real loading code runs), and a baseline run to take checkpoints from."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Ten colours far apart: a tiny net separates them in a few steps.
+PALETTE = np.array([[r, g, b] for r in (30, 225) for g in (30, 225) for b in (30, 225)]
+                   + [[128, 128, 30], [30, 128, 225]], dtype=np.int64)
+
+
+def make_images(labels, rng, learnable):
+    n = len(labels)
+    if not learnable:
+        return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    colour = PALETTE[labels % len(PALETTE)][:, :, None]                # [n, 3, 1]
+    noise = rng.integers(-25, 26, size=(n, 3, 1024))
+    return np.clip(colour + noise, 0, 255).astype(np.uint8).reshape(n, 3072)
+
+
+def write_cifar(root, name='cifar10', n_train=100, n_test=40, learnable=False, seed=0):
+    """Write a tiny dataset in the official pickle layout under `root`; returns
+    the arrays written: {'train': (data, labels), 'test': (data, labels)}."""
+    rng = np.random.default_rng(seed)
+    num_class = 10 if name == 'cifar10' else 100
+    out = {}
+    for split, n in (('train', n_train), ('test', n_test)):
+        labels = np.arange(n) % num_class
+        rng.shuffle(labels)
+        out[split] = (make_images(labels, rng, learnable), labels)
+    if name == 'cifar10':
+        folder = os.path.join(root, 'cifar-10-batches-py')
+        os.makedirs(folder, exist_ok=True)
+        data, labels = out['train']
+        for i, chunk in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+            dump(os.path.join(folder, f'data_batch_{i}'),
+                 {'batch_label': f'training batch {i} of 5', 'labels': labels[chunk].tolist(),
+                  'data': data[chunk], 'filenames': [f'{j}.png' for j in chunk]})
+        data, labels = out['test']
+        dump(os.path.join(folder, 'test_batch'),
+             {'batch_label': 'testing batch 1 of 1', 'labels': labels.tolist(), 'data': data,
+              'filenames': [f'{j}.png' for j in range(n_test)]})
+        dump(os.path.join(folder, 'batches.meta'),
+             {'label_names': [f'class{i}' for i in range(10)], 'num_vis': 3072})
+    else:
+        folder = os.path.join(root, 'cifar-100-python')
+        os.makedirs(folder, exist_ok=True)
+        for split in ('train', 'test'):
+            data, labels = out[split]
+            dump(os.path.join(folder, split),
+                 {'filenames': [f'{j}.png' for j in range(len(labels))], 'batch_label': split,
+                  'fine_labels': labels.tolist(), 'coarse_labels': (labels // 5).tolist(),
+                  'data': data})
+        dump(os.path.join(folder, 'meta'), {'fine_label_names': [f'c{i}' for i in range(100)],
+                                            'coarse_label_names': [f'g{i}' for i in range(20)]})
+    return out
+
+
+def dump(path, obj):
+    with open(path, 'wb') as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+@pytest.fixture(scope='session')
+def cifar10_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cifar10')
+    write_cifar(str(root), 'cifar10', n_train=100, n_test=40, learnable=True)
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def base_run(tmp_path_factory, cifar10_root):
+    """A one-epoch resnet20 baseline on the tiny data: its initial weights and
+    trained checkpoint serve as student start and teacher in KD tests."""
+    import train_base
+    save_root = str(tmp_path_factory.mktemp('base'))
+    train_base.main(['--data_name', 'cifar10', '--net_name', 'resnet20', '--img_root', cifar10_root,
+                     '--save_root', save_root, '--note', 'r20', '--epochs', '1',
+                     '--batch_size', '32', '--device', 'cpu', '--no_download'])
+    run_dir = os.path.join(save_root, 'r20')
+    return {'dir': run_dir, 'img_root': cifar10_root,
+            'initial': os.path.join(run_dir, 'initial_r20.pth.tar'),
+            'best': os.path.join(run_dir, 'model_best.pth.tar')}
+
+
+SHAPES = {'stem': (16, 32, 32), 'rb1': (16, 32, 32), 'rb2': (32, 16, 16), 'rb3': (64, 8, 8),
+          'feat': (64,)}
+
+
+def make_features(batch=8, num_class=10, seed=0, requires_grad=False, scale=1.0):
+    """Random network.Features with the resnet20/110 shapes: pre-activations
+    from a normal distribution, post = relu(pre). With requires_grad, every
+    pre-activation, `feat` and `out` is a leaf that collects gradients (the
+    post-activations are computed from the pre leaves)."""
+    from network import Features
+    g = torch.Generator().manual_seed(seed)
+    leaves = {}
+
+    def leaf(name, shape):
+        t = (torch.randn((batch, *shape), generator=g) * scale).requires_grad_(requires_grad)
+        leaves[name] = t
+        return t
+
+    pairs = {}
+    for key in ('stem', 'rb1', 'rb2', 'rb3'):
+        pre = leaf(key, SHAPES[key])
+        pairs[key] = (pre, torch.relu(pre))
+    feat = leaf('feat', SHAPES['feat'])
+    out = leaf('out', (num_class,))
+    return Features(pairs['stem'], pairs['rb1'], pairs['rb2'], pairs['rb3'], feat, out), leaves
+
+
+def make_context(mode, overrides=None, n_data=100, num_class=10, student=None, teacher=None,
+                 data_name='cifar10'):
+    """A registry Context for `mode` with the seed defaults (plus `overrides`)."""
+    import argparse
+    from kd_losses import METHODS, Context
+    method = METHODS[mode]
+    args = argparse.Namespace(kd_mode=mode, data_name=data_name, lr=0.1, momentum=0.9,
+                              weight_decay=1e-4, epochs=200, num_class=num_class,
+                              **method.defaults_for(data_name))
+    for k, v in (overrides or {}).items():
+        setattr(args, k, v)
+    shapes = {**SHAPES, 'out': (num_class,)}
+    labels = torch.arange(n_data) % num_class
+    return Context(args=args, student_shapes=shapes, teacher_shapes=shapes, num_class=num_class,
+                   n_data=n_data, train_labels=labels, device=torch.device('cpu'),
+                   student=student, teacher=teacher)

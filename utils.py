@@ -1,0 +1,681 @@
+"""Shared pieces of the training scripts: flags, seeding, the learning-rate
+schedule, device-side metrics, checkpoints, the run directory and its logs,
+the epoch loop and evaluation."""
+import argparse
+import csv
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- errors
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, ...): reported as a
+    one-line message and a non-zero exit, never as a traceback."""
+
+
+def cli(main):
+    """Wrap a script's main so that a UserError ends the run with its message
+    (also recorded in log.txt when the run has one) and exit code 2."""
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            for h in LOG.handlers:
+                if isinstance(h, logging.FileHandler):
+                    h.emit(logging.makeLogRecord({'msg': f'error: {e}', 'levelno': logging.ERROR}))
+            print(f'error: {e}', file=sys.stderr)
+            raise SystemExit(2)
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- flags
+
+def positive(kind):
+    """argparse type: a number > 0."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
+        return value
+    parse.__name__ = f'positive {kind.__name__}'
+    return parse
+
+
+def non_negative(kind):
+    def parse(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f'must be >= 0, got {text}')
+        return value
+    parse.__name__ = f'non-negative {kind.__name__}'
+    return parse
+
+
+def add_common_args(parser):
+    """Flags every training script shares (names as in the original zoo)."""
+    from dataset import DATASETS
+    g = parser.add_argument_group('paths and run')
+    g.add_argument('--save_root', default='./results', help='runs are written to SAVE_ROOT/NOTE/')
+    g.add_argument('--img_root', default='./datasets',
+                   help='folder holding cifar-10-batches-py/ or cifar-100-python/')
+    g.add_argument('--note', default='try', help='name of this run (its folder under --save_root)')
+    g.add_argument('--data_name', required=True, choices=sorted(DATASETS))
+    g.add_argument('--num_class', type=positive(int), default=None,
+                   help='number of classes (follows from --data_name when omitted)')
+    g.add_argument('--no_download', action='store_true',
+                   help='never download a missing dataset; stop with a message instead')
+    g.add_argument('--resume', action='store_true',
+                   help="continue the run in SAVE_ROOT/NOTE/ from its last checkpoint")
+    g.add_argument('--overwrite', action='store_true',
+                   help='start afresh over an existing run directory, deleting its files')
+    g = parser.add_argument_group('schedule')
+    g.add_argument('--epochs', type=positive(int), default=200)
+    g.add_argument('--batch_size', type=positive(int), default=128)
+    g.add_argument('--lr', type=positive(float), default=0.1,
+                   help='initial learning rate; x0.1 at 50%% and 75%% of --epochs')
+    g.add_argument('--momentum', type=non_negative(float), default=0.9)
+    g.add_argument('--weight_decay', type=non_negative(float), default=1e-4)
+    g = parser.add_argument_group('device and logging')
+    g.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
+    g.add_argument('--seed', type=int, default=2)
+    g.add_argument('--deterministic', action='store_true',
+                   help='deterministic algorithms where torch has them (slower; identical reruns)')
+    g.add_argument('--print_freq', type=positive(int), default=50,
+                   help='log running training averages every N steps')
+    g.add_argument('--eval_batch_size', type=positive(int), default=1000)
+    g.add_argument('--no_progress', action='store_true',
+                   help='no progress bars, even on a terminal')
+    return parser
+
+
+def finalize_common_args(parser, args):
+    """Derive and check what argparse cannot: class count and device."""
+    from dataset import DATASETS
+    expected = DATASETS[args.data_name].num_class
+    if args.num_class is None:
+        args.num_class = expected
+    elif args.num_class != expected:
+        parser.error(f'--num_class {args.num_class} contradicts --data_name {args.data_name} '
+                     f'({expected} classes)')
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f'--device {args.device!r} is not a device name (cpu, cuda, cuda:N)')
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            parser.error(f'--device {args.device}: CUDA is not available on this machine')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f'--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible')
+    elif device.type != 'cpu':
+        parser.error(f'--device {args.device}: only cpu and cuda are supported')
+    if args.resume and args.overwrite:
+        parser.error('--resume and --overwrite exclude each other')
+    return args
+
+
+# ----------------------------------------------------------------------------- seeding, RNG state
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def configure_backend(args):
+    """cuDNN autotuning for speed, or deterministic kernels with --deterministic."""
+    if args.deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def rng_state():
+    """Python, numpy and torch (CPU and CUDA) RNG states, storable with weights_only loading."""
+    np_state = np.random.get_state()
+    state = {'python': random.getstate(),
+             'numpy': (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_tuplify(state['python']))
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(epoch, epochs, base_lr):
+    """The seed's step schedule (epochs 1-100 lr, 101-150 lr/10, 151-200 lr/100),
+    milestones scaled to `epochs`. `epoch` counts from 1."""
+    first, second = round(epochs * 0.5), round(epochs * 0.75)
+    return base_lr * (1.0 if epoch <= first else 0.1 if epoch <= second else 0.01)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    return lr
+
+
+def make_sgd(params, args, lr=None):
+    """The shared optimiser: SGD, Nesterov momentum, weight decay."""
+    return torch.optim.SGD(params, lr=args.lr if lr is None else lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class AverageMeter:
+    """Running average of host values."""
+
+    def __init__(self):
+        self.sum, self.count = 0.0, 0
+
+    def update(self, value, n=1):
+        self.sum += value * n
+        self.count += n
+
+    @property
+    def avg(self):
+        return self.sum / max(self.count, 1)
+
+
+def topk_correct(logits, target, ks=(1, 5)):
+    """Number of samples whose target is among the top-k logits, per k, as a device tensor."""
+    maxk = min(max(ks), logits.shape[1])
+    hit = logits.topk(maxk, dim=1).indices == target[:, None]
+    cum = hit.cumsum(dim=1).sum(dim=0)  # correct within top-1, top-2, ...
+    return torch.stack([cum[min(k, maxk) - 1] for k in ks]).float()
+
+
+def accuracy(logits, target, topk=(1,)):
+    """Top-k accuracy in percent (the seed's helper), as device tensors."""
+    return list(topk_correct(logits, target, topk) * (100.0 / target.shape[0]))
+
+
+class EpochStats:
+    """Sums of a step's statistics, kept on the device: the step returns one
+    vector (loss terms weighted by batch size, correct counts, sample count)
+    and no value crosses to the host until `values()` at a logging point.
+    The first step at which each loss term went non-finite is recorded too."""
+
+    def __init__(self, names, loss_names, device):
+        self.names = list(names)
+        self.loss_idx = [self.names.index(n) for n in loss_names]
+        self.total = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((len(self.loss_idx),), -1, dtype=torch.long, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, sums):
+        self.step += 1
+        finite = torch.isfinite(sums[self.loss_idx])
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, self.step, self.first_bad)
+        self.total += sums.to(torch.float64)
+
+    def values(self):
+        """Host dict of averages (losses per sample, accuracies in percent); syncs."""
+        total = self.total.tolist()
+        n = max(total[self.names.index('n')], 1)
+        out = {}
+        for name, v in zip(self.names, total):
+            if name == 'n':
+                out['n'] = int(v)
+            elif name.startswith('correct'):
+                out['top' + name[len('correct'):]] = 100.0 * v / n
+            else:
+                out[name] = v / n
+        return out
+
+    def non_finite(self):
+        """(loss name, step) of the earliest non-finite loss term, or None; syncs."""
+        bad = [(s, self.names[i]) for s, i in zip(self.first_bad.tolist(), self.loss_idx) if s >= 0]
+        return None if not bad else min(bad)[::-1]
+
+
+def cross_entropy_stats(logits, target, *losses):
+    """[loss * B for each loss, correct@1, correct@5, B]: a step's sums for
+    EpochStats, built on the device (no host sync)."""
+    b = target.shape[0]
+    sums = [(loss.detach().float() * b).reshape(1) for loss in losses]
+    return torch.cat(sums + [topk_correct(logits.detach(), target), logits.new_full((1,), b).float()])
+
+
+@torch.no_grad()
+def evaluate(net, loader):
+    """Test loss, top-1 and top-5 of `net` over `loader` (one sync at the end)."""
+    was_training = net.training
+    net.eval()
+    total = torch.zeros(4, dtype=torch.float64, device=loader.device)
+    for batch in loader:
+        out = net(batch.img).out.float()
+        loss = F.cross_entropy(out, batch.target, reduction='sum')
+        total += torch.cat([loss.reshape(1), topk_correct(out, batch.target),
+                            out.new_tensor([batch.target.shape[0]])])
+    net.train(was_training)
+    loss, c1, c5, n = total.tolist()
+    n = max(n, 1)
+    return {'loss': loss / n, 'top1': 100.0 * c1 / n, 'top5': 100.0 * c5 / n}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+ZOO_PREFIXES = ('module.', '_orig_mod.')
+
+
+def zoo_state_dict(net):
+    """State dict in the original zoo's layout: keys prefixed 'module.' as
+    DataParallel saved them, so the seed's scripts load ours too."""
+    net = getattr(net, 'module', net)
+    net = getattr(net, '_orig_mod', net)
+    return {'module.' + k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def strip_prefixes(state_dict):
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(ZOO_PREFIXES):
+            k = k.split('.', 1)[1]
+        out[k] = v
+    return out
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a temporary file in the same folder, flushed to disk,
+    then renamed over `path`, so a crash leaves the previous file intact."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what='checkpoint'):
+    """Load a checkpoint with weights_only=True; any failure is a UserError naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f'{what} {path} does not exist')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'{what} {path} cannot be loaded: it is truncated, corrupted or not a '
+                        f'PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})')
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{what} {path} holds a {type(ckpt).__name__}, not a checkpoint dict')
+    return ckpt
+
+
+NET_KEYS = ('net', 'snet', 'state_dict', 'model')
+
+
+def network_state(ckpt, path, keys=NET_KEYS):
+    """The network state dict inside a checkpoint: under 'net' (ours and the
+    seed's baselines), 'snet' (the seed's KD runs) or the dict itself."""
+    for key in keys:
+        if isinstance(ckpt.get(key), dict):
+            return strip_prefixes(ckpt[key])
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return strip_prefixes(ckpt)
+    raise UserError(f'{path} holds no network weights (looked for keys {", ".join(keys)}; '
+                    f'found {", ".join(map(str, ckpt)) or "nothing"})')
+
+
+def load_network_weights(net, path, what='checkpoint', keys=NET_KEYS):
+    """Load a zoo-format or project checkpoint into `net`, strictly; a file for
+    another architecture or class count is a UserError saying what differs."""
+    state = network_state(load_checkpoint(path, what), path, keys)
+    describe_mismatch(net, state, path, what)
+    net.load_state_dict(state)
+    return net
+
+
+def describe_file_network(state):
+    """Best guess of (depth, num_class) of a CIFAR ResNet state dict."""
+    blocks = {k.split('.')[1] for k in state if k.startswith('res1.')}
+    fc = state.get('fc.weight')
+    depth = 6 * len(blocks) + 2 if blocks else None
+    return depth, (fc.shape[0] if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None)
+
+
+def describe_mismatch(net, state, path, what):
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    depth, classes = describe_file_network(state)
+    held = (f'resnet{depth}' if depth else 'an unknown network') + \
+        (f' with {classes} classes' if classes else '')
+    expected = f'{getattr(net, "name", type(net).__name__)} with {getattr(net, "num_class", "?")} classes'
+    detail = (f'missing {missing[:3]}' if missing else f'unexpected {unexpected[:3]}' if unexpected
+              else f'shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected '
+                   f'{tuple(own[wrong[0]].shape)}')
+    raise UserError(f'{what} {path} does not match: expected {expected}, the file holds '
+                    f'{held} ({detail})')
+
+
+def initial_weights_name(net_name):
+    """The seed's file name for a baseline's initial weights: initial_r20.pth.tar, ..."""
+    return f"initial_r{net_name.replace('resnet', '')}.pth.tar"
+
+
+def zoo_record(net, epoch, top1=0.0, top5=0.0):
+    """A checkpoint the original zoo's scripts can read."""
+    return {'epoch': epoch, 'net': zoo_state_dict(net), 'prec@1': top1, 'prec@5': top5}
+
+
+class Checkpointer:
+    """Saves after each epoch, in an order that makes a kill at any point
+    resumable without a lost or duplicated metrics row: the metrics row, then
+    model_best.pth.tar when the test top-1 improves, then checkpoint.pth.tar
+    with everything `resume_state(stage_index)` adds (optimiser, loader, RNG,
+    method state)."""
+
+    def __init__(self, run, net, resume_state):
+        self.run, self.net, self.resume_state = run, net, resume_state
+        self.best = {'top1': -1.0, 'top5': 0.0, 'epoch': 0}
+        self.main_epoch = 0
+
+    def __call__(self, stage_index, epoch, row):
+        self.run.append_metrics(row)
+        top1, top5 = row.get('test_top1', 0.0), row.get('test_top5', 0.0)
+        if 'test_top1' in row:  # a stage that evaluates the network: the main schedule
+            self.main_epoch = epoch
+            if top1 > self.best['top1']:
+                self.best = {'top1': top1, 'top5': top5, 'epoch': epoch}
+                save_checkpoint(zoo_record(self.net, epoch, top1, top5), self.run.best_path)
+        state = zoo_record(self.net, self.main_epoch, top1, top5)
+        state.update(stage_index=stage_index, stage_epoch=epoch, best=self.best,
+                     **self.resume_state(stage_index))
+        save_checkpoint(state, self.run.ckpt_path)
+
+    def restore(self, state):
+        """Best-so-far from a resume checkpoint; returns (stage index, epochs done in it)."""
+        self.best, self.main_epoch = dict(state['best']), state['epoch']
+        return state['stage_index'], state['stage_epoch']
+
+
+# ----------------------------------------------------------------------------- run directory and logs
+
+class _Buffer(logging.Handler):
+    """Keeps records until the run directory exists, so log.txt starts at the first line."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _make_logger():
+    log = logging.getLogger('kdzoo')
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log
+
+
+LOG = _make_logger()
+
+
+def reset_logger():
+    """Log to stdout, buffering lines for log.txt until `Run.open`."""
+    for h in list(LOG.handlers):
+        LOG.removeHandler(h)
+        h.close()
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter('%(message)s'))
+    LOG.addHandler(out)
+    LOG.addHandler(_Buffer())
+    return LOG
+
+
+RUN_FILES = ('checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'metrics.csv', 'args.json')
+
+
+class Run:
+    """The run directory `<save_root>/<note>/` and what is written to it:
+    log.txt (human-readable), metrics.csv (one row per epoch), args.json and
+    the checkpoints. Constructing it only checks (nothing is written): a new
+    run refuses an existing run directory unless --overwrite; --resume needs
+    a checkpoint there. `open()` creates the directory and starts log.txt."""
+
+    def __init__(self, args, columns, script):
+        self.args, self.columns, self.script = args, list(columns), script
+        self.dir = os.path.join(args.save_root, args.note)
+        self.ckpt_path = os.path.join(self.dir, 'checkpoint.pth.tar')
+        self.best_path = os.path.join(self.dir, 'model_best.pth.tar')
+        self.metrics_path = os.path.join(self.dir, 'metrics.csv')
+        self.existing = sorted(f for f in os.listdir(self.dir)
+                               if f in RUN_FILES or f.startswith('initial_')) \
+            if os.path.isdir(self.dir) else []
+        if args.resume and not os.path.isfile(self.ckpt_path):
+            raise UserError(f'--resume: no checkpoint to resume from in {self.dir}')
+        if not args.resume and self.existing and not args.overwrite:
+            raise UserError(f'{self.dir} already holds a run ({", ".join(self.existing)}); '
+                            f'pass --resume to continue it or --overwrite to start over')
+
+    def open(self):
+        if self.args.overwrite:
+            for f in self.existing:
+                os.remove(os.path.join(self.dir, f))
+        os.makedirs(self.dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(self.dir, 'log.txt'))
+        fh.setFormatter(logging.Formatter('%(message)s'))
+        for h in list(LOG.handlers):
+            if isinstance(h, _Buffer):
+                for record in h.records:
+                    fh.emit(record)
+                LOG.removeHandler(h)
+        LOG.addHandler(fh)
+        return self
+
+    # -- records
+    def write_args(self, device_name):
+        record = {'script': self.script, 'command': ' '.join([sys.executable] + sys.argv),
+                  'args': vars(self.args), 'device': device_name,
+                  'versions': {'python': platform.python_version(), 'torch': torch.__version__,
+                               'numpy': np.__version__, **_optional_versions()},
+                  'git_commit': _git_commit(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+        name = 'args.resume.json' if self.args.resume else 'args.json'
+        with open(os.path.join(self.dir, name), 'w') as f:
+            json.dump(record, f, indent=2, default=str)
+
+    def saved_args(self):
+        path = os.path.join(self.dir, 'args.json')
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f).get('args', {})
+
+    def check_resume_args(self, ignore=('resume', 'overwrite', 'device', 'print_freq',
+                                        'no_progress', 'eval_batch_size', 'img_root',
+                                        'no_download', 'save_root', 'note')):
+        """Refuse to resume with flags that would change the result."""
+        saved, now = self.saved_args(), vars(self.args)
+        diff = [k for k in now if k in saved and k not in ignore and saved[k] != now[k]]
+        if diff:
+            raise UserError('--resume with flags that differ from the run being resumed: ' +
+                            ', '.join(f'--{k} {now[k]} (was {saved[k]})' for k in diff))
+
+    def start_metrics(self, keep_upto=None):
+        """Create metrics.csv; on resume keep the rows up to `keep_upto`
+        ((stage index, epoch) of the checkpoint), so no row is duplicated."""
+        rows = []
+        if keep_upto is not None and os.path.isfile(self.metrics_path):
+            with open(self.metrics_path, newline='') as f:
+                rows = [r for r in csv.DictReader(f)
+                        if (int(r['stage_index']), int(r['epoch'])) <= tuple(keep_upto)]
+        with open(self.metrics_path, 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction='ignore')
+            w.writeheader()
+            w.writerows(rows)
+
+    def append_metrics(self, row):
+        with open(self.metrics_path, 'a', newline='') as f:
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction='ignore').writerow(
+                {k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _optional_versions():
+    out = {}
+    for name in ('torchvision', 'tqdm'):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            pass
+    return out
+
+
+def _git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(['git', '-C', here, 'rev-parse', 'HEAD'], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def describe_device(device):
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+
+# ----------------------------------------------------------------------------- the epoch loop
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclass
+class Stage:
+    """One stretch of training with its own optimiser and schedule: the main
+    schedule, or a method's pre-training stage (AB/FSP initialisation, FT's
+    paraphraser). `step(batch)` trains on one batch and returns the vector of
+    sums named by `stat_names` (see EpochStats); `evaluate()` returns the
+    test metrics logged after each epoch (None: no evaluation)."""
+    name: str
+    epochs: int
+    lr: Callable[[int], float]
+    optimizer: torch.optim.Optimizer
+    step: Callable
+    stat_names: Sequence[str]
+    loss_names: Sequence[str]
+    evaluate: Optional[Callable[[], dict]] = None
+    begin_epoch: Optional[Callable[[int], None]] = None
+
+
+def fit(stages, loader, args, save, start=(0, 0)):
+    """Run `stages` in order from `start` = (stage index, epochs done in it).
+
+    After each epoch: one log line, one metrics row, and
+    `save(stage_index, epoch, row)` writes the checkpoint. Returns the last row."""
+    row = None
+    for si in range(start[0], len(stages)):
+        stage = stages[si]
+        first = start[1] + 1 if si == start[0] else 1
+        if first == 1 and len(stages) > 1:
+            LOG.info(f'--- stage {si + 1}/{len(stages)}: {stage.name} ({stage.epochs} epochs)')
+        for epoch in range(first, stage.epochs + 1):
+            lr = set_lr(stage.optimizer, stage.lr(epoch))
+            if stage.begin_epoch is not None:
+                stage.begin_epoch(epoch)
+            header = f'[{stage.name}] epoch {epoch}/{stage.epochs}'
+            stats = EpochStats(stage.stat_names, stage.loss_names, loader.device)
+            start_time = time.time()
+            train = train_epoch(stage.step, loader, stats, header, args.print_freq,
+                                show_progress(args))
+            test = stage.evaluate() if stage.evaluate is not None else {}
+            row = {'stage': stage.name, 'stage_index': si, 'epoch': epoch, 'lr': lr,
+                   **{f'train_{k}': v for k, v in train.items() if k not in ('n', 'seconds', 'img_per_s')},
+                   **{f'test_{k}': v for k, v in test.items()},
+                   'seconds': time.time() - start_time, 'img_per_s': train['img_per_s']}
+            LOG.info(format_row(header, row))
+            save(si, epoch, row)
+    return row
+
+
+def format_row(header, row):
+    train = ' '.join(f"{k[6:]} {v:.4f}" if 'top' not in k else f"{k[6:]} {v:.2f}"
+                     for k, v in row.items() if k.startswith('train_'))
+    test = ' '.join(f"{k[5:]} {v:.4f}" if 'top' not in k else f"{k[5:]} {v:.2f}"
+                    for k, v in row.items() if k.startswith('test_'))
+    text = f"{header} | lr {row['lr']:.4g} | train {train}"
+    if test:
+        text += f' | test {test}'
+    return text + f" | {row['seconds']:.1f}s ({row['img_per_s']:.0f} img/s)"
+
+
+def train_epoch(step, loader, stats, header, print_freq, progress):
+    """Run `step(batch)` over an epoch, accumulating on the device. The host
+    syncs only every `print_freq` steps and at the end; a non-finite loss
+    stops the run there."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(loader), desc=header, leave=False, dynamic_ncols=True, file=sys.stdout)
+    start = time.time()
+    for i, batch in enumerate(loader, start=1):
+        stats.add(step(batch))
+        if bar is not None:
+            bar.update(1)
+        if i % print_freq == 0 or i == len(loader):
+            check_finite(stats, header)
+            v = stats.values()
+            text = '  '.join(f'{k} {v[k]:.4f}' for k in v if k != 'n')
+            ips = v['n'] / max(time.time() - start, 1e-9)
+            if bar is not None:
+                bar.set_postfix_str(f'{text}  {ips:.0f} img/s', refresh=False)
+            elif i != len(loader):
+                LOG.info(f'{header} [{i}/{len(loader)}] {text}  {ips:.0f} img/s')
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - start
+    v = stats.values()
+    v['seconds'], v['img_per_s'] = seconds, v['n'] / max(seconds, 1e-9)
+    return v
+
+
+def check_finite(stats, header):
+    bad = stats.non_finite()
+    if bad is not None:
+        term, step = bad
+        raise NonFiniteLoss(f'{header}: the {term} loss became non-finite at step {step}; '
+                            f'the run stops and the last checkpoint (previous epoch) is kept')
+
+
+def show_progress(args):
+    return sys.stdout.isatty() and not args.no_progress
