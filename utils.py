@@ -586,7 +586,8 @@ class Stage:
     schedule, or a method's pre-training stage (AB/FSP initialisation, FT's
     paraphraser). `step(batch)` trains on one batch and returns the vector of
     sums named by `stat_names` (see EpochStats); `evaluate()` returns the
-    test metrics logged after each epoch (None: no evaluation)."""
+    test metrics logged after each epoch (None: no evaluation);
+    `begin_epoch(epoch)` prepares an epoch and may return fields for its row."""
     name: str
     epochs: int
     lr: Callable[[int], float]
@@ -595,7 +596,7 @@ class Stage:
     stat_names: Sequence[str]
     loss_names: Sequence[str]
     evaluate: Optional[Callable[[], dict]] = None
-    begin_epoch: Optional[Callable[[int], None]] = None
+    begin_epoch: Optional[Callable[[int], Optional[dict]]] = None
 
 
 def fit(stages, loader, args, save, start=(0, 0)):
@@ -611,15 +612,14 @@ def fit(stages, loader, args, save, start=(0, 0)):
             LOG.info(f'--- stage {si + 1}/{len(stages)}: {stage.name} ({stage.epochs} epochs)')
         for epoch in range(first, stage.epochs + 1):
             lr = set_lr(stage.optimizer, stage.lr(epoch))
-            if stage.begin_epoch is not None:
-                stage.begin_epoch(epoch)
+            extra = stage.begin_epoch(epoch) if stage.begin_epoch is not None else None
             header = f'[{stage.name}] epoch {epoch}/{stage.epochs}'
             stats = EpochStats(stage.stat_names, stage.loss_names, loader.device)
             start_time = time.time()
             train = train_epoch(stage.step, loader, stats, header, args.print_freq,
                                 show_progress(args))
             test = stage.evaluate() if stage.evaluate is not None else {}
-            row = {'stage': stage.name, 'stage_index': si, 'epoch': epoch, 'lr': lr,
+            row = {'stage': stage.name, 'stage_index': si, 'epoch': epoch, 'lr': lr, **(extra or {}),
                    **{f'train_{k}': v for k, v in train.items() if k not in ('n', 'seconds', 'img_per_s')},
                    **{f'test_{k}': v for k, v in test.items()},
                    'seconds': time.time() - start_time, 'img_per_s': train['img_per_s']}
@@ -633,7 +633,10 @@ def format_row(header, row):
                      for k, v in row.items() if k.startswith('train_'))
     test = ' '.join(f"{k[5:]} {v:.4f}" if 'top' not in k else f"{k[5:]} {v:.2f}"
                     for k, v in row.items() if k.startswith('test_'))
-    text = f"{header} | lr {row['lr']:.4g} | train {train}"
+    text = f"{header} | lr {row['lr']:.4g}"
+    if 'kd_weight' in row:
+        text += f" | kd weight {row['kd_weight']:.4g}"
+    text += f' | train {train}'
     if test:
         text += f' | test {test}'
     return text + f" | {row['seconds']:.1f}s ({row['img_per_s']:.0f} img/s)"

@@ -1,0 +1,28 @@
+"""Logit regression.
+
+Ba, Caruana: "Do Deep Nets Really Need to be Deep?", NIPS 2014,
+https://papers.nips.cc/paper/5484-do-deep-nets-really-need-to-be-deep
+
+The student regresses the teacher's logits (before softmax) with an L2 loss.
+As in the seed, this is the element-wise MSE between the logits (mean over
+batch and classes), added to the cross-entropy on the labels.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import FeatureDistiller, Method, register
+
+__all__ = ['Logits']
+
+
+class Logits(nn.Module):
+    def forward(self, out_s, out_t):
+        return F.mse_loss(out_s.float(), out_t.float())
+
+
+register(Method(
+    name='logits', title='logit regression', paper='https://papers.nips.cc/paper/5484-do-deep-nets-really-need-to-be-deep',
+    transfers='logits; MSE',
+    build=lambda ctx: FeatureDistiller(Logits(), ['out']),
+    defaults={'lambda_kd': 0.1},
+))

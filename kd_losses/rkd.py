@@ -1,0 +1,65 @@
+"""Relational knowledge distillation.
+
+Park, Kim, Lu, Cho: "Relational Knowledge Distillation", CVPR 2019,
+https://arxiv.org/abs/1904.05068
+
+Distance term: the batch's pairwise Euclidean distances, each divided by the
+mean of the positive (off-diagonal) distances, compared with smooth-L1.
+Angle term: for every triplet (i, j, k) the cosine of the angle at i between
+f_j - f_i and f_k - f_i, compared with smooth-L1. Loss = w_dist * distance +
+w_angle * angle, applied to `feat` as in the seed.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import ConfigError, FeatureDistiller, Flag, Method, register
+
+__all__ = ['RKD']
+
+
+class RKD(nn.Module):
+    def __init__(self, w_dist, w_angle):
+        super().__init__()
+        self.w_dist, self.w_angle = w_dist, w_angle
+
+    @staticmethod
+    def distances(feat, eps=1e-12):
+        """Pairwise distances divided by their mean over the positive entries."""
+        sq_norm = feat.pow(2).sum(dim=1)
+        sq_dist = (sq_norm[:, None] + sq_norm[None, :] - 2 * feat @ feat.t()).clamp(min=eps)
+        off_diagonal = 1 - torch.eye(len(feat), device=feat.device, dtype=feat.dtype)
+        dist = sq_dist.sqrt() * off_diagonal
+        positive = (dist > 0).to(dist.dtype)
+        # masked mean without a host sync; the clamps only matter for a batch of one
+        mean = (dist * positive).sum() / positive.sum().clamp(min=1)
+        return dist / mean.clamp(min=eps)
+
+    @staticmethod
+    def angles(feat):
+        """[B, B, B]: cosine between f_j - f_i and f_k - f_i at entry (i, j, k)."""
+        diff = F.normalize(feat[None, :, :] - feat[:, None, :], dim=2)
+        return torch.bmm(diff, diff.transpose(1, 2))
+
+    def forward(self, feat_s, feat_t):
+        feat_s, feat_t = feat_s.float(), feat_t.float()
+        dist_loss = F.smooth_l1_loss(self.distances(feat_s), self.distances(feat_t))
+        angle_loss = F.smooth_l1_loss(self.angles(feat_s), self.angles(feat_t))
+        return self.w_dist * dist_loss + self.w_angle * angle_loss
+
+
+def build(ctx):
+    if ctx.args.w_dist < 0 or ctx.args.w_angle < 0:
+        raise ConfigError(f'rkd: --w_dist ({ctx.args.w_dist}) and --w_angle '
+                          f'({ctx.args.w_angle}) must be >= 0')
+    return FeatureDistiller(RKD(ctx.args.w_dist, ctx.args.w_angle), ['feat'])
+
+
+register(Method(
+    name='rkd', title='relational knowledge distillation', paper='https://arxiv.org/abs/1904.05068',
+    transfers='feat; pairwise distances and triplet angles, smooth-L1',
+    build=build,
+    defaults={'lambda_kd': 1.0, 'w_dist': 25.0, 'w_angle': 50.0},
+    flags={'w_dist': Flag(float, 'weight of the RKD distance term'),
+           'w_angle': Flag(float, 'weight of the RKD angle term')},
+))
