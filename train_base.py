@@ -16,7 +16,7 @@ from utils import (LOG, Checkpointer, Run, Stage, add_common_args, cli,
                    configure_backend, cross_entropy_stats, describe_device, evaluate,
                    finalize_common_args, fit, initial_weights_name, load_checkpoint, lr_at,
                    make_sgd, reset_logger, rng_state, save_checkpoint, seed_everything,
-                   set_rng_state, strip_prefixes, zoo_record)
+                   set_rng_state, zoo_record)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'train_ce', 'train_top1', 'train_top5',
            'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
@@ -63,7 +63,7 @@ def main(argv=None):
         return {'optimizer': optimizer.state_dict(), 'loader': train_loader.state_dict(),
                 'rng': rng_state()}
 
-    checkpointer = Checkpointer(run, net, resume_state)
+    checkpointer = Checkpointer(run, {'net': net}, resume_state)
     run.open()
     run.write_args(describe_device(device))
     start = (0, 0)
@@ -76,18 +76,17 @@ def main(argv=None):
         LOG.info(f'initial weights saved to {initial}')
         run.start_metrics()
     else:
-        net.load_state_dict(strip_prefixes(resume['net']))
         optimizer.load_state_dict(resume['optimizer'])
         train_loader.load_state_dict(resume['loader'])
         set_rng_state(resume['rng'])
         start = checkpointer.restore(resume)
         run.start_metrics(keep_upto=start)
         LOG.info(f'resumed from {run.ckpt_path}: epoch {start[1]} done, '
-                 f"best top-1 {checkpointer.best['top1']:.2f}")
+                 f"best top-1 {checkpointer.best['net']['top1']:.2f}")
 
     fit([stage], train_loader, args, checkpointer, start)
-    LOG.info(f"done: best test top-1 {checkpointer.best['top1']:.2f} "
-             f"(epoch {checkpointer.best['epoch']}); weights in {run.dir}")
+    LOG.info(f"done: best test top-1 {checkpointer.best['net']['top1']:.2f} "
+             f"(epoch {checkpointer.best['net']['epoch']}); weights in {run.dir}")
 
 
 if __name__ == '__main__':

@@ -23,7 +23,7 @@ from utils import (LOG, Checkpointer, Run, Stage, UserError, add_common_args, cl
                    configure_backend, cross_entropy_stats, describe_device, evaluate,
                    finalize_common_args, fit, load_checkpoint, load_network_weights, lr_at,
                    make_sgd, non_negative, positive, reset_logger, rng_state, seed_everything,
-                   set_rng_state, strip_prefixes)
+                   set_rng_state)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'kd_weight', 'train_loss', 'train_ce',
            'train_kd', 'train_top1', 'train_top5', 'test_loss', 'test_top1', 'test_top5',
@@ -169,7 +169,7 @@ def main(argv=None):
                 'distiller': distiller.state_dict(), 'loader': train_loader.state_dict(),
                 'rng': rng_state()}
 
-    checkpointer = Checkpointer(run, student, resume_state)
+    checkpointer = Checkpointer(run, {'net': student}, resume_state)
     run.open()
     run.write_args(describe_device(device))
     start = (0, 0)
@@ -189,7 +189,6 @@ def main(argv=None):
         LOG.info(f'args: {vars(args)}')
         run.start_metrics()
     else:
-        student.load_state_dict(strip_prefixes(resume['net']))
         distiller.load_state_dict(resume['distiller'])
         start = checkpointer.restore(resume)
         stages[start[0]].optimizer.load_state_dict(resume['optimizer'])
@@ -200,8 +199,8 @@ def main(argv=None):
                  f'epoch {start[1]} done')
 
     fit(stages, train_loader, args, checkpointer, start)
-    LOG.info(f"done: best test top-1 {checkpointer.best['top1']:.2f} "
-             f"(epoch {checkpointer.best['epoch']}); weights in {run.dir}")
+    LOG.info(f"done: best test top-1 {checkpointer.best['net']['top1']:.2f} "
+             f"(epoch {checkpointer.best['net']['epoch']}); weights in {run.dir}")
 
 
 if __name__ == '__main__':

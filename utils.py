@@ -177,8 +177,9 @@ def _tuplify(x):
 
 def lr_at(epoch, epochs, base_lr):
     """The seed's step schedule (epochs 1-100 lr, 101-150 lr/10, 151-200 lr/100),
-    milestones scaled to `epochs`. `epoch` counts from 1."""
-    first, second = round(epochs * 0.5), round(epochs * 0.75)
+    milestones scaled to `epochs` (rounded up, so a one-epoch run keeps lr).
+    `epoch` counts from 1."""
+    first, second = math.ceil(epochs * 0.5), math.ceil(epochs * 0.75)
     return base_lr * (1.0 if epoch <= first else 0.1 if epoch <= second else 0.01)
 
 
@@ -251,8 +252,8 @@ class EpochStats:
         for name, v in zip(self.names, total):
             if name == 'n':
                 out['n'] = int(v)
-            elif name.startswith('correct'):
-                out['top' + name[len('correct'):]] = 100.0 * v / n
+            elif 'correct' in name:  # correct1 -> top1, net1_correct5 -> net1_top5
+                out[name.replace('correct', 'top')] = 100.0 * v / n
             else:
                 out[name] = v / n
         return out
@@ -398,31 +399,50 @@ def zoo_record(net, epoch, top1=0.0, top5=0.0):
 class Checkpointer:
     """Saves after each epoch, in an order that makes a kill at any point
     resumable without a lost or duplicated metrics row: the metrics row, then
-    model_best.pth.tar when the test top-1 improves, then checkpoint.pth.tar
-    with everything `resume_state(stage_index)` adds (optimiser, loader, RNG,
-    method state)."""
+    the best-model file of each network whose test top-1 improved, then
+    checkpoint.pth.tar with every network and what `resume_state(stage_index)`
+    adds (optimiser, loader, RNG, method state).
 
-    def __init__(self, run, net, resume_state):
-        self.run, self.net, self.resume_state = run, net, resume_state
-        self.best = {'top1': -1.0, 'top5': 0.0, 'epoch': 0}
+    `nets` maps checkpoint keys to networks: {'net': net} for one network
+    (metrics test_top1, file model_best.pth.tar), or e.g. {'net1': a, 'net2': b}
+    (metrics test_net1_top1, files model_best_net1.pth.tar, ...)."""
+
+    def __init__(self, run, nets, resume_state):
+        self.run, self.nets, self.resume_state = run, nets, resume_state
+        self.best = {k: {'top1': -1.0, 'top5': 0.0, 'epoch': 0} for k in nets}
         self.main_epoch = 0
+
+    def _metric(self, key, row, name):
+        return row.get(f'test_{name}' if key == 'net' else f'test_{key}_{name}')
+
+    def best_path(self, key):
+        name = 'model_best.pth.tar' if key == 'net' else f'model_best_{key}.pth.tar'
+        return os.path.join(self.run.dir, name)
 
     def __call__(self, stage_index, epoch, row):
         self.run.append_metrics(row)
-        top1, top5 = row.get('test_top1', 0.0), row.get('test_top5', 0.0)
-        if 'test_top1' in row:  # a stage that evaluates the network: the main schedule
+        for key, net in self.nets.items():
+            top1, top5 = self._metric(key, row, 'top1'), self._metric(key, row, 'top5')
+            if top1 is None:  # a stage without evaluation (pre-training)
+                continue
             self.main_epoch = epoch
-            if top1 > self.best['top1']:
-                self.best = {'top1': top1, 'top5': top5, 'epoch': epoch}
-                save_checkpoint(zoo_record(self.net, epoch, top1, top5), self.run.best_path)
-        state = zoo_record(self.net, self.main_epoch, top1, top5)
-        state.update(stage_index=stage_index, stage_epoch=epoch, best=self.best,
-                     **self.resume_state(stage_index))
+            if top1 > self.best[key]['top1']:
+                self.best[key] = {'top1': top1, 'top5': top5, 'epoch': epoch}
+                save_checkpoint(zoo_record(net, epoch, top1, top5), self.best_path(key))
+        first = next(iter(self.nets))
+        state = {'epoch': self.main_epoch, 'prec@1': self._metric(first, row, 'top1') or 0.0,
+                 'prec@5': self._metric(first, row, 'top5') or 0.0,
+                 **{key: zoo_state_dict(net) for key, net in self.nets.items()},
+                 'stage_index': stage_index, 'stage_epoch': epoch, 'best': self.best,
+                 **self.resume_state(stage_index)}
         save_checkpoint(state, self.run.ckpt_path)
 
     def restore(self, state):
-        """Best-so-far from a resume checkpoint; returns (stage index, epochs done in it)."""
-        self.best, self.main_epoch = dict(state['best']), state['epoch']
+        """Networks and best-so-far from a resume checkpoint; returns
+        (stage index, epochs done in it)."""
+        for key, net in self.nets.items():
+            net.load_state_dict(strip_prefixes(state[key]))
+        self.best, self.main_epoch = {k: dict(v) for k, v in state['best'].items()}, state['epoch']
         return state['stage_index'], state['stage_epoch']
 
 

@@ -25,6 +25,8 @@ class CC(nn.Module):
     def __init__(self, gamma, P_order):
         super().__init__()
         self.gamma, self.P_order = gamma, int(P_order)
+        if self.P_order < 0:
+            raise ValueError(f'P_order must be >= 0, got {P_order}')
         two_gamma = 2 * gamma
         self.coefficients = [math.exp(-two_gamma) * two_gamma ** p / math.factorial(p)
                              for p in range(self.P_order + 1)]

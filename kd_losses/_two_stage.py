@@ -1,0 +1,54 @@
+"""The two-stage schedule that AB and FSP share (the seed's `train_init`).
+
+Stage 'init' (`--init_epochs`, seed 50) trains the student's own parameters
+on lambda_kd * (KD loss) alone, without cross-entropy, at 0.1·lr for the
+first 60% of its epochs, 0.01·lr for the next 20% and 0.001·lr for the rest
+(30/10/10 of the seed's 50). The main schedule then trains with
+cross-entropy only: the KD weight is 0 in every main epoch.
+
+This module starts with '_', so the package does not import it as a method.
+"""
+from functools import partial
+
+from .registry import Distiller, Flag, PreStage
+
+INIT_FLAGS = {'init_epochs': Flag(int, 'epochs of the KD-only student initialisation stage '
+                                       '(AB, FSP)', positive=True)}
+INIT_DEFAULTS = {'init_epochs': 50}
+
+
+def init_lr_scale(epoch, init_epochs):
+    """lr multiplier of init-stage epoch `epoch` (from 1). Milestones are
+    round(0.6·E) and round(0.8·E) with Python's round (halves to even), as
+    utils.lr_at scales the main schedule; E=50 gives the seed's 30/10/10."""
+    first, second = round(init_epochs * 0.6), round(init_epochs * 0.8)
+    return 0.1 if epoch <= first else 0.01 if epoch <= second else 0.001
+
+
+class InitThenCE(Distiller):
+    """Wraps a distiller `kd` (forward(s, t, batch) -> KD loss): its loss
+    drives the 'init' stage, and the main schedule is cross-entropy only."""
+
+    def __init__(self, kd):
+        super().__init__()
+        self.kd = kd
+
+    def forward(self, s, t, batch):
+        return self.kd(s, t, batch)
+
+    def stages(self, ctx):
+        if ctx.student is None:
+            raise ValueError(f'{ctx.args.kd_mode}: the init stage trains the student, '
+                             'so Context.student must be the student network')
+        lambda_kd, epochs = ctx.args.lambda_kd, ctx.args.init_epochs
+
+        def init_loss(s, t, batch):  # no cross-entropy in this stage
+            return lambda_kd * self(s, t, batch)
+
+        return [PreStage(name='init', epochs=epochs,
+                         lr_scale=partial(init_lr_scale, init_epochs=epochs),
+                         params=list(ctx.student.parameters()), loss=init_loss,
+                         train_modules=(ctx.student,))]
+
+    def kd_weight(self, epoch, epochs):
+        return 0.0

@@ -1,0 +1,148 @@
+"""Contrastive representation distillation.
+
+Tian, Krishnan, Isola: "Contrastive Representation Distillation",
+ICLR 2020, https://arxiv.org/abs/1910.10699
+
+The seed's variant (from the authors' RepDistiller): `feat` of student and
+teacher pass linear embeddings to feat_dim and are L2-normalised. Two
+momentum memory banks (n_data x feat_dim) hold past student and teacher
+embeddings. The teacher embedding is scored against the student bank and the
+student embedding against the teacher bank at the rows of `sample_idx`:
+P = exp(v.m / T) / Z, with Z per side fixed on the first batch as
+mean(score) * n_data. Each side's NCE loss, with c = N / n_data, is
+-[sum log(P_pos / (P_pos + c + eps)) + sum log(c / (P_neg + c + eps))] / batch;
+the two sides are summed. Then the banks' rows at the batch's indices move to
+momentum * old + (1 - momentum) * new, re-normalised.
+
+`sample_idx` is int64 [B, nce_n + 1]: column 0 holds each sample's positive
+(its own index in mode 'exact', a random sample of its class in 'relax'), the
+other columns its negatives, drawn uniformly from the samples of the other
+classes. The seed draws the negatives of a sample without replacement; here
+they are drawn with replacement, on the device, from per-class index tables.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import ConfigError, Distiller, Flag, Method, register
+
+__all__ = ['CRD']
+
+
+class CRD(nn.Module):
+    def __init__(self, s_dim, t_dim, feat_dim, nce_n, nce_t, nce_mom, n_data):
+        super().__init__()
+        self.embed_s = nn.Linear(s_dim, feat_dim)
+        self.embed_t = nn.Linear(t_dim, feat_dim)
+        self.nce_n, self.nce_t, self.nce_mom, self.n_data = nce_n, nce_t, nce_mom, n_data
+        bound = 1.0 / math.sqrt(feat_dim / 3.0)
+        self.register_buffer('memory_s', torch.empty(n_data, feat_dim).uniform_(-bound, bound))
+        self.register_buffer('memory_t', torch.empty(n_data, feat_dim).uniform_(-bound, bound))
+        # Normalisers of the teacher-anchored (z_t) and student-anchored (z_s)
+        # scores; negative until the first batch sets them.
+        self.register_buffer('z_t', torch.tensor(-1.0))
+        self.register_buffer('z_s', torch.tensor(-1.0))
+
+    def embed(self, linear, feat):
+        return F.normalize(linear(feat.float().flatten(1)), dim=1)
+
+    def contrast_probs(self, v, bank, sample_idx, z):
+        """exp(v . bank[sample_idx] / T) / Z, [B, nce_n + 1]; fixes Z on the first call."""
+        if sample_idx.numel() >= bank.shape[0]:
+            # One matmul against the whole bank reads less memory than gathering
+            # B * (nce_n + 1) rows. The bank is copied because update_memory
+            # changes it in place before backward needs it.
+            dots = (v @ bank.clone().t()).gather(1, sample_idx)
+        else:
+            dots = torch.bmm(bank[sample_idx], v.unsqueeze(2)).squeeze(2)
+        scores = torch.exp(dots / self.nce_t)
+        z.copy_(torch.where(z > 0, z, scores.detach().mean() * self.n_data))
+        return scores / z
+
+    def nce_loss(self, probs, eps=1e-7):
+        c = (probs.shape[1] - 1) / self.n_data
+        pos, neg = probs[:, 0], probs[:, 1:]
+        log_pos = torch.log(pos / (pos + c + eps))
+        log_neg = torch.log(c / (neg + c + eps))
+        return -(log_pos.sum() + log_neg.sum()) / probs.shape[0]
+
+    @torch.no_grad()
+    def update_memory(self, idx, v_s, v_t):
+        for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
+            mixed = bank[idx] * self.nce_mom + v * (1.0 - self.nce_mom)
+            bank.index_copy_(0, idx, F.normalize(mixed, dim=1))
+
+    def forward(self, feat_s, feat_t, idx, sample_idx):
+        # float32 throughout: exp(dot / 0.1) is too sensitive for bf16 dots
+        with torch.autocast(feat_s.device.type, enabled=False):
+            v_s = self.embed(self.embed_s, feat_s)
+            v_t = self.embed(self.embed_t, feat_t)
+            loss = (self.nce_loss(self.contrast_probs(v_t, self.memory_s, sample_idx, self.z_t))
+                    + self.nce_loss(self.contrast_probs(v_s, self.memory_t, sample_idx, self.z_s)))
+        if self.training:  # a loss evaluated in eval mode leaves the banks alone
+            self.update_memory(idx, v_s.detach(), v_t.detach())
+        return loss
+
+
+class CRDDistiller(Distiller):
+    def __init__(self, ctx):
+        super().__init__()
+        a = ctx.args
+        labels = ctx.train_labels.long().to(ctx.device)
+        counts = torch.bincount(labels, minlength=ctx.num_class)
+        largest = int(counts.argmax())  # the class with the fewest negatives
+        available = len(labels) - int(counts[largest])
+        if a.nce_n > available:
+            raise ConfigError(f'--nce_n {a.nce_n} exceeds the {available} negatives available '
+                              f'for class {largest} ({len(labels)} training samples, '
+                              f'{int(counts[largest])} of that class)')
+        if not 0.0 <= a.nce_mom <= 1.0:
+            raise ConfigError(f'--nce_mom must lie in [0, 1], got {a.nce_mom}')
+        self.mode = a.mode
+        self.crd = CRD(ctx.student_shapes['feat'][0], ctx.teacher_shapes['feat'][0], a.feat_dim,
+                       a.nce_n, a.nce_t, a.nce_mom, len(labels))
+        # Sample indices sorted by class: class y occupies
+        # by_class[class_start[y] : class_start[y] + counts[y]]. Derived from the
+        # data, so not checkpointed.
+        self.register_buffer('labels', labels, persistent=False)
+        self.register_buffer('by_class', torch.argsort(labels, stable=True), persistent=False)
+        self.register_buffer('class_start', torch.cumsum(counts, 0) - counts, persistent=False)
+        self.register_buffer('class_count', counts, persistent=False)
+
+    def sample_contrast_idx(self, idx):
+        """int64 [B, nce_n + 1]: column 0 the positive, then nce_n negatives."""
+        y = self.labels[idx]
+        start, count = self.class_start[y].unsqueeze(1), self.class_count[y].unsqueeze(1)
+        # Uniform integers below a per-row bound: the modulo bias of 2**62 is negligible.
+        draws = torch.randint(0, 2 ** 62, (idx.shape[0], self.crd.nce_n + 1), device=idx.device)
+        # A rank among the other classes' samples, then skip over the own class's block.
+        rank = draws[:, 1:] % (len(self.labels) - count)
+        negatives = self.by_class[rank + count * (rank >= start)]
+        if self.mode == 'exact':
+            positive = idx.unsqueeze(1)
+        else:  # 'relax': any sample of the same class
+            positive = self.by_class[start + draws[:, :1] % count]
+        return torch.cat([positive, negatives], dim=1)
+
+    def forward(self, s, t, batch):
+        sample_idx = self.sample_contrast_idx(batch.idx)
+        return self.crd(s.feat, t.feat.detach(), batch.idx, sample_idx)
+
+
+register(Method(
+    name='crd', title='contrastive representation distillation',
+    paper='https://arxiv.org/abs/1910.10699',
+    transfers='feat through linear embeddings, contrasted against memory banks of past embeddings',
+    build=CRDDistiller,
+    defaults={'lambda_kd': 0.2, 'feat_dim': 128, 'nce_n': 16384, 'nce_t': 0.1, 'nce_mom': 0.5,
+              'mode': 'exact'},
+    dataset_defaults={'cifar100': {'lambda_kd': 0.8}},
+    flags={'feat_dim': Flag(int, 'dimension of the embedding space', positive=True),
+           'nce_n': Flag(int, 'negatives per positive', positive=True),
+           'nce_t': Flag(float, 'temperature of the scores', positive=True),
+           'nce_mom': Flag(float, 'momentum of the memory bank updates'),
+           'mode': Flag(str, "positive: the sample itself ('exact') or any of its class ('relax')",
+                        choices=('exact', 'relax'))},
+))

@@ -1,0 +1,120 @@
+"""Factor transfer.
+
+Kim, Park, Kwak: "Paraphrasing Complex Network: Network Compression via
+Factor Transfer", NeurIPS 2018, https://arxiv.org/abs/1802.04977
+
+A paraphraser (conv encoder to int(k*C) factor channels, transposed-conv
+decoder back to C) first learns to reconstruct the teacher's rb3
+post-activation (MSE) in its own stage; the seed trains it for 30 epochs at
+0.1 * lr, kept constant here. Then it is frozen and a translator (conv
+encoder, same style) maps the student's rb3 to factors. The loss is the L1
+distance between the row-L2-normalised flattened factors. As in the seed,
+the convolutions use BatchNorm on CIFAR-10 only (bias instead of BN
+otherwise) and LeakyReLU(0.1) after every layer, decoder output included.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import ConfigError, Distiller, Flag, Method, PreStage, pick, register
+
+__all__ = ['FT']
+
+
+class FT(nn.Module):
+    def forward(self, factor_s, factor_t):
+        factor_s = F.normalize(factor_s.float().flatten(1), dim=1)
+        factor_t = F.normalize(factor_t.float().flatten(1), dim=1)
+        return F.l1_loss(factor_s, factor_t)
+
+
+def conv_block(conv, in_ch, out_ch, use_bn):
+    """3x3 stride-1 (transposed) conv, BN or bias, LeakyReLU(0.1)."""
+    layers = [conv(in_ch, out_ch, 3, 1, 1, bias=not use_bn)]
+    if use_bn:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.LeakyReLU(0.1))
+    return layers
+
+
+def encoder(in_ch, factor_ch, use_bn):
+    return nn.Sequential(*conv_block(nn.Conv2d, in_ch, in_ch, use_bn),
+                         *conv_block(nn.Conv2d, in_ch, factor_ch, use_bn),
+                         *conv_block(nn.Conv2d, factor_ch, factor_ch, use_bn))
+
+
+def init_weights(module):
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):  # transposed convs keep torch's default, as in the seed
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+class Paraphraser(nn.Module):
+    """Teacher map -> factor (encoder) -> reconstruction (decoder)."""
+
+    def __init__(self, in_ch, factor_ch, use_bn):
+        super().__init__()
+        self.encoder = encoder(in_ch, factor_ch, use_bn)
+        self.decoder = nn.Sequential(*conv_block(nn.ConvTranspose2d, factor_ch, factor_ch, use_bn),
+                                     *conv_block(nn.ConvTranspose2d, factor_ch, in_ch, use_bn),
+                                     *conv_block(nn.ConvTranspose2d, in_ch, in_ch, use_bn))
+        init_weights(self)
+
+    def forward(self, x):
+        factor = self.encoder(x)
+        return factor, self.decoder(factor)
+
+
+class FTDistiller(Distiller):
+    def __init__(self, ctx):
+        super().__init__()
+        s_ch, t_ch = ctx.student_shapes['rb3'][0], ctx.teacher_shapes['rb3'][0]
+        factor_ch = int(t_ch * ctx.args.k)
+        if factor_ch < 1:
+            raise ConfigError(f'--k {ctx.args.k} leaves no factor channels (int(k * {t_ch}) = 0)')
+        use_bn = ctx.args.data_name == 'cifar10'
+        self.paraphraser = Paraphraser(t_ch, factor_ch, use_bn)
+        self.translator = init_weights(encoder(s_ch, factor_ch, use_bn))
+        self.ft = FT()
+
+    def paraphraser_loss(self, s, t, batch):
+        target = pick(t, 'rb3', 'post').detach()
+        _, reconstruction = self.paraphraser(target)
+        return F.mse_loss(reconstruction.float(), target.float())
+
+    def stages(self, ctx):
+        return [PreStage('paraphraser', ctx.args.para_epochs, lambda epoch: 0.1,
+                         list(self.paraphraser.parameters()), self.paraphraser_loss,
+                         needs_student=False, train_modules=[self.paraphraser])]
+
+    def learnable_parameters(self):
+        return list(self.translator.parameters())  # the paraphraser stays as its stage left it
+
+    def train(self, mode=True):
+        # The frozen paraphraser's BN keeps its statistics in the main stage
+        # (its own stage puts it in train mode directly).
+        super().train(mode)
+        self.paraphraser.eval()
+        return self
+
+    def forward(self, s, t, batch):
+        factor_s = self.translator(pick(s, 'rb3', 'post'))
+        with torch.no_grad():
+            factor_t = self.paraphraser.encoder(pick(t, 'rb3', 'post').detach())
+        return self.ft(factor_s, factor_t)
+
+
+register(Method(
+    name='ft', title='factor transfer', paper='https://arxiv.org/abs/1802.04977',
+    transfers='rb3 post-activation factors (paraphraser stage first), L1',
+    build=FTDistiller,
+    defaults={'lambda_kd': 200.0, 'k': 0.5, 'para_epochs': 30},
+    flags={'k': Flag(float, 'factor channels = int(k * teacher rb3 channels)', positive=True),
+           'para_epochs': Flag(int, 'epochs of the paraphraser stage', positive=True)},
+))

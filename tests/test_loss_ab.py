@@ -1,0 +1,145 @@
+"""AB (activation-boundary loss on pre-activations) against an element-by-element
+computation, and its two-stage schedule: a KD-only 'init' stage over the
+student's parameters, then cross-entropy only."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_context, make_features
+from dataset import Batch
+from kd_losses import AB, METHODS, ConfigError, Distiller
+from network import resnet20
+
+STAGES = ('rb1', 'rb2', 'rb3')
+
+
+def ab_reference_loop(s, t, m):
+    """Direct transcription of METHODS.md, one entry at a time (small tensors only)."""
+    s, t = s.detach().double().numpy().ravel(), t.detach().double().numpy().ravel()
+    total = 0.0
+    for sv, tv in zip(s, t):
+        if tv <= 0 and sv > -m:
+            total += (sv + m) ** 2
+        if tv > 0 and sv <= m:
+            total += (sv - m) ** 2
+    return total / len(s)
+
+
+def ab_reference(s, t, m):
+    """Same formula with numpy masks, for full-size maps."""
+    s, t = s.detach().double().numpy(), t.detach().double().numpy()
+    return np.mean(np.where((t <= 0) & (s > -m), (s + m) ** 2, 0.0)
+                   + np.where((t > 0) & (s <= m), (s - m) ** 2, 0.0))
+
+
+def test_hand_cases():
+    ab = AB(2.0)
+    # teacher on, student already beyond +m / teacher off, student beyond -m: nothing to do
+    assert ab(torch.tensor([3.0, -5.0]), torch.tensor([1.0, -1.0])).item() == 0.0
+    # student at 0 is inside the margin on both sides: each entry costs m^2 = 4
+    assert ab(torch.zeros(2), torch.tensor([1.0, -1.0])).item() == pytest.approx(4.0)
+    # t = 0 counts as "off"; s = -1 with t > 0 costs (-1 - 2)^2 = 9, s = 1 with t = 0 costs 9
+    assert ab(torch.tensor([-1.0, 1.0]), torch.tensor([0.5, 0.0])).item() == pytest.approx(9.0)
+    # the margin scales the cost: m = 1, s = 0, t > 0 -> 1
+    assert AB(1.0)(torch.zeros(3), torch.ones(3)).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('m', [0.0, 0.5, 2.0])
+def test_matches_loop_reference(m):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 3, 4, 4, generator=g) * 2, torch.randn(2, 3, 4, 4, generator=g)
+    assert AB(m)(s, t).item() == pytest.approx(ab_reference_loop(s, t, m), rel=1e-6)
+
+
+def test_registry_defaults_and_flags():
+    method = METHODS['ab']
+    assert method.defaults == {'lambda_kd': 10.0, 'm': 2.0, 'init_epochs': 50}
+    assert method.flags['m'].type is float and method.flags['init_epochs'].type is int
+
+
+def test_distiller_forward_matches_reference_and_gradients():
+    distiller = METHODS['ab'].build(make_context('ab'))
+    assert isinstance(distiller, Distiller)
+    s, s_leaves = make_features(batch=4, seed=0, requires_grad=True)
+    t, t_leaves = make_features(batch=4, seed=1, requires_grad=True)
+    loss = distiller(s, t, None)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    expected = np.mean([ab_reference(getattr(s, k)[0], getattr(t, k)[0], 2.0) for k in STAGES])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    for key in STAGES:  # pre-activations are the leaves: AB reads them directly
+        assert s_leaves[key].grad.abs().sum() > 0
+    assert s_leaves['stem'].grad is None  # stem is not transferred
+    assert all(leaf.grad is None for leaf in t_leaves.values())
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match='--m'):
+        METHODS['ab'].build(make_context('ab', {'m': -1.0}))
+    ctx = make_context('ab')
+    ctx.student_shapes = {**ctx.student_shapes, 'rb2': (16, 16, 16)}
+    with pytest.raises(ConfigError, match='rb2'):
+        METHODS['ab'].build(ctx)
+
+
+# ----------------------------------------------------------------------------- two stages
+
+@pytest.mark.parametrize('init_epochs, expected', [
+    (50, [0.1] * 30 + [0.01] * 10 + [0.001] * 10),   # the seed's schedule
+    (10, [0.1] * 6 + [0.01] * 2 + [0.001] * 2),
+    (5, [0.1] * 3 + [0.01] + [0.001]),
+    (1, [0.1]),
+])
+def test_init_stage_epochs_and_lr(init_epochs, expected):
+    student = resnet20()
+    ctx = make_context('ab', {'init_epochs': init_epochs}, student=student)
+    stages = METHODS['ab'].build(ctx).stages(ctx)
+    assert [st.name for st in stages] == ['init']
+    stage = stages[0]
+    assert stage.epochs == init_epochs and stage.needs_student
+    assert [stage.lr_scale(e) for e in range(1, init_epochs + 1)] == pytest.approx(expected)
+
+
+def test_init_stage_trains_exactly_the_student():
+    student, teacher = resnet20(), resnet20()
+    ctx = make_context('ab', student=student, teacher=teacher)
+    distiller = METHODS['ab'].build(ctx)
+    stage = distiller.stages(ctx)[0]
+    assert [id(p) for p in stage.params] == [id(p) for p in student.parameters()]
+    assert student in list(stage.train_modules)
+    assert list(distiller.parameters()) == []  # nothing of its own to learn
+
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batch = Batch(img, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with torch.no_grad():
+        t = teacher(img)
+    loss = stage.loss(student(img), t, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert student.res1[0].conv1.weight.grad.abs().sum() > 0
+    assert student.fc.weight.grad is None  # no cross-entropy: the classifier is untouched
+
+
+def test_init_stage_loss_is_lambda_times_kd_without_ce():
+    ctx = make_context('ab', {'lambda_kd': 3.0}, student=resnet20())
+    distiller = METHODS['ab'].build(ctx)
+    stage = distiller.stages(ctx)[0]
+    s, s_leaves = make_features(batch=2, seed=0, requires_grad=True)
+    t, _ = make_features(batch=2, seed=1)
+    loss = stage.loss(s, t, None)
+    expected = 3.0 * np.mean([ab_reference(getattr(s, k)[0], getattr(t, k)[0], 2.0) for k in STAGES])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert s_leaves['out'].grad is None
+
+
+def test_main_stage_is_ce_only():
+    distiller = METHODS['ab'].build(make_context('ab'))
+    assert all(distiller.kd_weight(e, 200) == 0 for e in range(1, 201))
+    assert all(distiller.kd_weight(e, 3) == 0 for e in range(1, 4))
+
+
+def test_init_stage_needs_the_student():
+    ctx = make_context('ab')
+    with pytest.raises(ValueError, match='student'):
+        METHODS['ab'].build(ctx).stages(ctx)

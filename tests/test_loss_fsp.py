@@ -1,0 +1,148 @@
+"""FSP (Gram matrices between consecutive stages, MSE) against loops over channel
+pairs, and its two-stage schedule: a KD-only 'init' stage over the student's
+parameters, then cross-entropy only."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_context, make_features
+from dataset import Batch
+from kd_losses import FSP, METHODS, ConfigError, Distiller
+from network import resnet20
+
+PAIRS = (('stem', 'rb1'), ('rb1', 'rb2'), ('rb2', 'rb3'))
+
+
+def avg_pool(fm, size):
+    b, c, h, w = fm.shape
+    return fm.reshape(b, c, size[0], h // size[0], size[1], w // size[1]).mean(axis=(3, 5))
+
+
+def fsp_matrix_reference(fm1, fm2):
+    fm1, fm2 = fm1.detach().double().numpy(), fm2.detach().double().numpy()
+    if fm1.shape[2] > fm2.shape[2]:
+        fm1 = avg_pool(fm1, fm2.shape[2:])
+    elif fm2.shape[2] > fm1.shape[2]:
+        fm2 = avg_pool(fm2, fm1.shape[2:])
+    b, c1, c2 = fm1.shape[0], fm1.shape[1], fm2.shape[1]
+    positions = fm1.shape[2] * fm1.shape[3]
+    g = np.zeros((b, c1, c2))
+    for n in range(b):
+        for i in range(c1):
+            for j in range(c2):
+                g[n, i, j] = np.sum(fm1[n, i] * fm2[n, j]) / positions
+    return g
+
+
+def fsp_reference(s1, s2, t1, t2):
+    return np.mean((fsp_matrix_reference(s1, s2) - fsp_matrix_reference(t1, t2)) ** 2)
+
+
+def test_hand_cases():
+    fsp = FSP()
+    ones = torch.ones(1, 1, 2, 2)
+    # constant maps: G = a * b; student 1*2 vs teacher 3*1 -> (2 - 3)^2
+    assert fsp(1 * ones, 2 * ones, 3 * ones, 1 * ones).item() == pytest.approx(1.0)
+    # the larger map is average-pooled: the top-left 2x2 block of arange(16) averages 2.5,
+    # paired with a one-hot map at (0, 0) and divided by the 4 positions -> 0.625
+    big = torch.arange(16.0).view(1, 1, 4, 4)
+    one_hot = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    assert FSP.fsp_matrix(big, one_hot).item() == pytest.approx(0.625)
+    assert FSP.fsp_matrix(one_hot, big).item() == pytest.approx(0.625)
+    # identical student and teacher
+    x, y = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)
+    assert fsp(x, y, x.clone(), y.clone()).item() == 0.0
+
+
+def test_matches_loop_reference():
+    g = torch.Generator().manual_seed(2)
+    s1, t1 = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    s2, t2 = torch.randn(2, 6, 4, 4, generator=g), torch.randn(2, 6, 4, 4, generator=g)
+    assert FSP()(s1, s2, t1, t2).item() == pytest.approx(fsp_reference(s1, s2, t1, t2), rel=1e-5)
+    same = torch.randn(2, 3, 4, 4, generator=g)
+    assert FSP()(same, s2, same, t2).item() == pytest.approx(fsp_reference(same, s2, same, t2),
+                                                           rel=1e-5)
+
+
+def test_registry_defaults_and_flags():
+    method = METHODS['fsp']
+    assert method.defaults == {'lambda_kd': 1.0, 'init_epochs': 50}
+    assert method.flags['init_epochs'].type is int
+
+
+def test_distiller_forward_matches_reference_and_gradients():
+    distiller = METHODS['fsp'].build(make_context('fsp'))
+    assert isinstance(distiller, Distiller)
+    s, s_leaves = make_features(batch=2, seed=0, requires_grad=True)
+    t, t_leaves = make_features(batch=2, seed=1, requires_grad=True)
+    loss = distiller(s, t, None)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    expected = np.mean([fsp_reference(getattr(s, a)[1], getattr(s, b)[1],
+                                      getattr(t, a)[1], getattr(t, b)[1]) for a, b in PAIRS])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    for key in ('stem', 'rb1', 'rb2', 'rb3'):  # post = relu(pre leaf)
+        assert s_leaves[key].grad.abs().sum() > 0
+    assert all(leaf.grad is None for leaf in t_leaves.values())
+
+
+def test_config_error_on_channel_mismatch():
+    ctx = make_context('fsp')
+    ctx.teacher_shapes = {**ctx.teacher_shapes, 'rb3': (128, 8, 8)}
+    with pytest.raises(ConfigError, match='rb3'):
+        METHODS['fsp'].build(ctx)
+
+
+# ----------------------------------------------------------------------------- two stages
+
+@pytest.mark.parametrize('init_epochs, expected', [
+    (50, [0.1] * 30 + [0.01] * 10 + [0.001] * 10),   # the seed's schedule
+    (20, [0.1] * 12 + [0.01] * 4 + [0.001] * 4),
+    (2, [0.1, 0.01]),
+])
+def test_init_stage_epochs_and_lr(init_epochs, expected):
+    ctx = make_context('fsp', {'init_epochs': init_epochs}, student=resnet20())
+    stages = METHODS['fsp'].build(ctx).stages(ctx)
+    assert [st.name for st in stages] == ['init']
+    assert stages[0].epochs == init_epochs and stages[0].needs_student
+    assert [stages[0].lr_scale(e) for e in range(1, init_epochs + 1)] == pytest.approx(expected)
+
+
+def test_init_stage_trains_exactly_the_student():
+    student, teacher = resnet20(), resnet20()
+    ctx = make_context('fsp', student=student, teacher=teacher)
+    distiller = METHODS['fsp'].build(ctx)
+    stage = distiller.stages(ctx)[0]
+    assert [id(p) for p in stage.params] == [id(p) for p in student.parameters()]
+    assert list(distiller.parameters()) == []
+
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batch = Batch(img, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with torch.no_grad():
+        t = teacher(img)
+    loss = stage.loss(student(img), t, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert student.conv1.weight.grad.abs().sum() > 0
+    assert student.fc.weight.grad is None  # no cross-entropy in the init stage
+
+
+def test_init_stage_loss_is_lambda_times_kd():
+    ctx = make_context('fsp', {'lambda_kd': 2.5}, student=resnet20())
+    distiller = METHODS['fsp'].build(ctx)
+    s, _ = make_features(batch=2, seed=3)
+    t, _ = make_features(batch=2, seed=4)
+    stage = distiller.stages(ctx)[0]
+    assert stage.loss(s, t, None).item() == pytest.approx(2.5 * distiller(s, t, None).item(),
+                                                          rel=1e-6)
+
+
+def test_main_stage_is_ce_only():
+    distiller = METHODS['fsp'].build(make_context('fsp'))
+    assert all(distiller.kd_weight(e, 200) == 0 for e in range(1, 201))
+
+
+def test_init_stage_needs_the_student():
+    ctx = make_context('fsp')
+    with pytest.raises(ValueError, match='student'):
+        METHODS['fsp'].build(ctx).stages(ctx)

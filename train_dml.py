@@ -1,0 +1,124 @@
+"""Deep mutual learning of two networks, trained together from scratch.
+
+Zhang, Xiang, Hospedales, Lu: "Deep Mutual Learning", CVPR 2018,
+https://arxiv.org/abs/1706.00384. As in the seed, the update is synchronous:
+one forward of each network per batch, each network's loss
+CE + lambda_kd * KL(other || self) with the other's output detached, and
+both networks stepped together. One SGD optimiser holds the two networks as
+separate parameter groups: SGD updates each parameter on its own, so this is
+exactly two optimisers stepped together, in one fused update.
+
+    python train_dml.py --data_name cifar10 --net1_name resnet110 --net2_name resnet20 \\
+        --net1_init results/base-c10-r110/initial_r110.pth.tar \\
+        --net2_init results/base-c10-r20/initial_r20.pth.tar --note dml-c10-r110-r20
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from dataset import make_loaders
+from kd_losses import DML
+from network import NETWORKS, build_network
+from utils import (LOG, Checkpointer, Run, Stage, add_common_args, cli, configure_backend,
+                   describe_device, evaluate, finalize_common_args, fit, load_checkpoint,
+                   load_network_weights, lr_at, make_sgd, non_negative, reset_logger, rng_state,
+                   seed_everything, set_rng_state, topk_correct)
+
+NETS = ('net1', 'net2')
+COLUMNS = (['stage', 'stage_index', 'epoch', 'lr']
+           + [f'train_{k}_{m}' for k in NETS for m in ('ce', 'kd', 'top1', 'top5')]
+           + [f'test_{k}_{m}' for k in NETS for m in ('loss', 'top1', 'top5')]
+           + ['seconds', 'img_per_s'])
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    g = parser.add_argument_group('the two networks')
+    g.add_argument('--net1_name', required=True, choices=sorted(NETWORKS))
+    g.add_argument('--net2_name', required=True, choices=sorted(NETWORKS))
+    g.add_argument('--net1_init', required=True, help="net1's initial weights (initial_rNN.pth.tar)")
+    g.add_argument('--net2_init', required=True, help="net2's initial weights (initial_rNN.pth.tar)")
+    g.add_argument('--lambda_kd', type=non_negative(float), default=1.0,
+                   help='weight of each network\'s KL term (seed: 1.0)')
+    return finalize_common_args(parser, parser.parse_args(argv))
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    reset_logger()
+    run = Run(args, COLUMNS, 'train_dml.py')
+    resume = load_checkpoint(run.ckpt_path, 'resume checkpoint') if args.resume else None
+    if resume is not None:
+        run.check_resume_args()
+    device = torch.device(args.device)
+    configure_backend(args)
+    seed_everything(args.seed)
+    nets = {k: load_network_weights(build_network(getattr(args, f'{k}_name'), args.num_class),
+                                    getattr(args, f'{k}_init'), f'{k} initialisation (--{k}_init)')
+            .to(device) for k in NETS}
+    net1, net2 = nets['net1'], nets['net2']
+    train_loader, test_loader = make_loaders(args, device, log=LOG.info)
+
+    mutual = DML()
+    optimizer = make_sgd([{'params': net1.parameters()}, {'params': net2.parameters()}], args)
+
+    def step(batch):
+        out1, out2 = net1(batch.img).out, net2(batch.img).out
+        ce1 = F.cross_entropy(out1, batch.target)
+        ce2 = F.cross_entropy(out2, batch.target)
+        kd1 = mutual(out1, out2.detach())  # net1 learns from net2's current prediction
+        kd2 = mutual(out2, out1.detach())  # and net2 from net1's: the graphs stay separate
+        loss = ce1 + ce2 + args.lambda_kd * (kd1 + kd2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        b = batch.target.shape[0]
+        losses = torch.stack([ce1, kd1, ce2, kd2]).detach().float() * b
+        return torch.cat([losses, topk_correct(out1.detach(), batch.target),
+                          topk_correct(out2.detach(), batch.target), out1.new_full((1,), b).float()])
+
+    def evaluate_both():
+        return {f'{k}_{m}': v for k, net in nets.items() for m, v in evaluate(net, test_loader).items()}
+
+    def begin_epoch(epoch):
+        net1.train()
+        net2.train()
+
+    stage = Stage('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr), optimizer,
+                  step, ['net1_ce', 'net1_kd', 'net2_ce', 'net2_kd', 'net1_correct1',
+                         'net1_correct5', 'net2_correct1', 'net2_correct5', 'n'],
+                  ['net1_ce', 'net1_kd', 'net2_ce', 'net2_kd'], evaluate=evaluate_both,
+                  begin_epoch=begin_epoch)
+
+    def resume_state(stage_index):
+        return {'optimizer': optimizer.state_dict(), 'loader': train_loader.state_dict(),
+                'rng': rng_state()}
+
+    checkpointer = Checkpointer(run, nets, resume_state)
+    run.open()
+    run.write_args(describe_device(device))
+    start = (0, 0)
+    if resume is None:
+        LOG.info(f'DML: net1 {args.net1_name} from {args.net1_init}, net2 {args.net2_name} from '
+                 f'{args.net2_init}, lambda_kd {args.lambda_kd}, on {describe_device(device)}')
+        LOG.info(f'args: {vars(args)}')
+        run.start_metrics()
+    else:
+        start = checkpointer.restore(resume)
+        optimizer.load_state_dict(resume['optimizer'])
+        train_loader.load_state_dict(resume['loader'])
+        set_rng_state(resume['rng'])
+        run.start_metrics(keep_upto=start)
+        LOG.info(f'resumed from {run.ckpt_path}: epoch {start[1]} done')
+
+    fit([stage], train_loader, args, checkpointer, start)
+    LOG.info('done: ' + ', '.join(f"{k} best test top-1 {b['top1']:.2f} (epoch {b['epoch']})"
+                                  for k, b in checkpointer.best.items()) + f'; weights in {run.dir}')
+
+
+if __name__ == '__main__':
+    main()
