@@ -74,7 +74,8 @@ def draw_attack_class(out_t):
     underflows to an all-zero row), sampled with the Gumbel-max trick: the
     same distribution as torch.multinomial, which would sync to validate it."""
     logits = out_t.detach().float()
-    is_top1 = F.one_hot(logits.argmax(dim=1), logits.shape[1]).bool()
+    top1 = logits.argmax(dim=1, keepdim=True)
+    is_top1 = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top1, True)
     log_p = F.log_softmax(logits.masked_fill(is_top1, float('-inf')), dim=1)
     gumbel = -torch.empty_like(log_p).exponential_().log()
     return (log_p + gumbel).masked_fill(is_top1, float('-inf')).argmax(dim=1)

@@ -21,7 +21,8 @@ class Logits(nn.Module):
 
 
 register(Method(
-    name='logits', title='logit regression', paper='https://papers.nips.cc/paper/5484-do-deep-nets-really-need-to-be-deep',
+    name='logits', title='logit regression',
+    paper='https://papers.nips.cc/paper/5484-do-deep-nets-really-need-to-be-deep',
     transfers='logits; MSE',
     build=lambda ctx: FeatureDistiller(Logits(), ['out']),
     defaults={'lambda_kd': 0.1},

@@ -48,6 +48,7 @@ class Method:
     defaults: Mapping[str, Any]             # seed defaults: lambda_kd and the method's flags
     flags: Mapping[str, Flag] = field(default_factory=dict)
     dataset_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    variant: str = ''                       # where the seed departs from the paper, in a phrase
 
     def defaults_for(self, data_name):
         return {**self.defaults, **self.dataset_defaults.get(data_name, {})}

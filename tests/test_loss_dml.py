@@ -32,7 +32,7 @@ def test_dml_hand_cases():
     x = torch.randn(3, 4)
     assert DML()(x, x).item() == pytest.approx(0.0, abs=1e-6)
     assert DML()(x, x + 5.0).item() == pytest.approx(0.0, abs=1e-6)  # softmax ignores shifts
-    # p2 = (1/2, 1/2), p1 = (1/(1+e), e/(1+e)): KL = log((1+e)/2) + log((1+e)/(2e))... / 1 row
+    # p2 = (1/2, 1/2), p1 = (1/(1+e), e/(1+e)): KL = sum_i p2_i log(p2_i / p1_i)
     out1, out2 = torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2)
     e = math.e
     expected = 0.5 * math.log(0.5 * (1 + e)) + 0.5 * math.log(0.5 * (1 + e) / e)

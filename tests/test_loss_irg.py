@@ -41,7 +41,8 @@ def irg_reference(irg_s, irg_t, w_vert, w_edge, w_tran):
     vertex = np.mean((as_np(out_s) - as_np(out_t)) ** 2)
     edge = np.mean([np.mean((edge_reference(s) - edge_reference(t)) ** 2)
                     for s, t in ((feat_s, feat_t), (fm2_s, fm2_t), (fm3_s, fm3_t))])
-    tran = np.mean((transformation_reference(fm2_s, fm3_s) - transformation_reference(fm2_t, fm3_t)) ** 2)
+    tran = np.mean((transformation_reference(fm2_s, fm3_s)
+                    - transformation_reference(fm2_t, fm3_t)) ** 2)
     return w_vert * vertex + w_edge * edge + w_tran * tran
 
 
@@ -55,7 +56,8 @@ def random_graph(seed, batch=4, c2=4, hw2=4, scale=1.0):
 
 def test_matches_reference():
     s, t = random_graph(0), random_graph(1, scale=2.0)
-    assert IRG(0.1, 5.0, 5.0)(s, t).item() == pytest.approx(irg_reference(s, t, 0.1, 5.0, 5.0), rel=1e-4)
+    expected = irg_reference(s, t, 0.1, 5.0, 5.0)
+    assert IRG(0.1, 5.0, 5.0)(s, t).item() == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize('weights', [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
@@ -76,7 +78,8 @@ def test_hand_cases():
     triangle = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 3 ** 0.5 / 2]])
     assert IRG.edges(line).flatten().tolist() == pytest.approx([0, .25, 1, .25, 0, .25, 1, .25, 0])
     expected = 4 * (0.75 ** 2) / 9
-    assert torch.nn.functional.mse_loss(IRG.edges(line), IRG.edges(triangle)).item() == pytest.approx(expected)
+    edge_mse = torch.nn.functional.mse_loss(IRG.edges(line), IRG.edges(triangle))
+    assert edge_mse.item() == pytest.approx(expected)
     # transformation: rb3's channel pair (1, 3) averages to 2 (4 for the second sample),
     # rb2 pools to 0 -> squared distances 4 and 16, divided by the max
     fm2 = torch.zeros(2, 1, 2, 2)
@@ -107,7 +110,8 @@ def test_float32_result_for_low_precision_inputs():
 
 def test_registry():
     method = METHODS['irg']
-    assert method.defaults == {'lambda_kd': 1.0, 'w_irg_vert': 0.1, 'w_irg_edge': 5.0, 'w_irg_tran': 5.0}
+    assert method.defaults == {'lambda_kd': 1.0, 'w_irg_vert': 0.1, 'w_irg_edge': 5.0,
+                               'w_irg_tran': 5.0}
     assert all(method.flags[k].type is float for k in ('w_irg_vert', 'w_irg_edge', 'w_irg_tran'))
     with pytest.raises(ConfigError, match='w_irg'):
         method.build(make_context('irg', {'w_irg_edge': -1.0}))
@@ -127,8 +131,8 @@ def test_distiller_feeds_rb2_rb3_post_feat_out_and_detaches_the_teacher():
     t, t_leaves = make_features(batch=4, seed=1, requires_grad=True)
     loss = distiller(s, t, None)
     assert loss.dim() == 0 and torch.isfinite(loss)
-    expected = irg_reference([s.rb2[1], s.rb3[1], s.feat, s.out], [t.rb2[1], t.rb3[1], t.feat, t.out],
-                             0.1, 5.0, 5.0)
+    expected = irg_reference([s.rb2[1], s.rb3[1], s.feat, s.out],
+                             [t.rb2[1], t.rb3[1], t.feat, t.out], 0.1, 5.0, 5.0)
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     loss.backward()
     for name in ('rb2', 'rb3', 'feat', 'out'):

@@ -112,7 +112,8 @@ def test_distiller_reads_its_feature_and_detaches_the_teacher(mode):
     t, t_leaves = make_features(batch=6, seed=1, requires_grad=True)
     loss = distiller(s, t, None)
     assert loss.dim() == 0 and torch.isfinite(loss)
-    assert loss.item() == pytest.approx(REFERENCE[mode](FEATURE[mode](s), FEATURE[mode](t)), rel=1e-4)
+    expected = REFERENCE[mode](FEATURE[mode](s), FEATURE[mode](t))
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
     loss.backward()
     used = 'out' if mode == 'logits' else 'rb3'
     assert s_leaves[used].grad is not None and s_leaves[used].grad.abs().sum() > 0

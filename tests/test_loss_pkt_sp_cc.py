@@ -46,8 +46,8 @@ def cc_reference(feat_s, feat_t, gamma, order):
         for i in range(n):
             for j in range(n):
                 sim = np.dot(unit[i], unit[j])
-                corr[i, j] = sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * sim ** p
-                                 for p in range(order + 1))
+                corr[i, j] = sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p)
+                                 * sim ** p for p in range(order + 1))
         return corr
 
     return ((correlation(as_np(feat_s)) - correlation(as_np(feat_t))) ** 2).mean()
@@ -99,7 +99,8 @@ def test_sp_hand_case():
 @pytest.mark.parametrize('gamma, order', [(0.4, 2), (1.0, 3)])
 def test_cc_matches_reference(gamma, order):
     s, t = random_pair((6, 10), (6, 10), seed=2)
-    assert CC(gamma, order)(s, t).item() == pytest.approx(cc_reference(s, t, gamma, order), rel=1e-5)
+    expected = cc_reference(s, t, gamma, order)
+    assert CC(gamma, order)(s, t).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_cc_hand_cases():
@@ -108,7 +109,8 @@ def test_cc_hand_cases():
     gamma = 0.4
     # order 0: constant correlation; order 1: off-diagonal differs by exp(-2g) 2g, on 2 of 4 entries
     assert CC(gamma, 0)(s, t).item() == 0.0
-    assert CC(gamma, 1)(s, t).item() == pytest.approx((math.exp(-2 * gamma) * 2 * gamma) ** 2 / 2, rel=1e-6)
+    off_diagonal = math.exp(-2 * gamma) * 2 * gamma
+    assert CC(gamma, 1)(s, t).item() == pytest.approx(off_diagonal ** 2 / 2, rel=1e-6)
     assert CC(gamma, 2)(t, t).item() == 0.0
 
 
@@ -150,7 +152,8 @@ def expected_kd(mode, s, t):
         return pkt_reference(s.feat, t.feat)
     if mode == 'cc':
         return cc_reference(s.feat, t.feat, 0.4, 2)
-    return np.mean([sp_reference(getattr(s, k)[1], getattr(t, k)[1]) for k in ('rb1', 'rb2', 'rb3')])
+    return np.mean([sp_reference(getattr(s, k)[1], getattr(t, k)[1])
+                    for k in ('rb1', 'rb2', 'rb3')])
 
 
 @pytest.mark.parametrize('mode', ['pkt', 'sp', 'cc'])

@@ -1,0 +1,91 @@
+"""Every --kd_mode through train_kd.py's real entry point on a tiny dataset,
+with teacher and student checkpoints saved by train_base.py."""
+import csv
+import math
+import os
+
+import pytest
+import torch
+
+import train_kd
+from kd_losses import METHODS
+
+# Settings that make each method's run tiny (applied where the method has the flag).
+TINY = {'init_epochs': 1, 'para_epochs': 1, 'warmup_epochs': 0, 'nce_n': 16, 'feat_dim': 16}
+
+
+def kd_args(base_run, save_root, mode, epochs=1, extra=()):
+    args = ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(save_root),
+            '--note', mode, '--s_name', 'resnet20', '--t_name', 'resnet20',
+            '--s_init', base_run['initial'], '--t_model', base_run['best'], '--kd_mode', mode,
+            '--epochs', str(epochs), '--batch_size', '32', '--device', 'cpu', '--no_download',
+            '--print_freq', '2']
+    for flag, value in TINY.items():
+        if flag in METHODS[mode].flags:
+            args += [f'--{flag}', str(value)]
+    return args + list(extra)
+
+
+def read_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('mode', sorted(METHODS))
+def test_every_mode_trains_and_evaluates(base_run, tmp_path, mode):
+    train_kd.main(kd_args(base_run, tmp_path, mode))
+    run_dir = tmp_path / mode
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'metrics.csv', 'args.json'):
+        assert (run_dir / name).is_file(), name
+    rows = read_rows(run_dir / 'metrics.csv')
+    main = [r for r in rows if r['stage'] == 'main']
+    assert len(main) == 1
+    for r in rows:
+        for key in ('train_loss', 'train_ce', 'train_kd', 'test_loss', 'test_top1'):
+            if r[key] != '':
+                assert math.isfinite(float(r[key])), (key, r)
+    assert float(main[0]['kd_weight']) >= 0 and 0 <= float(main[0]['test_top1']) <= 100
+    ckpt = torch.load(run_dir / 'checkpoint.pth.tar', weights_only=True)
+    assert ckpt['epoch'] == 1 and 'distiller' in ckpt
+    log = (run_dir / 'log.txt').read_text()
+    assert f"lambda_kd = {METHODS[mode].defaults['lambda_kd']}" in log  # the value used, and why
+    assert 'seed default' in log
+
+
+def test_lambda_from_the_command_line_wins_and_is_logged(base_run, tmp_path):
+    train_kd.main(kd_args(base_run, tmp_path, 'st', extra=['--lambda_kd', '0.7', '--p', '3']))
+    log = (tmp_path / 'st' / 'log.txt').read_text()
+    assert 'lambda_kd = 0.7 (command line)' in log
+    assert 'T = 4.0 (seed default for st on cifar10)' in log
+    assert 'ignored (not read by st): --p' in log
+    assert float(read_rows(tmp_path / 'st' / 'metrics.csv')[0]['kd_weight']) == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize('mode', ['ab', 'fsp'])
+def test_initialisation_stage_then_ce_only(base_run, tmp_path, mode):
+    train_kd.main(kd_args(base_run, tmp_path, mode, epochs=2, extra=['--init_epochs', '2']))
+    rows = read_rows(tmp_path / mode / 'metrics.csv')
+    assert [r['stage'] for r in rows] == ['init', 'init', 'main', 'main']
+    assert all(float(r['train_loss']) > 0 for r in rows[:2])       # the KD loss alone
+    assert all(r['test_top1'] == '' for r in rows[:2])
+    assert all(float(r['kd_weight']) == 0 and float(r['train_kd']) == 0 for r in rows[2:])
+    assert [float(r['lr']) for r in rows] == pytest.approx([0.01, 0.001, 0.1, 0.01])
+
+
+def test_ft_pretrains_the_paraphraser_first(base_run, tmp_path):
+    train_kd.main(kd_args(base_run, tmp_path, 'ft', extra=['--para_epochs', '2']))
+    rows = read_rows(tmp_path / 'ft' / 'metrics.csv')
+    assert [r['stage'] for r in rows] == ['paraphraser', 'paraphraser', 'main']
+    assert float(rows[1]['train_loss']) < float(rows[0]['train_loss'])  # it learns to reconstruct
+    assert float(rows[2]['train_kd']) > 0
+
+
+def test_bss_schedule(base_run, tmp_path):
+    train_kd.main(kd_args(base_run, tmp_path, 'bss', epochs=5, extra=['--warmup_epochs', '2']))
+    rows = read_rows(tmp_path / 'bss' / 'metrics.csv')
+    weights = [float(r['kd_weight']) for r in rows]
+    lam = METHODS['bss'].defaults['lambda_kd']
+    # warm-up, then lambda * (1 - 5/4 * (epoch - 1) / epochs), zero in the last 20%
+    assert weights == pytest.approx([0, 0, lam * 0.5, lam * 0.25, 0])
+    kd = [float(r['train_kd']) for r in rows]
+    assert kd[0] == kd[1] == kd[4] == 0 and kd[2] >= 0
