@@ -6,17 +6,15 @@ from, so that KD runs and baselines share their initialisation.
     python train_base.py --data_name cifar10 --net_name resnet20 --note base-c10-r20
 """
 import argparse
+import os
 
-import torch
 import torch.nn.functional as F
 
 from dataset import make_loaders
 from network import NETWORKS, build_network
-from utils import (LOG, Checkpointer, Run, Stage, add_common_args, cli,
-                   configure_backend, cross_entropy_stats, describe_device, evaluate,
-                   finalize_common_args, fit, initial_weights_name, load_checkpoint, lr_at,
-                   make_sgd, reset_logger, rng_state, save_checkpoint, seed_everything,
-                   set_rng_state, zoo_record)
+from utils import (LOG, Checkpointer, Stage, add_common_args, begin, cli, cross_entropy_stats,
+                   describe_device, evaluate, finalize_common_args, fit, initial_weights_name,
+                   lr_at, make_sgd, rng_state, save_checkpoint, zoo_record)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'train_ce', 'train_top1', 'train_top5',
            'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
@@ -33,15 +31,8 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    reset_logger()
     # Every check happens before anything is written: run directory, resume file, data.
-    run = Run(args, COLUMNS, 'train_base.py')
-    resume = load_checkpoint(run.ckpt_path, 'resume checkpoint') if args.resume else None
-    if resume is not None:
-        run.check_resume_args()
-    device = torch.device(args.device)
-    configure_backend(args)
-    seed_everything(args.seed)
+    run, resume, device = begin(args, COLUMNS, 'train_base.py')
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
     net = build_network(args.net_name, args.num_class).to(device)
@@ -64,26 +55,14 @@ def main(argv=None):
                 'rng': rng_state()}
 
     checkpointer = Checkpointer(run, {'net': net}, resume_state)
-    run.open()
-    run.write_args(describe_device(device))
-    start = (0, 0)
+    LOG.info(f'{args.net_name}: {sum(p.numel() for p in net.parameters()) / 1e6:.3f}M parameters, '
+             f'{args.num_class} classes, on {describe_device(device)}')
+    LOG.info(f'args: {vars(args)}')
+    start = run.start(checkpointer, resume, train_loader, lambda si: optimizer, device)
     if resume is None:
-        LOG.info(f'{args.net_name}: {sum(p.numel() for p in net.parameters()) / 1e6:.3f}M parameters, '
-                 f'{args.num_class} classes, on {describe_device(device)}')
-        LOG.info(f'args: {vars(args)}')
-        initial = f'{run.dir}/{initial_weights_name(args.net_name)}'
+        initial = os.path.join(run.dir, initial_weights_name(args.net_name))
         save_checkpoint(zoo_record(net, 0), initial)
         LOG.info(f'initial weights saved to {initial}')
-        run.start_metrics()
-    else:
-        optimizer.load_state_dict(resume['optimizer'])
-        train_loader.load_state_dict(resume['loader'])
-        set_rng_state(resume['rng'])
-        start = checkpointer.restore(resume)
-        run.start_metrics(keep_upto=start)
-        LOG.info(f'resumed from {run.ckpt_path}: epoch {start[1]} done, '
-                 f"best top-1 {checkpointer.best['net']['top1']:.2f}")
-
     fit([stage], train_loader, args, checkpointer, start)
     LOG.info(f"done: best test top-1 {checkpointer.best['net']['top1']:.2f} "
              f"(epoch {checkpointer.best['net']['epoch']}); weights in {run.dir}")

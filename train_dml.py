@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from dataset import make_loaders
 from kd_losses import DML
 from network import NETWORKS, build_network
-from utils import (LOG, Checkpointer, Run, Stage, add_common_args, cli, configure_backend,
-                   describe_device, evaluate, finalize_common_args, fit, load_checkpoint,
-                   load_network_weights, lr_at, make_sgd, non_negative, reset_logger, rng_state,
-                   seed_everything, set_rng_state, topk_correct)
+from utils import (LOG, Checkpointer, Stage, add_common_args, begin, cli, describe_device,
+                   evaluate, finalize_common_args, fit, load_network_weights, lr_at, make_sgd,
+                   non_negative, rng_state, topk_correct)
 
 NETS = ('net1', 'net2')
 COLUMNS = (['stage', 'stage_index', 'epoch', 'lr']
@@ -49,14 +48,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    reset_logger()
-    run = Run(args, COLUMNS, 'train_dml.py')
-    resume = load_checkpoint(run.ckpt_path, 'resume checkpoint') if args.resume else None
-    if resume is not None:
-        run.check_resume_args()
-    device = torch.device(args.device)
-    configure_backend(args)
-    seed_everything(args.seed)
+    run, resume, device = begin(args, COLUMNS, 'train_dml.py')
     nets = {k: load_network_weights(build_network(getattr(args, f'{k}_name'), args.num_class),
                                     getattr(args, f'{k}_init'), f'{k} initialisation (--{k}_init)')
             .to(device) for k in NETS}
@@ -99,22 +91,10 @@ def main(argv=None):
                 'rng': rng_state()}
 
     checkpointer = Checkpointer(run, nets, resume_state)
-    run.open()
-    run.write_args(describe_device(device))
-    start = (0, 0)
-    if resume is None:
-        LOG.info(f'DML: net1 {args.net1_name} from {args.net1_init}, net2 {args.net2_name} from '
-                 f'{args.net2_init}, lambda_kd {args.lambda_kd}, on {describe_device(device)}')
-        LOG.info(f'args: {vars(args)}')
-        run.start_metrics()
-    else:
-        start = checkpointer.restore(resume)
-        optimizer.load_state_dict(resume['optimizer'])
-        train_loader.load_state_dict(resume['loader'])
-        set_rng_state(resume['rng'])
-        run.start_metrics(keep_upto=start)
-        LOG.info(f'resumed from {run.ckpt_path}: epoch {start[1]} done')
-
+    LOG.info(f'DML: net1 {args.net1_name} from {args.net1_init}, net2 {args.net2_name} from '
+             f'{args.net2_init}, lambda_kd {args.lambda_kd}, on {describe_device(device)}')
+    LOG.info(f'args: {vars(args)}')
+    start = run.start(checkpointer, resume, train_loader, lambda si: optimizer, device)
     fit([stage], train_loader, args, checkpointer, start)
     LOG.info('done: ' + ', '.join(f"{k} best test top-1 {b['top1']:.2f} (epoch {b['epoch']})"
                                   for k, b in checkpointer.best.items()) + f'; weights in {run.dir}')

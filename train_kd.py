@@ -19,11 +19,9 @@ import torch.nn.functional as F
 from dataset import make_loaders
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from network import NETWORKS, build_network
-from utils import (LOG, Checkpointer, Run, Stage, UserError, add_common_args, cli,
-                   configure_backend, cross_entropy_stats, describe_device, evaluate,
-                   finalize_common_args, fit, load_checkpoint, load_network_weights, lr_at,
-                   make_sgd, non_negative, positive, reset_logger, rng_state, seed_everything,
-                   set_rng_state)
+from utils import (LOG, Checkpointer, Stage, UserError, add_common_args, begin, cli,
+                   cross_entropy_stats, describe_device, evaluate, finalize_common_args, fit,
+                   load_network_weights, lr_at, make_sgd, non_negative, positive, rng_state)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'kd_weight', 'train_loss', 'train_ce',
            'train_kd', 'train_top1', 'train_top5', 'test_loss', 'test_top1', 'test_top5',
@@ -71,16 +69,9 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args, sources, ignored = parse_args(argv)
-    reset_logger()
     # Every check happens before anything is written: run directory, resume
     # file, both checkpoints, the method's settings, the data.
-    run = Run(args, COLUMNS, 'train_kd.py')
-    resume = load_checkpoint(run.ckpt_path, 'resume checkpoint') if args.resume else None
-    if resume is not None:
-        run.check_resume_args()
-    device = torch.device(args.device)
-    configure_backend(args)
-    seed_everything(args.seed)
+    run, resume, device = begin(args, COLUMNS, 'train_kd.py')
 
     student = load_network_weights(build_network(args.s_name, args.num_class), args.s_init,
                                    'student initialisation (--s_init)').to(device)
@@ -170,33 +161,23 @@ def main(argv=None):
                 'rng': rng_state()}
 
     checkpointer = Checkpointer(run, {'net': student}, resume_state)
-    run.open()
-    run.write_args(describe_device(device))
-    start = (0, 0)
+    LOG.info(f'kd_mode {args.kd_mode} ({method.title}, {method.paper}): {method.transfers}')
+    for name in method.defaults:
+        LOG.info(f'  {name} = {getattr(args, name)} ({sources[name]})')
+    if ignored:
+        LOG.info(f"  ignored (not read by {args.kd_mode}): {', '.join(ignored)}")
+    LOG.info(f'student {args.s_name} from {args.s_init}; teacher {args.t_name} from '
+             f'{args.t_model}; on {describe_device(device)}')
+    n_extra = sum(p.numel() for p in distiller.learnable_parameters())
+    if n_extra:
+        LOG.info(f'{args.kd_mode} adds {n_extra / 1e6:.3f}M learnable parameters')
+    LOG.info(f'args: {vars(args)}')
+    if resume is not None:
+        distiller.load_state_dict(resume['distiller'])
+    start = run.start(checkpointer, resume, train_loader, lambda si: stages[si].optimizer, device)
     if resume is None:
-        LOG.info(f'kd_mode {args.kd_mode} ({method.title}, {method.paper}): {method.transfers}')
-        for name in method.defaults:
-            LOG.info(f'  {name} = {getattr(args, name)} ({sources[name]})')
-        if ignored:
-            LOG.info(f"  ignored (not read by {args.kd_mode}): {', '.join(ignored)}")
-        LOG.info(f'student {args.s_name} from {args.s_init}; teacher {args.t_name} from '
-                 f'{args.t_model}; on {describe_device(device)}')
         teacher_test = evaluate(teacher, test_loader)
         LOG.info(f"teacher test top-1 {teacher_test['top1']:.2f} top-5 {teacher_test['top5']:.2f}")
-        n_extra = sum(p.numel() for p in distiller.learnable_parameters())
-        if n_extra:
-            LOG.info(f'{args.kd_mode} adds {n_extra / 1e6:.3f}M learnable parameters')
-        LOG.info(f'args: {vars(args)}')
-        run.start_metrics()
-    else:
-        distiller.load_state_dict(resume['distiller'])
-        start = checkpointer.restore(resume)
-        stages[start[0]].optimizer.load_state_dict(resume['optimizer'])
-        train_loader.load_state_dict(resume['loader'])
-        set_rng_state(resume['rng'])
-        run.start_metrics(keep_upto=start)
-        LOG.info(f'resumed from {run.ckpt_path}: stage {stages[start[0]].name}, '
-                 f'epoch {start[1]} done')
 
     fit(stages, train_loader, args, checkpointer, start)
     LOG.info(f"done: best test top-1 {checkpointer.best['net']['top1']:.2f} "

@@ -521,6 +521,24 @@ class Run:
         LOG.addHandler(fh)
         return self
 
+    def start(self, checkpointer, resume, loader, optimizer_of, device):
+        """Open the run directory, then start afresh or restore from the resume
+        checkpoint: networks, best-so-far, the optimiser of the stage being
+        resumed (`optimizer_of(stage_index)`), the loader's and the global RNG
+        states. Returns (stage index, epochs done in it)."""
+        self.open()
+        self.write_args(describe_device(device))
+        if resume is None:
+            self.start_metrics()
+            return (0, 0)
+        start = checkpointer.restore(resume)
+        optimizer_of(start[0]).load_state_dict(resume['optimizer'])
+        loader.load_state_dict(resume['loader'])
+        set_rng_state(resume['rng'])
+        self.start_metrics(keep_upto=start)
+        LOG.info(f'resumed from {self.ckpt_path}: stage {start[0] + 1}, epoch {start[1]} done')
+        return start
+
     # -- records
     def write_args(self, device_name):
         record = {'script': self.script, 'command': ' '.join([sys.executable] + sys.argv),
@@ -592,6 +610,20 @@ def describe_device(device):
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
     return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+
+
+def begin(args, columns, script):
+    """Start-up shared by the scripts. Only checks, nothing written: the run
+    directory (and the resume checkpoint with its flags); then the backend
+    and seeds. Returns (run, resume checkpoint or None, device)."""
+    reset_logger()
+    run = Run(args, columns, script)
+    resume = load_checkpoint(run.ckpt_path, 'resume checkpoint') if args.resume else None
+    if resume is not None:
+        run.check_resume_args()
+    configure_backend(args)
+    seed_everything(args.seed)
+    return run, resume, torch.device(args.device)
 
 
 # ----------------------------------------------------------------------------- the epoch loop

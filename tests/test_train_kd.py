@@ -2,7 +2,6 @@
 with teacher and student checkpoints saved by train_base.py."""
 import csv
 import math
-import os
 
 import pytest
 import torch
