@@ -2,6 +2,10 @@
 from . import METHODS
 
 
+def cell(text):
+    return str(text).replace('|', '\\|')
+
+
 def method_table():
     rows = ['| `--kd_mode` | method | transfers | seed variant | defaults (CIFAR-10) |',
             '|---|---|---|---|---|']
@@ -12,8 +16,8 @@ def method_table():
                              for d, o in m.dataset_defaults.items())
         if per_data:
             defaults += f' ({per_data})'
-        rows.append(f'| `{name}` | [{m.title}]({m.paper}) | {m.transfers} | {m.variant or "as the paper"} '
-                    f'| {defaults} |')
+        rows.append(f'| `{name}` | [{cell(m.title)}]({m.paper}) | {cell(m.transfers)} | '
+                    f'{cell(m.variant or "as the paper")} | {defaults} |')
     return '\n'.join(rows)
 
 

@@ -49,6 +49,7 @@ register(Method(
     name='ab', title='activation boundaries (student initialisation, then CE)',
     paper='https://arxiv.org/abs/1811.03233',
     transfers='rb1..3 pre-activation, mean; init stage only',
+    variant='two stages: 50 epochs of initialisation with the AB loss alone, then CE only (no soft targets)',
     build=build,
     defaults={'lambda_kd': 10.0, 'm': 2.0, **INIT_DEFAULTS},
     flags={'m': Flag(float, 'margin of the activation boundary loss (AB)'), **INIT_FLAGS},

@@ -67,6 +67,7 @@ def build(ctx):
 register(Method(
     name='afd', title='attentive feature distillation', paper='https://openreview.net/forum?id=ryxyCeHtPB',
     transfers='rb1..3 post-activation, one attention block per stage, mean',
+    variant='attention from an SE block, which the seed found more stable than the original',
     build=build,
     defaults={'lambda_kd': 500.0, 'att_f': 1.0},
     flags={'att_f': Flag(float, 'AFD attention width: mid channels = int(att_f × channels)',

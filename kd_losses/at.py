@@ -33,6 +33,7 @@ class AT(nn.Module):
 register(Method(
     name='at', title='attention transfer', paper='https://arxiv.org/abs/1612.03928',
     transfers='rb1..3 post-activation attention maps, mean',
+    variant='attention = sum over channels of |f|^p (p=2); the three stages averaged',
     build=lambda ctx: FeatureDistiller(AT(ctx.args.p), ['rb1', 'rb2', 'rb3'], act='post'),
     defaults={'lambda_kd': 1000.0, 'p': 2.0},
     flags={'p': Flag(float, 'power of |f| in the attention map', positive=True)},

@@ -144,6 +144,7 @@ def build(ctx):
 register(Method(
     name='bss', title='boundary supporting samples', paper='https://arxiv.org/abs/1805.05532',
     transfers='logits on adversarial samples near the decision boundary, KL at temperature T',
+    variant='KL without the T^2 factor; 10 warm-up epochs; CE only in the last 20% of epochs',
     build=build,
     defaults={'lambda_kd': 2.0, 'T': 3.0, 'attack_size': 32, 'warmup_epochs': 10},
     flags={'T': Flag(float, 'softmax temperature', positive=True),

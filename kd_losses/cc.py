@@ -54,6 +54,7 @@ def build(ctx):
 register(Method(
     name='cc', title='correlation congruence', paper='https://arxiv.org/abs/1904.01802',
     transfers='feat; Taylor-expanded Gaussian RBF correlation of the batch, MSE',
+    variant='Gaussian RBF kernel by its P=2 Taylor expansion; no instance congruence, no special sampling',
     build=build,
     defaults={'lambda_kd': 100.0, 'gamma': 0.4, 'P_order': 2},
     flags={'gamma': Flag(float, 'gamma of the Gaussian RBF in CC', positive=True),

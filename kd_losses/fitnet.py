@@ -25,6 +25,7 @@ class Hint(nn.Module):
 register(Method(
     name='fitnet', title='hints (FitNets)', paper='https://arxiv.org/abs/1412.6550',
     transfers='rb3 post-activation; MSE',
+    variant='one stage with CE, no hint regressor (student and teacher maps have the same shape)',
     build=lambda ctx: FeatureDistiller(Hint(), ['rb3'], act='post'),
     defaults={'lambda_kd': 0.1},
 ))

@@ -66,6 +66,7 @@ register(Method(
     paper='https://openaccess.thecvf.com/content_cvpr_2017/papers/Yim_A_Gift_From_CVPR_2017_paper.pdf',
     transfers='FSP matrices of (stem, rb1), (rb1, rb2), (rb2, rb3) post-activation, mean; '
               'init stage only',
+    variant='two stages as AB: initialisation with the FSP loss alone, then CE only',
     build=build,
     defaults={'lambda_kd': 1.0, **INIT_DEFAULTS},
     flags=dict(INIT_FLAGS),

@@ -113,6 +113,7 @@ class FTDistiller(Distiller):
 register(Method(
     name='ft', title='factor transfer', paper='https://arxiv.org/abs/1802.04977',
     transfers='rb3 post-activation factors (paraphraser stage first), L1',
+    variant='paraphraser pre-trained for 30 epochs at 0.1 lr; BN in paraphraser and translator on CIFAR-10 only',
     build=FTDistiller,
     defaults={'lambda_kd': 200.0, 'k': 0.5, 'para_epochs': 30},
     flags={'k': Flag(float, 'factor channels = int(k * teacher rb3 channels)', positive=True),

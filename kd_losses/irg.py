@@ -101,6 +101,7 @@ register(Method(
     name='irg', title='instance relationship graph',
     paper='https://openaccess.thecvf.com/content_CVPR_2019/papers/Liu_Knowledge_Distillation_via_Instance_Relationship_Graph_CVPR_2019_paper.pdf',
     transfers='rb2, rb3 post-activation, feat and logits; vertices, edges, transformation',
+    variant='one-to-one mode only',
     build=build,
     defaults={'lambda_kd': 1.0, 'w_irg_vert': 0.1, 'w_irg_edge': 5.0, 'w_irg_tran': 5.0},
     flags={'w_irg_vert': Flag(float, 'weight of the IRG vertex (logit) term'),

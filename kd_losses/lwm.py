@@ -56,6 +56,7 @@ register(Method(
     name='lwm', title='learning without memorizing (Grad-CAM attention distillation)',
     paper='https://arxiv.org/abs/1811.08051',
     transfers='logits + rb2 post-activation: gradient-weighted CAM, L2-normalised, L1',
+    variant='Grad-CAM at rb2 (not rb3); the channel weights multiply the gradient, not the activations',
     build=lambda ctx: LwMDistiller(),
     defaults={'lambda_kd': 0.4},
 ))

@@ -41,6 +41,7 @@ class NST(nn.Module):
 register(Method(
     name='nst', title='neuron selectivity transfer', paper='https://arxiv.org/abs/1707.01219',
     transfers='rb3 post-activation; MMD with polynomial kernel',
+    variant='polynomial kernel, d=2, c=0',
     build=lambda ctx: FeatureDistiller(NST(), ['rb3'], act='post'),
     defaults={'lambda_kd': 10.0},
 ))

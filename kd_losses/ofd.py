@@ -60,6 +60,7 @@ def build(ctx):
 register(Method(
     name='ofd', title='overhaul of feature distillation', paper='https://arxiv.org/abs/1904.01866',
     transfers='rb1..3 pre-activation, one connector per stage, mean',
+    variant="margin from the batch's negative teacher pre-activations, not from BN statistics",
     build=build,
     defaults={'lambda_kd': 0.5},
 ))

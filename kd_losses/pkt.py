@@ -36,6 +36,7 @@ class PKTCosSim(nn.Module):
 register(Method(
     name='pkt', title='probabilistic knowledge transfer', paper='https://arxiv.org/abs/1803.10837',
     transfers='feat; KL between cosine-similarity conditional probabilities',
+    variant='cosine-similarity kernel',
     build=lambda ctx: FeatureDistiller(PKTCosSim(), ['feat']),
     defaults={'lambda_kd': 10000.0},
 ))

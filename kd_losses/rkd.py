@@ -58,6 +58,7 @@ def build(ctx):
 register(Method(
     name='rkd', title='relational knowledge distillation', paper='https://arxiv.org/abs/1904.05068',
     transfers='feat; pairwise distances and triplet angles, smooth-L1',
+    variant='distance and angle terms on feat',
     build=build,
     defaults={'lambda_kd': 1.0, 'w_dist': 25.0, 'w_angle': 50.0},
     flags={'w_dist': Flag(float, 'weight of the RKD distance term'),

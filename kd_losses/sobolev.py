@@ -56,6 +56,7 @@ register(Method(
     name='sobolev', title='Sobolev training (input-gradient matching)',
     paper='https://arxiv.org/abs/1706.04859',
     transfers='gradient of the target logit w.r.t. the input image, L2-normalised, MSE',
+    variant='gradient of the target-class logit only, L2-normalised',
     build=lambda ctx: SobolevDistiller(),
     defaults={'lambda_kd': 20.0},
 ))

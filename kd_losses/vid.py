@@ -72,6 +72,7 @@ def build(ctx):
 register(Method(
     name='vid', title='variational information distillation', paper='https://arxiv.org/abs/1904.05835',
     transfers='rb1..3 post-activation, one regressor per stage, mean',
+    variant='hidden channels = output channels; no BN in the mean regressor',
     build=build,
     defaults={'lambda_kd': 1.0, 'sf': 1.0, 'init_var': 5.0},
     flags={'sf': Flag(float, 'VID regressor width: mid channels = int(sf × teacher channels)',

@@ -212,6 +212,8 @@ def test_sampler_positives_and_negatives(mode):
     assert sample_idx.min() >= 0 and sample_idx.max() < 75
     own = labels[idx].unsqueeze(1)
     assert (labels[sample_idx[:, 1:]] != own).all()  # never a same-class negative
+    # without replacement, as the seed: a row's negatives are distinct samples
+    assert (sample_idx[:, 1:].sort(dim=1).values.diff(dim=1) > 0).all()
     if mode == 'exact':
         assert torch.equal(sample_idx[:, 0], idx)
     else:
