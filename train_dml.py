@@ -38,8 +38,11 @@ def parse_args(argv=None):
     g = parser.add_argument_group('the two networks')
     g.add_argument('--net1_name', required=True, choices=sorted(NETWORKS))
     g.add_argument('--net2_name', required=True, choices=sorted(NETWORKS))
-    g.add_argument('--net1_init', required=True, help="net1's initial weights (initial_rNN.pth.tar)")
-    g.add_argument('--net2_init', required=True, help="net2's initial weights (initial_rNN.pth.tar)")
+    g.add_argument('--net1_init', required=True,
+                   help="net1's initial weights (a baseline's initial_rNN.pth.tar), or 'random'")
+    g.add_argument('--net2_init', required=True,
+                   help="net2's initial weights, or 'random': a fresh initialisation from --seed "
+                        "(two nets of one architecture need different starts, or they stay equal)")
     g.add_argument('--lambda_kd', type=non_negative(float), default=1.0,
                    help='weight of each network\'s KL term (seed: 1.0)')
     return finalize_common_args(parser, parser.parse_args(argv))
@@ -49,10 +52,17 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     run, resume, device = begin(args, COLUMNS, 'train_dml.py')
-    nets = {k: load_network_weights(build_network(getattr(args, f'{k}_name'), args.num_class),
-                                    getattr(args, f'{k}_init'), f'{k} initialisation (--{k}_init)')
-            .to(device) for k in NETS}
+    nets = {}
+    for k in NETS:
+        net, init = build_network(getattr(args, f'{k}_name'), args.num_class), getattr(args, f'{k}_init')
+        if init != 'random':
+            load_network_weights(net, init, f'{k} initialisation (--{k}_init)')
+        nets[k] = net.to(device)
     net1, net2 = nets['net1'], nets['net2']
+    if all(torch.equal(a, b) for a, b in zip(net1.state_dict().values(), net2.state_dict().values())) \
+            and len(net1.state_dict()) == len(net2.state_dict()):
+        LOG.info('warning: net1 and net2 start from identical weights; on the same batches they stay '
+                 'identical and the KL terms stay 0 (use --net2_init random)')
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
     mutual = DML()
