@@ -200,15 +200,18 @@ class DeviceLoader:
         self.generator.set_state(state['generator'])
 
 
-def make_loaders(args, device, log=print, rank=0, world=1):
-    """Train and test loaders for `args.data_name` under `args.img_root`, on `device`."""
+def make_loaders(args, device, log=print, rank=0, world=1, training=True):
+    """Train and test loaders for `args.data_name` under `args.img_root`, on
+    `device`. With training=False only the test loader is built (train is None)."""
     info = DATASETS[args.data_name]
     train_x, train_y, test_x, test_y = load_cifar(args.img_root, args.data_name,
                                                   download=not args.no_download, log=log)
+    test = DeviceLoader(test_x, test_y, info, args.eval_batch_size, device, train=False)
+    if not training:
+        return None, test
     if args.batch_size * world > len(train_y):
         raise DataError(f'--batch_size {args.batch_size} is larger than the training split '
                         f'({len(train_y)} images)')
     train = DeviceLoader(train_x, train_y, info, args.batch_size, device, train=True,
                          seed=args.seed, rank=rank, world=world)
-    test = DeviceLoader(test_x, test_y, info, args.eval_batch_size, device, train=False)
     return train, test

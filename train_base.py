@@ -8,13 +8,15 @@ from, so that KD runs and baselines share their initialisation.
 import argparse
 import os
 
+import torch
 import torch.nn.functional as F
 
 from dataset import make_loaders
 from network import NETWORKS, build_network
 from utils import (LOG, Checkpointer, Stage, add_common_args, begin, cli, cross_entropy_stats,
                    describe_device, evaluate, finalize_common_args, fit, initial_weights_name,
-                   lr_at, make_sgd, rng_state, save_checkpoint, zoo_record)
+                   load_network_weights, lr_at, make_sgd, rng_state, save_checkpoint,
+                   show_progress, zoo_record)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'train_ce', 'train_top1', 'train_top5',
            'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
@@ -25,14 +27,30 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument('--net_name', required=True, choices=sorted(NETWORKS))
+    parser.add_argument('--evaluate', metavar='CHECKPOINT', default=None,
+                        help='only evaluate CHECKPOINT (this project\'s or the original zoo\'s) on '
+                             'the test split and print its top-1/top-5; nothing is written')
     return finalize_common_args(parser, parser.parse_args(argv))
+
+
+def evaluate_checkpoint(args):
+    device = torch.device(args.device)
+    net = load_network_weights(build_network(args.net_name, args.num_class), args.evaluate,
+                               'checkpoint (--evaluate)').to(device)
+    _, test_loader = make_loaders(args, device, training=False)
+    result = evaluate(net, test_loader, show_progress(args))
+    print(f"{args.evaluate}: {args.net_name} on the {args.data_name} test split: "
+          f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  loss {result['loss']:.4f}")
+    return result
 
 
 @cli
 def main(argv=None):
     args = parse_args(argv)
+    if args.evaluate:
+        return evaluate_checkpoint(args)
     # Every check happens before anything is written: run directory, resume file, data.
-    run, resume, device = begin(args, COLUMNS, 'train_base.py')
+    run, resume, device = begin(args, COLUMNS, 'train_base.py', argv)
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
     net = build_network(args.net_name, args.num_class).to(device)
@@ -48,7 +66,7 @@ def main(argv=None):
 
     stage = Stage('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
                   optimizer, step, ['ce', 'correct1', 'correct5', 'n'], ['ce'],
-                  evaluate=lambda: evaluate(net, test_loader))
+                  evaluate=lambda: evaluate(net, test_loader, show_progress(args)))
 
     def resume_state(stage_index):
         return {'optimizer': optimizer.state_dict(), 'loader': train_loader.state_dict(),

@@ -22,7 +22,7 @@ from kd_losses import DML
 from network import NETWORKS, build_network
 from utils import (LOG, Checkpointer, Stage, add_common_args, begin, cli, describe_device,
                    evaluate, finalize_common_args, fit, load_network_weights, lr_at, make_sgd,
-                   non_negative, rng_state, topk_correct)
+                   non_negative, rng_state, show_progress, topk_correct)
 
 NETS = ('net1', 'net2')
 COLUMNS = (['stage', 'stage_index', 'epoch', 'lr']
@@ -51,7 +51,7 @@ def parse_args(argv=None):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    run, resume, device = begin(args, COLUMNS, 'train_dml.py')
+    run, resume, device = begin(args, COLUMNS, 'train_dml.py', argv)
     nets = {}
     for k in NETS:
         net, init = build_network(getattr(args, f'{k}_name'), args.num_class), getattr(args, f'{k}_init')
@@ -84,7 +84,8 @@ def main(argv=None):
                           topk_correct(out2.detach(), batch.target), out1.new_full((1,), b).float()])
 
     def evaluate_both():
-        return {f'{k}_{m}': v for k, net in nets.items() for m, v in evaluate(net, test_loader).items()}
+        return {f'{k}_{m}': v for k, net in nets.items()
+                for m, v in evaluate(net, test_loader, show_progress(args), f'test {k}').items()}
 
     def begin_epoch(epoch):
         net1.train()

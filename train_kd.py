@@ -21,7 +21,8 @@ from kd_losses import METHODS, ConfigError, Context, all_flags
 from network import NETWORKS, build_network
 from utils import (LOG, Checkpointer, Stage, UserError, add_common_args, begin, cli,
                    cross_entropy_stats, describe_device, evaluate, finalize_common_args, fit,
-                   load_network_weights, lr_at, make_sgd, non_negative, positive, rng_state)
+                   load_network_weights, lr_at, make_sgd, non_negative, positive, rng_state,
+                   show_progress)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'kd_weight', 'train_loss', 'train_ce',
            'train_kd', 'train_top1', 'train_top5', 'test_loss', 'test_top1', 'test_top5',
@@ -71,7 +72,7 @@ def main(argv=None):
     args, sources, ignored = parse_args(argv)
     # Every check happens before anything is written: run directory, resume
     # file, both checkpoints, the method's settings, the data.
-    run, resume, device = begin(args, COLUMNS, 'train_kd.py')
+    run, resume, device = begin(args, COLUMNS, 'train_kd.py', argv)
 
     student = load_network_weights(build_network(args.s_name, args.num_class), args.s_init,
                                    'student initialisation (--s_init)').to(device)
@@ -152,7 +153,8 @@ def main(argv=None):
 
     main_stage = Stage('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
                        optimizer, step, ['ce', 'kd', 'correct1', 'correct5', 'n'], ['ce', 'kd'],
-                       evaluate=lambda: evaluate(student, test_loader), begin_epoch=begin_epoch)
+                       evaluate=lambda: evaluate(student, test_loader, show_progress(args)),
+                       begin_epoch=begin_epoch)
     stages = [pre_stage(ps) for ps in pre_stages] + [main_stage]
 
     def resume_state(stage_index):

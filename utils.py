@@ -4,12 +4,14 @@ the epoch loop and evaluation."""
 import argparse
 import csv
 import functools
+import importlib
 import json
 import logging
 import math
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -101,6 +103,9 @@ def add_common_args(parser):
     g.add_argument('--eval_batch_size', type=positive(int), default=1000)
     g.add_argument('--no_progress', action='store_true',
                    help='no progress bars, even on a terminal')
+    g.add_argument('--tensorboard', action='store_true',
+                   help='also write TensorBoard scalars to SAVE_ROOT/NOTE/tensorboard/ '
+                        '(needs the tensorboard package)')
     return parser
 
 
@@ -273,16 +278,20 @@ def cross_entropy_stats(logits, target, *losses):
 
 
 @torch.no_grad()
-def evaluate(net, loader):
+def evaluate(net, loader, progress=False, desc='test'):
     """Test loss, top-1 and top-5 of `net` over `loader` (one sync at the end)."""
     was_training = net.training
     net.eval()
     total = torch.zeros(4, dtype=torch.float64, device=loader.device)
-    for batch in loader:
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+    for batch in batches:
         out = net(batch.img).out.float()
         loss = F.cross_entropy(out, batch.target, reduction='sum')
         total += torch.cat([loss.reshape(1), topk_correct(out, batch.target),
-                            out.new_tensor([batch.target.shape[0]])])
+                            out.new_full((1,), batch.target.shape[0])])
     net.train(was_training)
     loss, c1, c5, n = total.tolist()
     n = max(n, 1)
@@ -491,8 +500,8 @@ class Run:
     run refuses an existing run directory unless --overwrite; --resume needs
     a checkpoint there. `open()` creates the directory and starts log.txt."""
 
-    def __init__(self, args, columns, script):
-        self.args, self.columns, self.script = args, list(columns), script
+    def __init__(self, args, columns, script, argv=()):
+        self.args, self.columns, self.script, self.argv = args, list(columns), script, list(argv)
         self.dir = os.path.join(args.save_root, args.note)
         self.ckpt_path = os.path.join(self.dir, 'checkpoint.pth.tar')
         self.best_path = os.path.join(self.dir, 'model_best.pth.tar')
@@ -519,6 +528,10 @@ class Run:
                     fh.emit(record)
                 LOG.removeHandler(h)
         LOG.addHandler(fh)
+        self.tensorboard = None
+        if self.args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(self.dir, 'tensorboard'))
         return self
 
     def start(self, checkpointer, resume, loader, optimizer_of, device):
@@ -541,7 +554,8 @@ class Run:
 
     # -- records
     def write_args(self, device_name):
-        record = {'script': self.script, 'command': ' '.join([sys.executable] + sys.argv),
+        command = ' '.join(shlex.quote(a) for a in ['python', self.script] + self.argv)
+        record = {'script': self.script, 'command': command,
                   'args': vars(self.args), 'device': device_name,
                   'versions': {'python': platform.python_version(), 'torch': torch.__version__,
                                'numpy': np.__version__, **_optional_versions()},
@@ -584,6 +598,11 @@ class Run:
         with open(self.metrics_path, 'a', newline='') as f:
             csv.DictWriter(f, fieldnames=self.columns, extrasaction='ignore').writerow(
                 {k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+        if self.tensorboard is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ('epoch', 'stage_index'):
+                    self.tensorboard.add_scalar(f"{row['stage']}/{k}", v, row['epoch'])
+            self.tensorboard.flush()
 
 
 def _optional_versions():
@@ -612,12 +631,18 @@ def describe_device(device):
     return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
 
 
-def begin(args, columns, script):
+def begin(args, columns, script, argv=None):
     """Start-up shared by the scripts. Only checks, nothing written: the run
     directory (and the resume checkpoint with its flags); then the backend
     and seeds. Returns (run, resume checkpoint or None, device)."""
     reset_logger()
-    run = Run(args, columns, script)
+    if args.tensorboard:
+        try:
+            importlib.import_module('torch.utils.tensorboard')
+        except ImportError:
+            raise UserError('--tensorboard needs the tensorboard package (pip install tensorboard); '
+                            'metrics.csv holds the same values') from None
+    run = Run(args, columns, script, sys.argv[1:] if argv is None else argv)
     resume = load_checkpoint(run.ckpt_path, 'resume checkpoint') if args.resume else None
     if resume is not None:
         run.check_resume_args()

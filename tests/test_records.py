@@ -1,0 +1,128 @@
+"""Machine-readable records, progress output, the evaluation entry point and
+curves."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train_base
+import train_kd
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KD_COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'kd_weight', 'train_loss', 'train_ce', 'train_kd',
+              'train_top1', 'train_top5', 'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
+
+
+def kd(base_run, save_root, note, mode, *extra):
+    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(save_root),
+            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init', base_run['initial'],
+            '--t_model', base_run['best'], '--kd_mode', mode, '--batch_size', '50', '--device', 'cpu',
+            '--no_download', *extra]
+
+
+def test_args_json_and_metrics_csv(base_run, tmp_path):
+    train_kd.main(kd(base_run, tmp_path, 'ab', 'ab', '--epochs', '2', '--init_epochs', '1'))
+    record = json.load(open(tmp_path / 'ab' / 'args.json'))
+    assert record['script'] == 'train_kd.py' and 'train_kd.py' in record['command']
+    args = record['args']
+    assert args['lambda_kd'] == 10.0 and args['m'] == 2.0 and args['init_epochs'] == 1  # filled in
+    assert args['num_class'] == 10 and args['device'] == 'cpu'
+    assert {'python', 'torch', 'numpy'} <= set(record['versions'])
+    assert record['device'].startswith('cpu') and 'git_commit' in record
+    with open(tmp_path / 'ab' / 'metrics.csv') as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == KD_COLUMNS
+    assert [(r['stage'], r['epoch']) for r in rows] == [('init', '1'), ('main', '1'), ('main', '2')]
+    assert all(float(r['seconds']) > 0 and float(r['img_per_s']) > 0 for r in rows)
+    log = (tmp_path / 'ab' / 'log.txt').read_text()
+    assert log.count('[main] epoch') == 2 and '--- stage 1/2: init' in log
+
+
+def test_a_resumed_run_appends_rows(base_run, tmp_path):
+    train_kd.main(kd(base_run, tmp_path, 'st', 'st', '--epochs', '2'))
+    with open(tmp_path / 'st' / 'metrics.csv') as f:
+        before = list(csv.DictReader(f))
+    train_kd.main(kd(base_run, tmp_path, 'st', 'st', '--epochs', '2', '--resume'))  # finished: no-op
+    with open(tmp_path / 'st' / 'metrics.csv') as f:
+        after = list(csv.DictReader(f))
+    assert after == before and [r['epoch'] for r in after] == ['1', '2']
+    log = (tmp_path / 'st' / 'log.txt').read_text()
+    assert log.count('[main] epoch 2/2 |') == 1 and 'resumed from' in log
+
+
+def test_no_progress_bar_noise_when_stdout_is_not_a_terminal(cifar10_root, tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train_base.py'), '--data_name', 'cifar10',
+                        '--net_name', 'resnet20', '--img_root', cifar10_root, '--save_root', str(tmp_path),
+                        '--epochs', '1', '--batch_size', '25', '--print_freq', '2', '--device', 'cpu'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    assert '\r' not in out and '\x1b' not in out
+    assert '[main] epoch 1/1 [2/4]' in p.stdout  # plain running averages instead of a bar
+
+
+def test_progress_bars_on_a_terminal(cifar10_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdout, 'isatty', lambda: True, raising=False)
+    train_base.main(['--data_name', 'cifar10', '--net_name', 'resnet20', '--img_root', cifar10_root,
+                     '--save_root', str(tmp_path), '--epochs', '1', '--batch_size', '25',
+                     '--device', 'cpu', '--print_freq', '1'])
+    out = capsys.readouterr().out
+    assert '\r' in out and '[main] epoch 1/1' in out and 'img/s' in out
+    assert '[main] epoch 1/1 [1/4]' not in out  # the bar replaces the running lines
+
+
+def test_evaluate_reproduces_the_logged_accuracy(base_run, capsys):
+    result = train_base.main(['--data_name', 'cifar10', '--net_name', 'resnet20', '--img_root',
+                              base_run['img_root'], '--evaluate', base_run['best'], '--device', 'cpu'])
+    with open(os.path.join(base_run['dir'], 'metrics.csv')) as f:
+        last = list(csv.DictReader(f))[-1]
+    assert result['top1'] == pytest.approx(float(last['test_top1']), abs=1e-3)
+    assert result['top5'] == pytest.approx(float(last['test_top5']), abs=1e-3)
+    assert f"top-1 {float(last['test_top1']):.2f}" in capsys.readouterr().out
+
+
+def test_evaluate_reads_an_original_zoo_checkpoint(base_run, tmp_path):
+    import torch
+    ours = torch.load(base_run['best'], weights_only=True)
+    torch.save({'epoch': 1, 'snet': ours['net'], 'tnet': ours['net']}, tmp_path / 'zoo_kd.pth.tar')
+    a = train_base.main(['--data_name', 'cifar10', '--net_name', 'resnet20', '--img_root',
+                         base_run['img_root'], '--evaluate', base_run['best'], '--device', 'cpu'])
+    b = train_base.main(['--data_name', 'cifar10', '--net_name', 'resnet20', '--img_root',
+                         base_run['img_root'], '--evaluate', str(tmp_path / 'zoo_kd.pth.tar'),
+                         '--device', 'cpu'])
+    assert a == b
+
+
+def test_tensorboard_is_optional(cifar10_root, tmp_path, capsys):
+    args = ['--data_name', 'cifar10', '--net_name', 'resnet20', '--img_root', cifar10_root,
+            '--save_root', str(tmp_path), '--epochs', '1', '--batch_size', '50', '--device', 'cpu',
+            '--tensorboard']
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit):
+            train_base.main(args)
+        assert 'pip install tensorboard' in capsys.readouterr().err
+        assert not (tmp_path / 'try').exists()
+    else:
+        train_base.main(args)
+        assert any(f.startswith('events') for f in os.listdir(tmp_path / 'try' / 'tensorboard'))
+
+
+def test_curves_need_matplotlib_only_when_asked(base_run, tmp_path, capsys):
+    root = os.path.dirname(base_run['dir'])
+    png = tmp_path / 'curves.png'
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(utils.UserError, match='needs matplotlib'):
+            utils.summary_main([root, '--csv', str(tmp_path / 's.csv'), '--plot', str(png)])
+        assert '| - | resnet20 | Baseline |' in capsys.readouterr().out  # the tables still print
+    else:
+        utils.summary_main([root, '--csv', str(tmp_path / 's.csv'), '--plot', str(png), '--runs', 'r20'])
+        assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
