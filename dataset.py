@@ -13,7 +13,7 @@ from typing import NamedTuple, Tuple
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import WORLD, UserError
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,13 @@ class DeviceLoader:
     Training: a fresh permutation per epoch (from this loader's own generator,
     so a checkpoint can restore it), augmented batches; the last partial batch
     is kept, as in the seed. Evaluation: the split in order, large batches.
-    With `world > 1`, each epoch's global batch of `batch_size * world` samples
-    is drawn as in one process and rank `rank` takes its slice.
+
+    Under torchrun (`world` > 1) `batch_size` is the global batch: every rank
+    draws the same permutation and augmentation for the whole global batch, as
+    one process would, and takes its equal slice. A partial last training
+    batch is cut to a multiple of `world` (at most world - 1 samples an epoch
+    skip a step, different ones each epoch); evaluation slices are uneven
+    instead, so every test image counts once.
     """
 
     def __init__(self, images, labels, info, batch_size, device, train, seed=0,
@@ -171,26 +176,28 @@ class DeviceLoader:
         self.generator.manual_seed(seed)
 
     def __len__(self):
-        global_batch = self.batch_size * self.world
-        return -(-len(self.labels) // global_batch)
+        return -(-len(self.labels) // self.batch_size)
 
     def normalise(self, x_uint8):
         return torch.addcmul(self.shift, x_uint8.float(), self.scale)
 
     def __iter__(self):
         n = len(self.labels)
-        global_batch = self.batch_size * self.world
         order = (torch.randperm(n, device=self.device, generator=self.generator) if self.train
                  else torch.arange(n, device=self.device))
-        for start in range(0, n, global_batch):
-            idx = order[start:start + global_batch]
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            if self.train and self.world > 1:
+                idx = idx[:len(idx) - len(idx) % self.world]
+                if len(idx) == 0:
+                    continue
             x = self.images[idx]
-            if self.train:  # augment the global batch, so ranks see what one process would
+            if self.train:  # the global batch, so ranks see what one process would
                 x = augment(x, self.generator)
             if self.world > 1:
                 per = -(-len(idx) // self.world)
-                sl = slice(self.rank * per, (self.rank + 1) * per)
-                idx, x = idx[sl], x[sl]
+                rows = slice(self.rank * per, (self.rank + 1) * per)
+                idx, x = idx[rows], x[rows]
             yield Batch(self.normalise(x), self.labels[idx], idx)
 
     def state_dict(self):
@@ -200,16 +207,22 @@ class DeviceLoader:
         self.generator.set_state(state['generator'])
 
 
-def make_loaders(args, device, log=print, rank=0, world=1, training=True):
+def make_loaders(args, device, log=print, training=True):
     """Train and test loaders for `args.data_name` under `args.img_root`, on
-    `device`. With training=False only the test loader is built (train is None)."""
+    `device`, for this process's place in a torchrun job. With training=False
+    only the test loader is built (train is None)."""
+    rank, world = WORLD.rank, WORLD.size
     info = DATASETS[args.data_name]
     train_x, train_y, test_x, test_y = load_cifar(args.img_root, args.data_name,
                                                   download=not args.no_download, log=log)
-    test = DeviceLoader(test_x, test_y, info, args.eval_batch_size, device, train=False)
+    test = DeviceLoader(test_x, test_y, info, args.eval_batch_size, device, train=False,
+                        rank=rank, world=world)
     if not training:
         return None, test
-    if args.batch_size * world > len(train_y):
+    if world > 1 and args.batch_size % world:
+        raise DataError(f'--batch_size {args.batch_size} (the global batch) must be divisible by '
+                        f'the {world} processes')
+    if args.batch_size > len(train_y):
         raise DataError(f'--batch_size {args.batch_size} is larger than the training split '
                         f'({len(train_y)} images)')
     train = DeviceLoader(train_x, train_y, info, args.batch_size, device, train=True,

@@ -16,7 +16,7 @@ from network import NETWORKS, build_network
 from utils import (LOG, Checkpointer, Stage, add_common_args, begin, cli, cross_entropy_stats,
                    describe_device, evaluate, finalize_common_args, fit, initial_weights_name,
                    load_network_weights, lr_at, make_sgd, rng_state, save_checkpoint,
-                   show_progress, zoo_record)
+                   show_progress, sync_batchnorm, zoo_record)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'train_ce', 'train_top1', 'train_top5',
            'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
@@ -53,7 +53,7 @@ def main(argv=None):
     run, resume, device = begin(args, COLUMNS, 'train_base.py', argv)
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
-    net = build_network(args.net_name, args.num_class).to(device)
+    net = sync_batchnorm(build_network(args.net_name, args.num_class).to(device), args)
     optimizer = make_sgd(net.parameters(), args)
 
     def step(batch):

@@ -22,7 +22,8 @@ from kd_losses import DML
 from network import NETWORKS, build_network
 from utils import (LOG, Checkpointer, Stage, add_common_args, begin, cli, describe_device,
                    evaluate, finalize_common_args, fit, load_network_weights, lr_at, make_sgd,
-                   non_negative, rng_state, show_progress, topk_correct)
+                   non_negative, rng_state, show_progress, sync_batchnorm,
+                   topk_correct)
 
 NETS = ('net1', 'net2')
 COLUMNS = (['stage', 'stage_index', 'epoch', 'lr']
@@ -57,7 +58,7 @@ def main(argv=None):
         net, init = build_network(getattr(args, f'{k}_name'), args.num_class), getattr(args, f'{k}_init')
         if init != 'random':
             load_network_weights(net, init, f'{k} initialisation (--{k}_init)')
-        nets[k] = net.to(device)
+        nets[k] = sync_batchnorm(net.to(device), args)
     net1, net2 = nets['net1'], nets['net2']
     if all(torch.equal(a, b) for a, b in zip(net1.state_dict().values(), net2.state_dict().values())) \
             and len(net1.state_dict()) == len(net2.state_dict()):

@@ -22,7 +22,7 @@ from network import NETWORKS, build_network
 from utils import (LOG, Checkpointer, Stage, UserError, add_common_args, begin, cli,
                    cross_entropy_stats, describe_device, evaluate, finalize_common_args, fit,
                    load_network_weights, lr_at, make_sgd, non_negative, positive, rng_state,
-                   show_progress)
+                   show_progress, sync_batchnorm)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'kd_weight', 'train_loss', 'train_ce',
            'train_kd', 'train_top1', 'train_top5', 'test_loss', 'test_top1', 'test_top5',
@@ -76,6 +76,7 @@ def main(argv=None):
 
     student = load_network_weights(build_network(args.s_name, args.num_class), args.s_init,
                                    'student initialisation (--s_init)').to(device)
+    student = sync_batchnorm(student, args)  # under torchrun: statistics of the global batch
     teacher = load_network_weights(build_network(args.t_name, args.num_class), args.t_model,
                                    'teacher (--t_model)').to(device)
     teacher.eval().requires_grad_(False)
@@ -87,7 +88,7 @@ def main(argv=None):
                   n_data=len(train_loader.labels), train_labels=train_loader.labels,
                   device=device, student=student, teacher=teacher)
     try:
-        distiller = method.build(ctx).to(device)
+        distiller = sync_batchnorm(method.build(ctx).to(device), args)
         pre_stages = distiller.stages(ctx)
     except ConfigError as e:
         raise UserError(f'--kd_mode {args.kd_mode}: {e}') from None

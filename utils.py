@@ -20,7 +20,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+
+from kd_losses.registry import AllReduceSum
 
 
 # ----------------------------------------------------------------------------- errors
@@ -41,8 +45,13 @@ def cli(main):
             for h in LOG.handlers:
                 if isinstance(h, logging.FileHandler):
                     h.emit(logging.makeLogRecord({'msg': f'error: {e}', 'levelno': logging.ERROR}))
-            print(f'error: {e}', file=sys.stderr)
+            if WORLD.main:
+                print(f'error: {e}', file=sys.stderr)
             raise SystemExit(2)
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+                WORLD.rank, WORLD.size = 0, 1
     return wrapper
 
 
@@ -103,6 +112,9 @@ def add_common_args(parser):
     g.add_argument('--eval_batch_size', type=positive(int), default=1000)
     g.add_argument('--no_progress', action='store_true',
                    help='no progress bars, even on a terminal')
+    g.add_argument('--sync_bn', action=argparse.BooleanOptionalAction, default=True,
+                   help='under torchrun, BatchNorm statistics over the global batch (as one '
+                        'process would train); --no-sync_bn keeps them per process (faster)')
     g.add_argument('--tensorboard', action='store_true',
                    help='also write TensorBoard scalars to SAVE_ROOT/NOTE/tensorboard/ '
                         '(needs the tensorboard package)')
@@ -134,6 +146,101 @@ def finalize_common_args(parser, args):
     if args.resume and args.overwrite:
         parser.error('--resume and --overwrite exclude each other')
     return args
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+class World:
+    """This process's place in a torchrun job: rank 0 of 1 without one."""
+    rank, size = 0, 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+WORLD = World()
+
+
+def init_distributed(args):
+    """Join the torchrun job, if there is one (WORLD_SIZE > 1): one process per
+    GPU with NCCL, or CPU processes with gloo. Every rank draws the same data
+    order; gradients, BatchNorm statistics and metrics are reduced across ranks."""
+    size = int(os.environ.get('WORLD_SIZE', '1'))
+    if size <= 1 or dist.is_initialized():
+        return
+    if torch.device(args.device).type == 'cuda':
+        local = int(os.environ.get('LOCAL_RANK', '0'))
+        torch.cuda.set_device(local)
+        args.device = f'cuda:{local}'
+    dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+    WORLD.rank, WORLD.size = dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce_sum(t):
+    """The sum of `t` over all processes (a copy; `t` itself when alone)."""
+    if WORLD.size == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics cover the global batch of every
+    process, so N processes train as one would (nn.SyncBatchNorm does this
+    on GPUs only; this one runs under gloo on CPU too). Mean, then variance,
+    each summed across processes by a differentiable all-reduce."""
+
+    def forward(self, x):
+        if not (self.training and WORLD.size > 1):
+            return super().forward(x)
+        dims = (0, 2, 3)
+        n = x.shape[0] * x.shape[2] * x.shape[3] * WORLD.size  # equal slices on every rank
+        xf = x.float()
+        mean = AllReduceSum.apply(xf.sum(dims)) / n
+        centred = xf - mean[None, :, None, None]
+        var = AllReduceSum.apply((centred * centred).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * (n / max(n - 1, 1)), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module, args):
+    """Under torchrun with --sync_bn, swap every BatchNorm2d of `module` for
+    GlobalBatchNorm2d (same parameters and buffers, same state-dict keys)."""
+    if WORLD.size == 1 or not args.sync_bn:
+        return module
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new.to(child.weight.device if child.affine else args.device))
+        else:
+            sync_batchnorm(child, args)
+    return module
+
+
+def _average_gradients(optimizer, *_):
+    """Optimizer pre-step hook: average the gradients over processes, in one
+    all-reduce. What DistributedDataParallel does, but it also works where the
+    student runs twice (BSS) or inputs are differentiated (Sobolev, LwM)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= WORLD.size
+    for g, avg in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+        g.copy_(avg.view_as(g))
 
 
 # ----------------------------------------------------------------------------- seeding, RNG state
@@ -195,9 +302,13 @@ def set_lr(optimizer, lr):
 
 
 def make_sgd(params, args, lr=None):
-    """The shared optimiser: SGD, Nesterov momentum, weight decay."""
-    return torch.optim.SGD(params, lr=args.lr if lr is None else lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    """The shared optimiser: SGD, Nesterov momentum, weight decay; under
+    torchrun it first averages the gradients over processes."""
+    optimizer = torch.optim.SGD(params, lr=args.lr if lr is None else lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+    if WORLD.size > 1:
+        optimizer.register_step_pre_hook(_average_gradients)
+    return optimizer
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -250,8 +361,9 @@ class EpochStats:
         self.total += sums.to(torch.float64)
 
     def values(self):
-        """Host dict of averages (losses per sample, accuracies in percent); syncs."""
-        total = self.total.tolist()
+        """Host dict of averages (losses per sample, accuracies in percent) over
+        every process; syncs."""
+        total = all_reduce_sum(self.total).tolist()
         n = max(total[self.names.index('n')], 1)
         out = {}
         for name, v in zip(self.names, total):
@@ -264,8 +376,14 @@ class EpochStats:
         return out
 
     def non_finite(self):
-        """(loss name, step) of the earliest non-finite loss term, or None; syncs."""
-        bad = [(s, self.names[i]) for s, i in zip(self.first_bad.tolist(), self.loss_idx) if s >= 0]
+        """(loss name, step) of the earliest non-finite loss term on any process, or None; syncs."""
+        first_bad = self.first_bad
+        if WORLD.size > 1:  # earliest over processes: -1 (never) counts as last
+            never = torch.iinfo(torch.long).max
+            first_bad = torch.where(first_bad < 0, torch.full_like(first_bad, never), first_bad)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            first_bad = torch.where(first_bad == never, torch.full_like(first_bad, -1), first_bad)
+        bad = [(s, self.names[i]) for s, i in zip(first_bad.tolist(), self.loss_idx) if s >= 0]
         return None if not bad else min(bad)[::-1]
 
 
@@ -293,7 +411,7 @@ def evaluate(net, loader, progress=False, desc='test'):
         total += torch.cat([loss.reshape(1), topk_correct(out, batch.target),
                             out.new_full((1,), batch.target.shape[0])])
     net.train(was_training)
-    loss, c1, c5, n = total.tolist()
+    loss, c1, c5, n = all_reduce_sum(total).tolist()
     n = max(n, 1)
     return {'loss': loss / n, 'top1': 100.0 * c1 / n, 'top5': 100.0 * c5 / n}
 
@@ -322,7 +440,10 @@ def strip_prefixes(state_dict):
 
 def save_checkpoint(state, path):
     """Write atomically: a temporary file in the same folder, flushed to disk,
-    then renamed over `path`, so a crash leaves the previous file intact."""
+    then renamed over `path`, so a crash leaves the previous file intact.
+    Under torchrun only rank 0 writes."""
+    if not WORLD.main:
+        return
     tmp = f'{path}.tmp'
     with open(tmp, 'wb') as f:
         torch.save(state, f)
@@ -479,10 +600,13 @@ LOG = _make_logger()
 
 
 def reset_logger():
-    """Log to stdout, buffering lines for log.txt until `Run.open`."""
+    """Log to stdout, buffering lines for log.txt until `Run.open` (only rank 0 logs)."""
     for h in list(LOG.handlers):
         LOG.removeHandler(h)
         h.close()
+    if not WORLD.main:
+        LOG.addHandler(logging.NullHandler())
+        return LOG
     out = logging.StreamHandler(sys.stdout)
     out.setFormatter(logging.Formatter('%(message)s'))
     LOG.addHandler(out)
@@ -516,6 +640,9 @@ class Run:
                             f'pass --resume to continue it or --overwrite to start over')
 
     def open(self):
+        self.tensorboard = None
+        if not WORLD.main:  # rank 0 writes the run directory
+            return self
         if self.args.overwrite:
             for f in self.existing:
                 os.remove(os.path.join(self.dir, f))
@@ -528,7 +655,6 @@ class Run:
                     fh.emit(record)
                 LOG.removeHandler(h)
         LOG.addHandler(fh)
-        self.tensorboard = None
         if self.args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(os.path.join(self.dir, 'tensorboard'))
@@ -554,10 +680,13 @@ class Run:
 
     # -- records
     def write_args(self, device_name):
+        if not WORLD.main:
+            return
         command = ' '.join(shlex.quote(a) for a in ['python', self.script] + self.argv)
         record = {'script': self.script, 'command': command,
                   'args': vars(self.args), 'device': device_name,
-                  'versions': {'python': platform.python_version(), 'torch': torch.__version__,
+                  'processes': WORLD.size,
+                 'versions': {'python': platform.python_version(), 'torch': torch.__version__,
                                'numpy': np.__version__, **_optional_versions()},
                   'git_commit': _git_commit(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
         name = 'args.resume.json' if self.args.resume else 'args.json'
@@ -584,6 +713,8 @@ class Run:
     def start_metrics(self, keep_upto=None):
         """Create metrics.csv; on resume keep the rows up to `keep_upto`
         ((stage index, epoch) of the checkpoint), so no row is duplicated."""
+        if not WORLD.main:
+            return
         rows = []
         if keep_upto is not None and os.path.isfile(self.metrics_path):
             with open(self.metrics_path, newline='') as f:
@@ -595,6 +726,8 @@ class Run:
             w.writerows(rows)
 
     def append_metrics(self, row):
+        if not WORLD.main:
+            return
         with open(self.metrics_path, 'a', newline='') as f:
             csv.DictWriter(f, fieldnames=self.columns, extrasaction='ignore').writerow(
                 {k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
@@ -635,6 +768,7 @@ def begin(args, columns, script, argv=None):
     """Start-up shared by the scripts. Only checks, nothing written: the run
     directory (and the resume checkpoint with its flags); then the backend
     and seeds. Returns (run, resume checkpoint or None, device)."""
+    init_distributed(args)
     reset_logger()
     if args.tensorboard:
         try:
@@ -758,7 +892,7 @@ def check_finite(stats, header):
 
 
 def show_progress(args):
-    return sys.stdout.isatty() and not args.no_progress
+    return sys.stdout.isatty() and not args.no_progress and WORLD.main
 
 
 # ----------------------------------------------------------------------------- results summary

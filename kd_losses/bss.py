@@ -26,12 +26,14 @@ the best qualifying ones first, padded with non-qualifying ones that stay
 unmoved and are masked out of the loss (zero qualifying samples: loss 0).
 The seed's student sees only the qualifying samples, so its BatchNorm batch
 statistics differ from ours in the (rare) steps where padding is needed.
+Under torchrun each process attacks up to attack_size / processes samples of
+its own slice: close to one process's choice, not identical.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ConfigError, Distiller, Flag, Method, register
+from .registry import ConfigError, Distiller, Flag, Method, register, world
 
 __all__ = ['BSS']
 
@@ -121,7 +123,9 @@ class BSSDistiller(Distiller):
     def forward(self, s, t, batch):
         student, teacher = self.nets
         img, target = batch.img, batch.target
-        idx, valid = select_samples(s.out, t.out, target, min(self.attack_size, len(target)))
+        # under torchrun each process attacks its share of the global attack_size
+        share = -(-self.attack_size // world()[1])
+        idx, valid = select_samples(s.out, t.out, target, min(share, len(target)))
         target = target[idx]
         attack_class = draw_attack_class(t.out[idx])
         attacked = attack(teacher, img[idx], target, attack_class, valid)

@@ -48,7 +48,7 @@ class CC(nn.Module):
 def build(ctx):
     if ctx.args.P_order < 0:
         raise ConfigError(f'cc: --P_order must be >= 0, got {ctx.args.P_order}')
-    return FeatureDistiller(CC(ctx.args.gamma, ctx.args.P_order), ['feat'])
+    return FeatureDistiller(CC(ctx.args.gamma, ctx.args.P_order), ['feat'], relational=True)
 
 
 register(Method(

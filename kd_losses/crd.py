@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ConfigError, Distiller, Flag, Method, register
+from .registry import (ConfigError, Distiller, Flag, Method, gather_batch, own_rows, register,
+                       sum_over_processes, world)
 
 __all__ = ['CRD']
 
@@ -58,7 +59,8 @@ class CRD(nn.Module):
         else:
             dots = torch.bmm(bank[sample_idx], v.unsqueeze(2)).squeeze(2)
         scores = torch.exp(dots / self.nce_t)
-        z.copy_(torch.where(z > 0, z, scores.detach().mean() * self.n_data))
+        mean = sum_over_processes(scores.detach().mean()) / world()[1]  # of the global batch
+        z.copy_(torch.where(z > 0, z, mean * self.n_data))
         return scores / z
 
     def nce_loss(self, probs, eps=1e-7):
@@ -82,7 +84,9 @@ class CRD(nn.Module):
             loss = (self.nce_loss(self.contrast_probs(v_t, self.memory_s, sample_idx, self.z_t))
                     + self.nce_loss(self.contrast_probs(v_s, self.memory_t, sample_idx, self.z_s)))
         if self.training:  # a loss evaluated in eval mode leaves the banks alone
-            self.update_memory(idx, v_s.detach(), v_t.detach())
+            # every process applies the whole global batch, so the banks stay identical
+            self.update_memory(gather_batch(idx), gather_batch(v_s.detach()),
+                               gather_batch(v_t.detach()))
         return loss
 
 
@@ -133,7 +137,9 @@ class CRDDistiller(Distiller):
         return torch.cat([positive, negatives], dim=1)
 
     def forward(self, s, t, batch):
-        sample_idx = self.sample_contrast_idx(batch.idx)
+        # Under torchrun every process draws for the global batch (same RNG
+        # state everywhere) and keeps its own rows: one process's draw.
+        sample_idx = own_rows(self.sample_contrast_idx(gather_batch(batch.idx)))
         return self.crd(s.feat, t.feat.detach(), batch.idx, sample_idx)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ConfigError, Distiller, Flag, Method, pick, register
+from .registry import ConfigError, Distiller, Flag, Method, gather_batch, pick, register
 
 __all__ = ['IRG']
 
@@ -70,7 +70,9 @@ class IRG(nn.Module):
 
 
 class IRGDistiller(Distiller):
-    """Feeds IRG the lists [rb2 post, rb3 post, feat, out]; teacher parts detached."""
+    """Feeds IRG the lists [rb2 post, rb3 post, feat, out]; teacher parts
+    detached. Its graph relates the samples of a batch, so under torchrun it
+    is built on the global batch."""
 
     def __init__(self, loss):
         super().__init__()
@@ -82,7 +84,8 @@ class IRGDistiller(Distiller):
                 features.feat, features.out]
 
     def forward(self, s, t, batch):
-        return self.irg(self.graph_inputs(s), [x.detach() for x in self.graph_inputs(t)])
+        return self.irg([gather_batch(x, differentiable=True) for x in self.graph_inputs(s)],
+                        [gather_batch(x.detach()) for x in self.graph_inputs(t)])
 
 
 def build(ctx):

@@ -17,7 +17,7 @@ One module per stage rb1..3, the three losses averaged.
 import torch
 import torch.nn as nn
 
-from .registry import ConfigError, FeatureDistiller, Method, register
+from .registry import ConfigError, FeatureDistiller, Method, register, sum_over_processes
 
 __all__ = ['OFD']
 
@@ -33,10 +33,11 @@ class OFD(nn.Module):
 
     @staticmethod
     def margin(fm_t, eps=1e-6):
-        """Per-channel mean of the negative entries ([1, C, 1, 1]; 0 where there are none)."""
+        """Per-channel mean of the negative entries ([1, C, 1, 1]; 0 where there
+        are none), over the global batch under torchrun."""
         negative = (fm_t < 0).float()
-        return ((fm_t * negative).sum(dim=(0, 2, 3), keepdim=True)
-                / (negative.sum(dim=(0, 2, 3), keepdim=True) + eps))
+        total = sum_over_processes((fm_t * negative).sum(dim=(0, 2, 3), keepdim=True))
+        return total / (sum_over_processes(negative.sum(dim=(0, 2, 3), keepdim=True)) + eps)
 
     def forward(self, fm_s, fm_t):
         t = fm_t.float()

@@ -37,6 +37,6 @@ register(Method(
     name='pkt', title='probabilistic knowledge transfer', paper='https://arxiv.org/abs/1803.10837',
     transfers='feat; KL between cosine-similarity conditional probabilities',
     variant='cosine-similarity kernel',
-    build=lambda ctx: FeatureDistiller(PKTCosSim(), ['feat']),
+    build=lambda ctx: FeatureDistiller(PKTCosSim(), ['feat'], relational=True),
     defaults={'lambda_kd': 10000.0},
 ))

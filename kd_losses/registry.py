@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 
@@ -136,6 +137,74 @@ class Distiller(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
+# ---- several processes (torchrun): each holds an equal slice of the global batch
+
+def world():
+    """(rank, number of processes) of a torchrun job; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of every process's input is the sum
+    of all processes' output gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduceSum.apply(grad)
+
+
+class AllGather(torch.autograd.Function):
+    """Every process's rows, in rank order; gradients go back to their owners, summed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, size = world()
+        return own_rows(AllReduceSum.apply(grad.contiguous()))
+
+
+def gather_batch(x, differentiable=False):
+    """The global batch: every process's rows of `x`, in rank order. With
+    `differentiable`, gradients flow back to each process's own rows (summed
+    over the processes, which the loop's gradient averaging divides again)."""
+    rank, size = world()
+    if size == 1:
+        return x
+    if differentiable:
+        return AllGather.apply(x)
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def own_rows(x):
+    """This process's slice of a global-batch tensor."""
+    rank, size = world()
+    n = x.shape[0] // size
+    return x if size == 1 else x[rank * n:(rank + 1) * n]
+
+
+def sum_over_processes(x):
+    """The sum of a (non-differentiable) statistic over every process."""
+    if world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
 def pick(features, key, act=None):
     """features.key, or its pre (act='pre') / post (act='post') activation."""
     value = getattr(features, key)
@@ -149,11 +218,15 @@ def pick(features, key, act=None):
 class FeatureDistiller(Distiller):
     """Applies a loss to the same named features of student and teacher and
     averages over them: one shared loss module, or one module per feature
-    (connectors with their own parameters)."""
+    (connectors with their own parameters).
 
-    def __init__(self, loss, keys, act=None):
+    A `relational` loss compares the samples of a batch with each other
+    (similarities, distances): under torchrun it is computed on the global
+    batch gathered from every process, so it is the loss one process gives."""
+
+    def __init__(self, loss, keys, act=None, relational=False):
         super().__init__()
-        self.keys, self.act = tuple(keys), act
+        self.keys, self.act, self.relational = tuple(keys), act, relational
         if isinstance(loss, (list, tuple, nn.ModuleList)):
             if len(loss) != len(self.keys):
                 raise ValueError('one loss module per feature')
@@ -166,5 +239,8 @@ class FeatureDistiller(Distiller):
         total = 0.0
         for i, key in enumerate(self.keys):
             loss = self.shared if self.is_shared else self.per_key[i]
-            total = total + loss(pick(s, key, self.act), pick(t, key, self.act).detach())
+            fs, ft = pick(s, key, self.act), pick(t, key, self.act).detach()
+            if self.relational:
+                fs, ft = gather_batch(fs, differentiable=True), gather_batch(ft)
+            total = total + loss(fs, ft)
         return total / len(self.keys)

@@ -52,7 +52,7 @@ def build(ctx):
     if ctx.args.w_dist < 0 or ctx.args.w_angle < 0:
         raise ConfigError(f'rkd: --w_dist ({ctx.args.w_dist}) and --w_angle '
                           f'({ctx.args.w_angle}) must be >= 0')
-    return FeatureDistiller(RKD(ctx.args.w_dist, ctx.args.w_angle), ['feat'])
+    return FeatureDistiller(RKD(ctx.args.w_dist, ctx.args.w_angle), ['feat'], relational=True)
 
 
 register(Method(

@@ -30,6 +30,7 @@ register(Method(
     name='sp', title='similarity preserving', paper='https://arxiv.org/abs/1907.09682',
     transfers='rb1..3 post-activation batch similarity, mean',
     variant='applied to the three stages and averaged',
-    build=lambda ctx: FeatureDistiller(SP(), ['rb1', 'rb2', 'rb3'], act='post'),
+    build=lambda ctx: FeatureDistiller(SP(), ['rb1', 'rb2', 'rb3'], act='post',
+                                      relational=True),
     defaults={'lambda_kd': 3000.0},
 ))

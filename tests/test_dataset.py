@@ -177,8 +177,26 @@ def test_sharded_batches_match_the_single_process_batch():
     imgs = ramp_images(48)
     labels = torch.arange(48) % 10
     single = list(DeviceLoader(imgs, labels, info, 16, 'cpu', train=True, seed=9))
-    shards = [list(DeviceLoader(imgs, labels, info, 8, 'cpu', train=True, seed=9, rank=r, world=2))
+    shards = [list(DeviceLoader(imgs, labels, info, 16, 'cpu', train=True, seed=9, rank=r, world=2))
               for r in range(2)]
     for k, batch in enumerate(single):
+        assert len(shards[0][k].idx) == len(shards[1][k].idx) == len(batch.idx) // 2
         assert torch.equal(torch.cat([shards[0][k].idx, shards[1][k].idx]), batch.idx)
         assert torch.equal(torch.cat([shards[0][k].img, shards[1][k].img]), batch.img)
+
+
+def test_sharded_partial_batches():
+    info = DATASETS['cifar10']
+    imgs, labels = ramp_images(21), torch.arange(21) % 10
+    train = [list(DeviceLoader(imgs, labels, info, 9, 'cpu', train=True, seed=1, rank=r, world=3))
+             for r in range(3)]
+    # 21 = 9 + 9 + 3... with a last batch of 3: one sample per rank
+    assert [[len(b.idx) for b in shard] for shard in train] == [[3, 3, 1]] * 3
+    cut = [list(DeviceLoader(ramp_images(23), torch.arange(23) % 10, info, 9, 'cpu', train=True,
+                             seed=1, rank=r, world=3)) for r in range(3)]
+    # 23 = 9 + 9 + 5: the partial batch is cut to 3
+    assert [[len(b.idx) for b in shard] for shard in cut] == [[3, 3, 1]] * 3
+    test = [list(DeviceLoader(imgs, labels, info, 8, 'cpu', train=False, rank=r, world=3))
+            for r in range(3)]
+    seen = torch.cat([b.idx for shard in test for b in shard])
+    assert sorted(seen.tolist()) == list(range(21))  # evaluation: every image exactly once
