@@ -163,12 +163,13 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, info, batch_size, device, train, seed=0,
-                 rank=0, world=1):
+                 rank=0, world=1, channels_last=False):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.device = torch.device(device)
         self.train, self.batch_size = train, batch_size
         self.rank, self.world = rank, world
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         scale = 1.0 / (255.0 * torch.tensor(info.std))
         self.scale = scale.view(1, 3, 1, 1).to(device)
         self.shift = (-torch.tensor(info.mean) * 255.0 * scale).view(1, 3, 1, 1).to(device)
@@ -179,7 +180,8 @@ class DeviceLoader:
         return -(-len(self.labels) // self.batch_size)
 
     def normalise(self, x_uint8):
-        return torch.addcmul(self.shift, x_uint8.float(), self.scale)
+        x = torch.addcmul(self.shift, x_uint8.float(), self.scale)
+        return x.contiguous(memory_format=self.memory_format)
 
     def __iter__(self):
         n = len(self.labels)
@@ -215,8 +217,9 @@ def make_loaders(args, device, log=print, training=True):
     info = DATASETS[args.data_name]
     train_x, train_y, test_x, test_y = load_cifar(args.img_root, args.data_name,
                                                   download=not args.no_download, log=log)
+    layout = getattr(args, 'channels_last', False)
     test = DeviceLoader(test_x, test_y, info, args.eval_batch_size, device, train=False,
-                        rank=rank, world=world)
+                        rank=rank, world=world, channels_last=layout)
     if not training:
         return None, test
     if world > 1 and args.batch_size % world:
@@ -226,5 +229,5 @@ def make_loaders(args, device, log=print, training=True):
         raise DataError(f'--batch_size {args.batch_size} is larger than the training split '
                         f'({len(train_y)} images)')
     train = DeviceLoader(train_x, train_y, info, args.batch_size, device, train=True,
-                         seed=args.seed, rank=rank, world=world)
+                         seed=args.seed, rank=rank, world=world, channels_last=layout)
     return train, test

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from dataset import make_loaders
 from network import NETWORKS, build_network
-from utils import (LOG, Checkpointer, Stage, add_common_args, begin, cli, cross_entropy_stats,
+from utils import (LOG, Checkpointer, Stage, add_common_args, autocast, begin, cli, cross_entropy_stats,
                    describe_device, evaluate, finalize_common_args, fit, initial_weights_name,
                    load_network_weights, lr_at, make_sgd, rng_state, save_checkpoint,
-                   show_progress, sync_batchnorm, zoo_record)
+                   memory_layout, show_progress, sync_batchnorm, zoo_record)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'train_ce', 'train_top1', 'train_top5',
            'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
@@ -38,10 +38,23 @@ def evaluate_checkpoint(args):
     net = load_network_weights(build_network(args.net_name, args.num_class), args.evaluate,
                                'checkpoint (--evaluate)').to(device)
     _, test_loader = make_loaders(args, device, training=False)
-    result = evaluate(net, test_loader, show_progress(args))
+    result = evaluate(memory_layout(net, args), test_loader, show_progress(args), amp=args.amp)
     print(f"{args.evaluate}: {args.net_name} on the {args.data_name} test split: "
           f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  loss {result['loss']:.4f}")
     return result
+
+
+def make_step(net, optimizer, args):
+    """One training step: cross-entropy, backward, SGD; returns the batch's sums for EpochStats."""
+    def step(batch):
+        with autocast(args):
+            out = net(batch.img).out
+            loss = F.cross_entropy(out.float(), batch.target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return cross_entropy_stats(out, batch.target, loss)
+    return step
 
 
 @cli
@@ -53,20 +66,12 @@ def main(argv=None):
     run, resume, device = begin(args, COLUMNS, 'train_base.py', argv)
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
-    net = sync_batchnorm(build_network(args.net_name, args.num_class).to(device), args)
+    net = memory_layout(sync_batchnorm(build_network(args.net_name, args.num_class).to(device), args), args)
     optimizer = make_sgd(net.parameters(), args)
 
-    def step(batch):
-        out = net(batch.img).out
-        loss = F.cross_entropy(out, batch.target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return cross_entropy_stats(out, batch.target, loss)
-
     stage = Stage('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
-                  optimizer, step, ['ce', 'correct1', 'correct5', 'n'], ['ce'],
-                  evaluate=lambda: evaluate(net, test_loader, show_progress(args)))
+                  optimizer, make_step(net, optimizer, args), ['ce', 'correct1', 'correct5', 'n'],
+                  ['ce'], evaluate=lambda: evaluate(net, test_loader, show_progress(args), amp=args.amp))
 
     def resume_state(stage_index):
         return {'optimizer': optimizer.state_dict(), 'loader': train_loader.state_dict(),

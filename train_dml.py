@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from dataset import make_loaders
 from kd_losses import DML
 from network import NETWORKS, build_network
-from utils import (LOG, Checkpointer, Stage, add_common_args, begin, cli, describe_device,
+from utils import (LOG, Checkpointer, Stage, add_common_args, autocast, begin, cli, describe_device,
                    evaluate, finalize_common_args, fit, load_network_weights, lr_at, make_sgd,
-                   non_negative, rng_state, show_progress, sync_batchnorm,
-                   topk_correct)
+                   memory_layout, non_negative, rng_state, show_progress,
+                   sync_batchnorm, topk_correct)
 
 NETS = ('net1', 'net2')
 COLUMNS = (['stage', 'stage_index', 'epoch', 'lr']
@@ -49,6 +49,32 @@ def parse_args(argv=None):
     return finalize_common_args(parser, parser.parse_args(argv))
 
 
+STAT_NAMES = ['net1_ce', 'net1_kd', 'net2_ce', 'net2_kd', 'net1_correct1', 'net1_correct5',
+              'net2_correct1', 'net2_correct5', 'n']
+
+
+def make_step(net1, net2, optimizer, args):
+    """One synchronous DML step; returns the batch's sums named by STAT_NAMES."""
+    mutual = DML()
+
+    def step(batch):
+        with autocast(args):
+            out1, out2 = net1(batch.img).out.float(), net2(batch.img).out.float()
+            ce1 = F.cross_entropy(out1, batch.target)
+            ce2 = F.cross_entropy(out2, batch.target)
+            kd1 = mutual(out1, out2.detach())  # net1 learns from net2's current prediction
+            kd2 = mutual(out2, out1.detach())  # and net2 from net1's: the graphs stay separate
+            loss = ce1 + ce2 + args.lambda_kd * (kd1 + kd2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        b = batch.target.shape[0]
+        losses = torch.stack([ce1, kd1, ce2, kd2]).detach() * b
+        return torch.cat([losses, topk_correct(out1.detach(), batch.target),
+                          topk_correct(out2.detach(), batch.target), out1.new_full((1,), b)])
+    return step
+
+
 @cli
 def main(argv=None):
     args = parse_args(argv)
@@ -58,7 +84,7 @@ def main(argv=None):
         net, init = build_network(getattr(args, f'{k}_name'), args.num_class), getattr(args, f'{k}_init')
         if init != 'random':
             load_network_weights(net, init, f'{k} initialisation (--{k}_init)')
-        nets[k] = sync_batchnorm(net.to(device), args)
+        nets[k] = memory_layout(sync_batchnorm(net.to(device), args), args)
     net1, net2 = nets['net1'], nets['net2']
     if all(torch.equal(a, b) for a, b in zip(net1.state_dict().values(), net2.state_dict().values())) \
             and len(net1.state_dict()) == len(net2.state_dict()):
@@ -66,36 +92,19 @@ def main(argv=None):
                  'identical and the KL terms stay 0 (use --net2_init random)')
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
-    mutual = DML()
     optimizer = make_sgd([{'params': net1.parameters()}, {'params': net2.parameters()}], args)
-
-    def step(batch):
-        out1, out2 = net1(batch.img).out, net2(batch.img).out
-        ce1 = F.cross_entropy(out1, batch.target)
-        ce2 = F.cross_entropy(out2, batch.target)
-        kd1 = mutual(out1, out2.detach())  # net1 learns from net2's current prediction
-        kd2 = mutual(out2, out1.detach())  # and net2 from net1's: the graphs stay separate
-        loss = ce1 + ce2 + args.lambda_kd * (kd1 + kd2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        b = batch.target.shape[0]
-        losses = torch.stack([ce1, kd1, ce2, kd2]).detach().float() * b
-        return torch.cat([losses, topk_correct(out1.detach(), batch.target),
-                          topk_correct(out2.detach(), batch.target), out1.new_full((1,), b).float()])
+    step = make_step(net1, net2, optimizer, args)
 
     def evaluate_both():
         return {f'{k}_{m}': v for k, net in nets.items()
-                for m, v in evaluate(net, test_loader, show_progress(args), f'test {k}').items()}
+                for m, v in evaluate(net, test_loader, show_progress(args), f'test {k}', args.amp).items()}
 
     def begin_epoch(epoch):
         net1.train()
         net2.train()
 
     stage = Stage('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr), optimizer,
-                  step, ['net1_ce', 'net1_kd', 'net2_ce', 'net2_kd', 'net1_correct1',
-                         'net1_correct5', 'net2_correct1', 'net2_correct5', 'n'],
-                  ['net1_ce', 'net1_kd', 'net2_ce', 'net2_kd'], evaluate=evaluate_both,
+                  step, STAT_NAMES, STAT_NAMES[:4], evaluate=evaluate_both,
                   begin_epoch=begin_epoch)
 
     def resume_state(stage_index):

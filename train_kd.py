@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from dataset import make_loaders
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from network import NETWORKS, build_network
-from utils import (LOG, Checkpointer, Stage, UserError, add_common_args, begin, cli,
+from utils import (LOG, Checkpointer, Stage, UserError, add_common_args, autocast, begin, cli,
                    cross_entropy_stats, describe_device, evaluate, finalize_common_args, fit,
                    load_network_weights, lr_at, make_sgd, non_negative, positive, rng_state,
-                   show_progress, sync_batchnorm)
+                   memory_layout, show_progress, sync_batchnorm)
 
 COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'kd_weight', 'train_loss', 'train_ce',
            'train_kd', 'train_top1', 'train_top5', 'test_loss', 'test_top1', 'test_top5',
@@ -67,6 +67,62 @@ def parse_args(argv=None):
     return args, sources, ignored
 
 
+class KDStep:
+    """One training step: CE + kd_scale * KD, backward, SGD. `kd_scale` is
+    lambda_kd times the method's weight for the epoch; at 0 the step is CE
+    alone (no teacher forward). Returns the batch's sums for EpochStats."""
+
+    def __init__(self, student, teacher, distiller, optimizer, args):
+        self.student, self.teacher, self.distiller = student, teacher, distiller
+        self.optimizer, self.args = optimizer, args
+        self.kd_scale = 0.0
+
+    def __call__(self, batch):
+        img = batch.img
+        with autocast(self.args):
+            if self.kd_scale == 0.0:  # CE only (warm-up, or after an initialisation stage)
+                s = self.student(img)
+                ce = F.cross_entropy(s.out.float(), batch.target)
+                kd, loss = torch.zeros_like(ce), ce
+            else:
+                if self.distiller.teacher_grad:  # the loss differentiates through the teacher
+                    img = img.detach().requires_grad_(True)
+                    batch = batch._replace(img=img)
+                s = self.student(img)
+                with torch.set_grad_enabled(self.distiller.teacher_grad):
+                    t = self.teacher(img)
+                ce = F.cross_entropy(s.out.float(), batch.target)
+                kd = self.distiller(s, t, batch)
+                loss = ce + self.kd_scale * kd
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return cross_entropy_stats(s.out, batch.target, ce, kd)
+
+
+class PreStageStep:
+    """One step of a method's pre-training stage: the teacher (no grad), the
+    student if the stage trains it, the stage's loss alone."""
+
+    def __init__(self, stage, student, teacher, optimizer, args):
+        self.stage, self.student, self.teacher = stage, student, teacher
+        self.optimizer, self.args = optimizer, args
+
+    def __call__(self, batch):
+        with autocast(self.args):
+            with torch.no_grad():
+                t = self.teacher(batch.img)
+            s = self.student(batch.img) if self.stage.needs_student else None
+            loss = self.stage.loss(s, t, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if s is None:
+            n = batch.target.shape[0]
+            return torch.stack([loss.detach().float() * n, loss.new_full((), n).float()])
+        return cross_entropy_stats(s.out, batch.target, loss)
+
+
 @cli
 def main(argv=None):
     args, sources, ignored = parse_args(argv)
@@ -76,10 +132,10 @@ def main(argv=None):
 
     student = load_network_weights(build_network(args.s_name, args.num_class), args.s_init,
                                    'student initialisation (--s_init)').to(device)
-    student = sync_batchnorm(student, args)  # under torchrun: statistics of the global batch
+    student = memory_layout(sync_batchnorm(student, args), args)  # torchrun: global-batch BN
     teacher = load_network_weights(build_network(args.t_name, args.num_class), args.t_model,
                                    'teacher (--t_model)').to(device)
-    teacher.eval().requires_grad_(False)
+    teacher = memory_layout(teacher, args).eval().requires_grad_(False)
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
     method = METHODS[args.kd_mode]
@@ -88,7 +144,7 @@ def main(argv=None):
                   n_data=len(train_loader.labels), train_labels=train_loader.labels,
                   device=device, student=student, teacher=teacher)
     try:
-        distiller = sync_batchnorm(method.build(ctx).to(device), args)
+        distiller = memory_layout(sync_batchnorm(method.build(ctx).to(device), args), args)
         pre_stages = distiller.stages(ctx)
     except ConfigError as e:
         raise UserError(f'--kd_mode {args.kd_mode}: {e}') from None
@@ -103,58 +159,24 @@ def main(argv=None):
             for m in ps.train_modules:
                 m.train()
 
-        def step(batch):
-            with torch.no_grad():
-                t = teacher(batch.img)
-            s = student(batch.img) if ps.needs_student else None
-            loss = ps.loss(s, t, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if s is None:
-                return torch.stack([loss.detach().float() * batch.target.shape[0],
-                                    loss.new_full((), batch.target.shape[0]).float()])
-            return cross_entropy_stats(s.out, batch.target, loss)
-
         names = ['loss', 'correct1', 'correct5', 'n'] if ps.needs_student else ['loss', 'n']
         return Stage(ps.name, ps.epochs, lambda epoch: ps.lr_scale(epoch) * args.lr, optimizer,
-                     step, names, ['loss'], begin_epoch=begin_epoch)
+                     PreStageStep(ps, student, teacher, optimizer, args), names, ['loss'],
+                     begin_epoch=begin_epoch)
 
     # ---- the main schedule: CE + lambda_kd * kd_weight(epoch) * KD
     optimizer = make_sgd(list(student.parameters()) + list(distiller.learnable_parameters()), args)
-    kd_scale = 0.0  # lambda_kd * kd_weight(epoch), set per epoch
+    step = KDStep(student, teacher, distiller, optimizer, args)
 
     def begin_epoch(epoch):
-        nonlocal kd_scale
         student.train()
         distiller.train()
-        kd_scale = args.lambda_kd * distiller.kd_weight(epoch, args.epochs)
-        return {'kd_weight': kd_scale}
-
-    def step(batch):
-        img = batch.img
-        if kd_scale == 0.0:  # CE only (warm-up, or after an initialisation stage)
-            s = student(img)
-            ce = F.cross_entropy(s.out, batch.target)
-            kd, loss = torch.zeros_like(ce), ce
-        else:
-            if distiller.teacher_grad:  # the loss differentiates through the teacher
-                img = img.detach().requires_grad_(True)
-                batch = batch._replace(img=img)
-            s = student(img)
-            with torch.set_grad_enabled(distiller.teacher_grad):
-                t = teacher(img)
-            ce = F.cross_entropy(s.out, batch.target)
-            kd = distiller(s, t, batch)
-            loss = ce + kd_scale * kd
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return cross_entropy_stats(s.out, batch.target, ce, kd)
+        step.kd_scale = args.lambda_kd * distiller.kd_weight(epoch, args.epochs)
+        return {'kd_weight': step.kd_scale}
 
     main_stage = Stage('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
                        optimizer, step, ['ce', 'kd', 'correct1', 'correct5', 'n'], ['ce', 'kd'],
-                       evaluate=lambda: evaluate(student, test_loader, show_progress(args)),
+                       evaluate=lambda: evaluate(student, test_loader, show_progress(args), amp=args.amp),
                        begin_epoch=begin_epoch)
     stages = [pre_stage(ps) for ps in pre_stages] + [main_stage]
 
@@ -179,7 +201,7 @@ def main(argv=None):
         distiller.load_state_dict(resume['distiller'])
     start = run.start(checkpointer, resume, train_loader, lambda si: stages[si].optimizer, device)
     if resume is None:
-        teacher_test = evaluate(teacher, test_loader)
+        teacher_test = evaluate(teacher, test_loader, amp=args.amp)
         LOG.info(f"teacher test top-1 {teacher_test['top1']:.2f} top-5 {teacher_test['top5']:.2f}")
 
     fit(stages, train_loader, args, checkpointer, start)

@@ -102,6 +102,11 @@ def add_common_args(parser):
                    help='initial learning rate; x0.1 at 50%% and 75%% of --epochs')
     g.add_argument('--momentum', type=non_negative(float), default=0.9)
     g.add_argument('--weight_decay', type=non_negative(float), default=1e-4)
+    g = parser.add_argument_group('speed (the fast path is on by default with CUDA)')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                   help='bf16 autocast for forward passes; losses stay float32 (default: on with CUDA)')
+    g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
+                   help='channels-last memory layout for images and networks (default: on with CUDA)')
     g = parser.add_argument_group('device and logging')
     g.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
     g.add_argument('--seed', type=int, default=2)
@@ -145,7 +150,20 @@ def finalize_common_args(parser, args):
         parser.error(f'--device {args.device}: only cpu and cuda are supported')
     if args.resume and args.overwrite:
         parser.error('--resume and --overwrite exclude each other')
+    on_cuda = device.type == 'cuda'
+    args.amp = on_cuda if args.amp is None else args.amp
+    args.channels_last = on_cuda if args.channels_last is None else args.channels_last
     return args
+
+
+def autocast(args):
+    """The forward passes' precision: bf16 autocast with --amp, else float32."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
+
+
+def memory_layout(module, args):
+    """Channels-last weights with --channels_last (convolutions run faster on GPUs)."""
+    return module.to(memory_format=torch.channels_last) if args.channels_last else module
 
 
 # ----------------------------------------------------------------------------- several processes (torchrun)
@@ -304,8 +322,12 @@ def set_lr(optimizer, lr):
 def make_sgd(params, args, lr=None):
     """The shared optimiser: SGD, Nesterov momentum, weight decay; under
     torchrun it first averages the gradients over processes."""
+    params = list(params)
+    tensors = [p for group in params for p in (group['params'] if isinstance(group, dict) else [group])]
+    fused = bool(tensors) and all(p.is_cuda for p in tensors)  # one kernel for the whole update
     optimizer = torch.optim.SGD(params, lr=args.lr if lr is None else lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=args.momentum > 0)
+                                weight_decay=args.weight_decay, nesterov=args.momentum > 0,
+                                fused=fused or None)
     if WORLD.size > 1:
         optimizer.register_step_pre_hook(_average_gradients)
     return optimizer
@@ -396,7 +418,7 @@ def cross_entropy_stats(logits, target, *losses):
 
 
 @torch.no_grad()
-def evaluate(net, loader, progress=False, desc='test'):
+def evaluate(net, loader, progress=False, desc='test', amp=False):
     """Test loss, top-1 and top-5 of `net` over `loader` (one sync at the end)."""
     was_training = net.training
     net.eval()
@@ -406,7 +428,8 @@ def evaluate(net, loader, progress=False, desc='test'):
         from tqdm import tqdm
         batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
     for batch in batches:
-        out = net(batch.img).out.float()
+        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = net(batch.img).out.float()
         loss = F.cross_entropy(out, batch.target, reduction='sum')
         total += torch.cat([loss.reshape(1), topk_correct(out, batch.target),
                             out.new_full((1,), batch.target.shape[0])])

@@ -88,3 +88,20 @@ def test_bss_schedule(base_run, tmp_path):
     assert weights == pytest.approx([0, 0, lam * 0.5, lam * 0.25, 0])
     kd = [float(r['train_kd']) for r in rows]
     assert kd[0] == kd[1] == kd[4] == 0 and kd[2] >= 0
+
+
+@pytest.mark.parametrize('mode', sorted(METHODS))
+def test_every_mode_trains_on_the_fast_path(base_run, tmp_path, mode):
+    """bf16 autocast and channels-last (the CUDA defaults) run on CPU too:
+    every method's loss works with them and stays finite and float32."""
+    extra = ['--amp', '--channels_last', '--batch_size', '50']
+    if mode == 'bss':
+        extra += ['--attack_size', '4']  # bf16 on CPU is slow
+    train_kd.main(kd_args(base_run, tmp_path, mode, extra=extra))
+    rows = read_rows(tmp_path / mode / 'metrics.csv')
+    for r in rows:
+        for key in ('train_loss', 'train_ce', 'train_kd', 'test_loss'):
+            if r[key] != '':
+                assert math.isfinite(float(r[key])), (key, r)
+    args = __import__('json').load(open(tmp_path / mode / 'args.json'))['args']
+    assert args['amp'] is True and args['channels_last'] is True
