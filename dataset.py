@@ -231,3 +231,25 @@ def make_loaders(args, device, log=print, training=True):
     train = DeviceLoader(train_x, train_y, info, args.batch_size, device, train=True,
                          seed=args.seed, rank=rank, world=world, channels_last=layout)
     return train, test
+
+
+def main(argv=None):
+    """`python dataset.py ROOT NAME...`: check (and, unless --no_download, fetch)
+    datasets once, e.g. before a sweep starts many runs that read them."""
+    import argparse
+    from utils import cli
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument('img_root')
+    parser.add_argument('names', nargs='+', choices=sorted(DATASETS))
+    parser.add_argument('--no_download', action='store_true')
+
+    @cli
+    def run(argv):
+        args = parser.parse_args(argv)
+        for name in args.names:
+            load_cifar(args.img_root, name, download=not args.no_download)
+    run(argv)
+
+
+if __name__ == '__main__':
+    main()

@@ -114,6 +114,13 @@ base_dir() { echo "$RESULTS/base/base-$(short_data "$1")-$(short_net "$2")-s$3";
 
 [ "$DRY_RUN" = 1 ] || { mkdir -p "$RESULTS/logs"; rm -f "$FAILED_LIST"; }
 
+# ---- 0. the data, checked (and fetched if missing) once, before runs read it in parallel
+if [ "$DRY_RUN" != 1 ] && [ -n "$DATASETS" ]; then
+    fetch=()
+    [[ " $EXTRA_ARGS " == *" --no_download "* ]] && fetch+=(--no_download)
+    "$PYTHON" dataset.py "$DATA_ROOT" $DATASETS "${fetch[@]}"
+fi
+
 # ---- 1. baselines: every network a pair or DML uses
 NETS=$(for p in $PAIRS $DML_PAIRS; do echo "${p%%:*}"; echo "${p##*:}"; done | sort -u)
 for seed in $SEEDS; do

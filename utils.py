@@ -109,6 +109,8 @@ def add_common_args(parser):
                    help='channels-last memory layout for images and networks (default: on with CUDA)')
     g = parser.add_argument_group('device and logging')
     g.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
+    g.add_argument('--cuda', type=int, choices=(0, 1), default=None,
+                   help="the original zoo's switch, kept for its scripts: 1 = --device cuda, 0 = cpu")
     g.add_argument('--seed', type=int, default=2)
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic algorithms where torch has them (slower; identical reruns)')
@@ -135,6 +137,8 @@ def finalize_common_args(parser, args):
     elif args.num_class != expected:
         parser.error(f'--num_class {args.num_class} contradicts --data_name {args.data_name} '
                      f'({expected} classes)')
+    if args.device is None and args.cuda is not None:
+        args.device = 'cuda' if args.cuda else 'cpu'
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
@@ -723,7 +727,7 @@ class Run:
         with open(path) as f:
             return json.load(f).get('args', {})
 
-    def check_resume_args(self, ignore=('resume', 'overwrite', 'device', 'print_freq',
+    def check_resume_args(self, ignore=('resume', 'overwrite', 'device', 'cuda', 'print_freq',
                                         'no_progress', 'eval_batch_size', 'img_root',
                                         'no_download', 'save_root', 'note')):
         """Refuse to resume with flags that would change the result."""
@@ -928,7 +932,7 @@ DATA_COLUMNS = {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100'}
 # seed) are replicates of one experiment.
 NOT_RESULT_FLAGS = {'seed', 'note', 'save_root', 'img_root', 'device', 'resume', 'overwrite',
                     'print_freq', 'no_progress', 'eval_batch_size', 'no_download', 's_init',
-                    't_model', 'net1_init', 'net2_init', 'deterministic', 'tensorboard'}
+                    't_model', 'net1_init', 'net2_init', 'deterministic', 'tensorboard', 'cuda'}
 REPORTING_RULE = ('Top-1 test accuracy (%) as "best / last": the best epoch and the last epoch of '
                   'the main schedule. Where several seeds of the same run exist: mean ± sample '
                   'standard deviation over them, with n. * marks runs not finished yet.')
