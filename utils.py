@@ -326,10 +326,11 @@ def set_lr(optimizer, lr):
 def make_sgd(params, args, lr=None):
     """The shared optimiser: SGD, Nesterov momentum, weight decay; under
     torchrun it first averages the gradients over processes."""
-    params = list(params)
-    tensors = [p for group in params for p in (group['params'] if isinstance(group, dict) else [group])]
+    # parameter groups with their tensors listed (generators would be used up here)
+    groups = [dict(g, params=list(g['params'])) if isinstance(g, dict) else g for g in params]
+    tensors = [p for g in groups for p in (g['params'] if isinstance(g, dict) else [g])]
     fused = bool(tensors) and all(p.is_cuda for p in tensors)  # one kernel for the whole update
-    optimizer = torch.optim.SGD(params, lr=args.lr if lr is None else lr, momentum=args.momentum,
+    optimizer = torch.optim.SGD(groups, lr=args.lr if lr is None else lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay, nesterov=args.momentum > 0,
                                 fused=fused or None)
     if WORLD.size > 1:

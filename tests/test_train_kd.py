@@ -46,6 +46,9 @@ def test_every_mode_trains_and_evaluates(base_run, tmp_path, mode):
     assert float(main[0]['kd_weight']) >= 0 and 0 <= float(main[0]['test_top1']) <= 100
     ckpt = torch.load(run_dir / 'checkpoint.pth.tar', weights_only=True)
     assert ckpt['epoch'] == 1 and 'distiller' in ckpt
+    init = torch.load(base_run['initial'], weights_only=True)['net']
+    moved = max((ckpt['net'][k] - v).abs().max() for k, v in init.items() if v.is_floating_point())
+    assert moved > 1e-4, 'the student did not train'
     log = (run_dir / 'log.txt').read_text()
     assert f"lambda_kd = {METHODS[mode].defaults['lambda_kd']}" in log  # the value used, and why
     assert 'seed default' in log
