@@ -370,22 +370,25 @@ def accuracy(logits, target, topk=(1,)):
 
 class EpochStats:
     """Sums of a step's statistics, kept on the device: the step returns one
-    vector (loss terms weighted by batch size, correct counts, sample count)
-    and no value crosses to the host until `values()` at a logging point.
-    The first step at which each loss term went non-finite is recorded too."""
+    vector (loss terms weighted by batch size first, then correct counts and
+    the sample count) and no value crosses to the host until `values()` at a
+    logging point. The first step at which each loss term went non-finite is
+    recorded too. Every update is in place and index-free: no host copies."""
 
     def __init__(self, names, loss_names, device):
         self.names = list(names)
-        self.loss_idx = [self.names.index(n) for n in loss_names]
+        if self.names[:len(loss_names)] != list(loss_names):
+            raise ValueError('the loss terms must come first in the step statistics')
+        self.n_losses = len(loss_names)
         self.total = torch.zeros(len(self.names), dtype=torch.float64, device=device)
-        self.first_bad = torch.full((len(self.loss_idx),), -1, dtype=torch.long, device=device)
+        self.first_bad = torch.full((self.n_losses,), -1, dtype=torch.long, device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)
 
     def add(self, sums):
         self.step += 1
-        finite = torch.isfinite(sums[self.loss_idx])
-        self.first_bad = torch.where((self.first_bad < 0) & ~finite, self.step, self.first_bad)
-        self.total += sums.to(torch.float64)
+        newly_bad = (self.first_bad < 0) & ~torch.isfinite(sums[:self.n_losses])
+        torch.where(newly_bad, self.step, self.first_bad, out=self.first_bad)
+        self.total.add_(sums)
 
     def values(self):
         """Host dict of averages (losses per sample, accuracies in percent) over
@@ -410,7 +413,7 @@ class EpochStats:
             first_bad = torch.where(first_bad < 0, torch.full_like(first_bad, never), first_bad)
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
             first_bad = torch.where(first_bad == never, torch.full_like(first_bad, -1), first_bad)
-        bad = [(s, self.names[i]) for s, i in zip(first_bad.tolist(), self.loss_idx) if s >= 0]
+        bad = [(s, name) for s, name in zip(first_bad.tolist(), self.names) if s >= 0]
         return None if not bad else min(bad)[::-1]
 
 
@@ -792,6 +795,9 @@ def describe_device(device):
     return f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
 
 
+RESUME_KEYS = ('epoch', 'stage_index', 'stage_epoch', 'best', 'optimizer', 'loader', 'rng')
+
+
 def begin(args, columns, script, argv=None):
     """Start-up shared by the scripts. Only checks, nothing written: the run
     directory (and the resume checkpoint with its flags); then the backend
@@ -807,6 +813,10 @@ def begin(args, columns, script, argv=None):
     run = Run(args, columns, script, sys.argv[1:] if argv is None else argv)
     resume = load_checkpoint(run.ckpt_path, 'resume checkpoint') if args.resume else None
     if resume is not None:
+        missing = [k for k in RESUME_KEYS if k not in resume]
+        if missing:
+            raise UserError(f'resume checkpoint {run.ckpt_path} lacks {", ".join(missing)}: it was '
+                            f'not written by {script} (a weights-only file cannot be resumed)')
         run.check_resume_args()
     configure_backend(args)
     seed_everything(args.seed)

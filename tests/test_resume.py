@@ -173,3 +173,19 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(base_run,
     assert ckpt['epoch'] == 1
     assert all(torch.isfinite(v).all() for v in ckpt['net'].values() if v.is_floating_point())
     assert 'non-finite' in (tmp_path / 'nan' / 'log.txt').read_text()
+
+
+def test_resuming_from_a_foreign_checkpoint_is_refused(cifar10_root, tmp_path, capsys):
+    train_base.main(base_args(cifar10_root, tmp_path, 'run', 1))
+    ckpt = tmp_path / 'run' / 'checkpoint.pth.tar'
+    torch.save({'epoch': 1, 'net': torch.load(ckpt, weights_only=True)['net']}, ckpt)  # a zoo file
+    before = (tmp_path / 'run' / 'log.txt').read_text()
+    with pytest.raises(SystemExit) as e:
+        train_base.main(base_args(cifar10_root, tmp_path, 'run', 1) + ['--resume'])
+    assert e.value.code == 2
+    assert 'lacks stage_index' in capsys.readouterr().err
+    assert (tmp_path / 'run' / 'log.txt').read_text() == before
+    (tmp_path / 'run' / 'checkpoint.pth.tar').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit):
+        train_base.main(base_args(cifar10_root, tmp_path, 'run', 1) + ['--resume'])
+    assert 'checkpoint.pth.tar cannot be loaded' in capsys.readouterr().err
