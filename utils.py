@@ -590,6 +590,8 @@ class Checkpointer:
             if top1 > self.best[key]['top1']:
                 self.best[key] = {'top1': top1, 'top5': top5, 'epoch': epoch}
                 save_checkpoint(zoo_record(net, epoch, top1, top5), self.best_path(key))
+        if not WORLD.main:  # rank 0 alone writes
+            return
         first = next(iter(self.nets))
         state = {'epoch': self.main_epoch, 'prec@1': self._metric(first, row, 'top1') or 0.0,
                  'prec@5': self._metric(first, row, 'top5') or 0.0,

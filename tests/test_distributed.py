@@ -60,11 +60,12 @@ def assert_same(one_dir, two_dir, inits):
             if not value.is_floating_point():
                 assert torch.equal(value, b[key][name]), f'{key}.{name}'
                 continue
-            moved = (value - init[name]).norm()
-            assert (value - b[key][name]).norm() <= 0.15 * moved + 1e-6, f'{key}.{name}'
+            moved, gap = (value - init[name]).norm(), (value - b[key][name]).norm()
+            assert gap <= 0.15 * moved + 1e-6, f'{key}.{name}: gap {gap:.3g}, moved {moved:.3g}'
     for name, value in a.get('distiller', {}).items():
         if value.is_floating_point():
-            assert (value - b['distiller'][name]).norm() <= 0.01 * value.norm() + 1e-6, name
+            gap = (value - b['distiller'][name]).norm()
+            assert gap <= 0.01 * value.norm() + 1e-6, f'{name}: gap {gap:.3g}, size {value.norm():.3g}'
     ma, mb = metrics(one_dir), metrics(two_dir)
     assert len(ma) == len(mb)
     for ra, rb in zip(ma, mb):
