@@ -3,7 +3,6 @@ computation, and a run where both networks train."""
 import argparse
 import copy
 import csv
-import os
 
 import torch
 import torch.nn.functional as F
