@@ -2,6 +2,7 @@
 global batch would: same weights, same logged values, within float tolerance."""
 import csv
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,10 +29,23 @@ def torchrun(processes):
             '--master_addr=127.0.0.1', f'--master_port={port}']
 
 
+LAUNCH_ERRORS = ('Address already in use', 'DistNetworkError', 'Connection refused',
+                 'RendezvousConnectionError', 'EADDRINUSE')
+
+
 def run(script, args, processes):
-    prefix = torchrun(processes) if processes > 1 else [sys.executable]
-    p = subprocess.run(prefix + [os.path.join(ROOT, script)] + args, cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=600)
+    """Run a script alone or under torchrun; a launch that failed on the
+    rendezvous port (taken between choosing and binding it) is retried once."""
+    for attempt in range(2):
+        prefix = torchrun(processes) if processes > 1 else [sys.executable]
+        p = subprocess.run(prefix + [os.path.join(ROOT, script)] + args, cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+        launch_failed = any(e in p.stderr for e in LAUNCH_ERRORS)
+        if p.returncode == 0 or not launch_failed or attempt == 1:
+            break
+        run_dir = os.path.join(args[args.index('--save_root') + 1], args[args.index('--note') + 1])
+        if os.path.isdir(run_dir):  # start the retry clean
+            shutil.rmtree(run_dir)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
