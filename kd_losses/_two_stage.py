@@ -19,8 +19,9 @@ INIT_DEFAULTS = {'init_epochs': 50}
 
 def init_lr_scale(epoch, init_epochs):
     """lr multiplier of init-stage epoch `epoch` (from 1). Milestones are
-    round(0.6·E) and round(0.8·E) with Python's round (halves to even), as
-    utils.lr_at scales the main schedule; E=50 gives the seed's 30/10/10."""
+    round(0.6·E) and round(0.8·E) (Python's round: halves to even); E=50
+    gives the seed's 30/10/10, and short stages keep every step (E=2: 0.1,
+    0.01)."""
     first, second = round(init_epochs * 0.6), round(init_epochs * 0.8)
     return 0.1 if epoch <= first else 0.01 if epoch <= second else 0.001
 
