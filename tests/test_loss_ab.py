@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import make_context, make_features
-from dataset import Batch
 from kd_losses import AB, METHODS, ConfigError, Distiller
 from network import resnet20
 
@@ -83,42 +82,7 @@ def test_config_errors():
 
 
 # ----------------------------------------------------------------------------- two stages
-
-@pytest.mark.parametrize('init_epochs, expected', [
-    (50, [0.1] * 30 + [0.01] * 10 + [0.001] * 10),   # the seed's schedule
-    (10, [0.1] * 6 + [0.01] * 2 + [0.001] * 2),
-    (5, [0.1] * 3 + [0.01] + [0.001]),
-    (1, [0.1]),
-])
-def test_init_stage_epochs_and_lr(init_epochs, expected):
-    student = resnet20()
-    ctx = make_context('ab', {'init_epochs': init_epochs}, student=student)
-    stages = METHODS['ab'].build(ctx).stages(ctx)
-    assert [st.name for st in stages] == ['init']
-    stage = stages[0]
-    assert stage.epochs == init_epochs and stage.needs_student
-    assert [stage.lr_scale(e) for e in range(1, init_epochs + 1)] == pytest.approx(expected)
-
-
-def test_init_stage_trains_exactly_the_student():
-    student, teacher = resnet20(), resnet20()
-    ctx = make_context('ab', student=student, teacher=teacher)
-    distiller = METHODS['ab'].build(ctx)
-    stage = distiller.stages(ctx)[0]
-    assert [id(p) for p in stage.params] == [id(p) for p in student.parameters()]
-    assert student in list(stage.train_modules)
-    assert list(distiller.parameters()) == []  # nothing of its own to learn
-
-    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    batch = Batch(img, torch.tensor([0, 1]), torch.tensor([0, 1]))
-    with torch.no_grad():
-        t = teacher(img)
-    loss = stage.loss(student(img), t, batch)
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert student.res1[0].conv1.weight.grad.abs().sum() > 0
-    assert student.fc.weight.grad is None  # no cross-entropy: the classifier is untouched
-
+# (the schedule itself: tests/test_two_stage.py)
 
 def test_init_stage_loss_is_lambda_times_kd_without_ce():
     ctx = make_context('ab', {'lambda_kd': 3.0}, student=resnet20())
@@ -131,15 +95,3 @@ def test_init_stage_loss_is_lambda_times_kd_without_ce():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert s_leaves['out'].grad is None
-
-
-def test_main_stage_is_ce_only():
-    distiller = METHODS['ab'].build(make_context('ab'))
-    assert all(distiller.kd_weight(e, 200) == 0 for e in range(1, 201))
-    assert all(distiller.kd_weight(e, 3) == 0 for e in range(1, 4))
-
-
-def test_init_stage_needs_the_student():
-    ctx = make_context('ab')
-    with pytest.raises(ValueError, match='student'):
-        METHODS['ab'].build(ctx).stages(ctx)

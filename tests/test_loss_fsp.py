@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from conftest import make_context, make_features
-from dataset import Batch
 from kd_losses import FSP, METHODS, ConfigError, Distiller
-from network import resnet20
 
 PAIRS = (('stem', 'rb1'), ('rb1', 'rb2'), ('rb2', 'rb3'))
 
@@ -91,58 +89,3 @@ def test_config_error_on_channel_mismatch():
     ctx.teacher_shapes = {**ctx.teacher_shapes, 'rb3': (128, 8, 8)}
     with pytest.raises(ConfigError, match='rb3'):
         METHODS['fsp'].build(ctx)
-
-
-# ----------------------------------------------------------------------------- two stages
-
-@pytest.mark.parametrize('init_epochs, expected', [
-    (50, [0.1] * 30 + [0.01] * 10 + [0.001] * 10),   # the seed's schedule
-    (20, [0.1] * 12 + [0.01] * 4 + [0.001] * 4),
-    (2, [0.1, 0.01]),
-])
-def test_init_stage_epochs_and_lr(init_epochs, expected):
-    ctx = make_context('fsp', {'init_epochs': init_epochs}, student=resnet20())
-    stages = METHODS['fsp'].build(ctx).stages(ctx)
-    assert [st.name for st in stages] == ['init']
-    assert stages[0].epochs == init_epochs and stages[0].needs_student
-    assert [stages[0].lr_scale(e) for e in range(1, init_epochs + 1)] == pytest.approx(expected)
-
-
-def test_init_stage_trains_exactly_the_student():
-    student, teacher = resnet20(), resnet20()
-    ctx = make_context('fsp', student=student, teacher=teacher)
-    distiller = METHODS['fsp'].build(ctx)
-    stage = distiller.stages(ctx)[0]
-    assert [id(p) for p in stage.params] == [id(p) for p in student.parameters()]
-    assert list(distiller.parameters()) == []
-
-    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    batch = Batch(img, torch.tensor([0, 1]), torch.tensor([0, 1]))
-    with torch.no_grad():
-        t = teacher(img)
-    loss = stage.loss(student(img), t, batch)
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert student.conv1.weight.grad.abs().sum() > 0
-    assert student.fc.weight.grad is None  # no cross-entropy in the init stage
-
-
-def test_init_stage_loss_is_lambda_times_kd():
-    ctx = make_context('fsp', {'lambda_kd': 2.5}, student=resnet20())
-    distiller = METHODS['fsp'].build(ctx)
-    s, _ = make_features(batch=2, seed=3)
-    t, _ = make_features(batch=2, seed=4)
-    stage = distiller.stages(ctx)[0]
-    assert stage.loss(s, t, None).item() == pytest.approx(2.5 * distiller(s, t, None).item(),
-                                                          rel=1e-6)
-
-
-def test_main_stage_is_ce_only():
-    distiller = METHODS['fsp'].build(make_context('fsp'))
-    assert all(distiller.kd_weight(e, 200) == 0 for e in range(1, 201))
-
-
-def test_init_stage_needs_the_student():
-    ctx = make_context('fsp')
-    with pytest.raises(ValueError, match='student'):
-        METHODS['fsp'].build(ctx).stages(ctx)
