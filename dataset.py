@@ -127,23 +127,26 @@ def reflect_index(pos, size=32):
     return (size - 1) - ((size - 1) - pos.abs()).abs()
 
 
-def augment(images, rng_generator, pad=4, out=None):
+def crop_grid(batch, channels, size, device):
+    """Index tensors of a batched gather: sample, channel and pixel positions."""
+    return (torch.arange(batch, device=device)[:, None, None, None],
+            torch.arange(channels, device=device)[None, :, None, None],
+            torch.arange(size, device=device))
+
+
+def augment(images, rng_generator, pad=4, grid=None):
     """Random reflect-pad crop and horizontal flip of a uint8 batch, as one gather.
 
     The padded image is never built: each output pixel reads its source
     through reflected row and column indices; flipping reverses the columns.
-    """
-    b, _, h, w = images.shape
+    `grid` (from crop_grid) can be passed in to avoid rebuilding it per batch."""
+    b, c, h, w = images.shape
     dev = images.device
+    bi, ci, ar = grid if grid is not None else crop_grid(b, c, h, dev)
     shifts = torch.randint(0, 2 * pad + 1, (2, b), device=dev, generator=rng_generator)
     flips = torch.randint(0, 2, (b,), device=dev, generator=rng_generator).bool()
-    ar_h = torch.arange(h, device=dev)
-    ar_w = torch.arange(w, device=dev)
-    rows = reflect_index(shifts[0, :, None] - pad + ar_h, h)                     # [B, H]
-    cols_idx = torch.where(flips[:, None], (w - 1) - ar_w, ar_w)                 # [B, W]
-    cols = reflect_index(shifts[1, :, None] - pad + cols_idx, w)                 # [B, W]
-    bi = torch.arange(b, device=dev)[:, None, None, None]
-    ci = torch.arange(images.shape[1], device=dev)[None, :, None, None]
+    rows = reflect_index(shifts[0, :, None] - pad + ar, h)                      # [B, H]
+    cols = reflect_index(shifts[1, :, None] - pad + torch.where(flips[:, None], (w - 1) - ar, ar), w)
     return images[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
@@ -175,6 +178,7 @@ class DeviceLoader:
         self.shift = (-torch.tensor(info.mean) * 255.0 * scale).view(1, 3, 1, 1).to(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self._grids = {}
 
     def __len__(self):
         return -(-len(self.labels) // self.batch_size)
@@ -195,12 +199,19 @@ class DeviceLoader:
                     continue
             x = self.images[idx]
             if self.train:  # the global batch, so ranks see what one process would
-                x = augment(x, self.generator)
+                x = augment(x, self.generator, grid=self.grid(len(idx)))
             if self.world > 1:
                 per = -(-len(idx) // self.world)
                 rows = slice(self.rank * per, (self.rank + 1) * per)
                 idx, x = idx[rows], x[rows]
             yield Batch(self.normalise(x), self.labels[idx], idx)
+
+    def grid(self, batch):
+        """The gather's index tensors for a batch size, built once (full and last batch)."""
+        if batch not in self._grids:
+            self._grids[batch] = crop_grid(batch, self.images.shape[1], self.images.shape[2],
+                                           self.device)
+        return self._grids[batch]
 
     def state_dict(self):
         return {'generator': self.generator.get_state()}
