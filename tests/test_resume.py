@@ -50,6 +50,7 @@ def kill_and_resume(script, args, run_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(os.path.join(run_dir, 'checkpoint.pth.tar'), weights_only=True)
+    killed_at['metrics_rows'] = len(metrics(run_dir))  # what the killed run had written
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args, '--resume'], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -97,6 +98,9 @@ def test_train_kd_kill_and_resume_equals_uninterrupted(base_run, tmp_path, mode,
     train_kd.main(kd_args(base_run, tmp_path, 'straight', mode, extra))
     killed = kill_and_resume('train_kd.py', kd_args(base_run, tmp_path, 'resumed', mode, extra),
                              str(tmp_path / 'resumed'))
+    # it really was interrupted: the killed run had written fewer epochs than the full run
+    full = len(metrics(str(tmp_path / 'straight')))
+    assert killed['metrics_rows'] < full and killed['epoch'] < 2, (killed['metrics_rows'], full)
     if mode == 'ab':
         assert killed['stage_index'] == 0 and killed['stage_epoch'] == 1
     assert_same_run(str(tmp_path / 'straight'), str(tmp_path / 'resumed'))
