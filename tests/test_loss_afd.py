@@ -67,7 +67,12 @@ def test_matches_reference_and_gradients():
 
 def test_registry_defaults_and_flags():
     method = METHODS['afd']
-    assert method.defaults == {'lambda_kd': 500.0, 'att_f': 1.0}
+    # lambda_kd's default: its effect on a run is checked in tests/test_train_kd.py (SEED_DEFAULTS)
+    # att_f's default (1.0): attention blocks as wide as the stage
+    distiller = method.build(make_context('afd'))
+    for afd, key in zip(distiller.per_key, STAGES):
+        channels = SHAPES[key][0]
+        assert afd.attention[0].weight.shape == (channels, channels, 1, 1)
     assert method.flags['att_f'].type is float
 
 

@@ -188,8 +188,13 @@ def nets(num_class=10, seed=0):
 
 def test_registry_entry_flags_and_build_checks():
     method = METHODS['bss']
-    assert dict(method.defaults) == {'lambda_kd': 2.0, 'T': 3.0, 'attack_size': 32,
-                                     'warmup_epochs': 10}
+    # lambda_kd's default: its effect on a run is checked in tests/test_train_kd.py (SEED_DEFAULTS)
+    # the other defaults as the built distiller uses them: T 3, 32 attacked samples, and
+    # no KD for the 10 warm-up epochs of 200
+    student, teacher = nets()
+    built = method.build(make_context('bss', student=student, teacher=teacher))
+    assert built.loss.T == 3.0 and built.attack_size == 32
+    assert [built.kd_weight(e, 200) for e in (1, 10)] == [0.0, 0.0] and built.kd_weight(11, 200) > 0
     assert method.flags['T'].type is float and method.flags['attack_size'].type is int
     assert method.flags['warmup_epochs'].type is int
     assert all_flags()['T'][1]['bss'] == 3.0  # shared with st, same type

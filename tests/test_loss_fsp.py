@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_context, make_features
 from kd_losses import FSP, METHODS, ConfigError, Distiller
+from network import resnet20
 
 PAIRS = (('stem', 'rb1'), ('rb1', 'rb2'), ('rb2', 'rb3'))
 
@@ -64,7 +65,9 @@ def test_matches_loop_reference():
 
 def test_registry_defaults_and_flags():
     method = METHODS['fsp']
-    assert method.defaults == {'lambda_kd': 1.0, 'init_epochs': 50}
+    # lambda_kd's default: its effect on a run is checked in tests/test_train_kd.py (SEED_DEFAULTS)
+    ctx = make_context('fsp', student=resnet20())
+    assert [p.epochs for p in method.build(ctx).pretrain_phases(ctx)] == [50]  # the seed's 50
     assert method.flags['init_epochs'].type is int
 
 

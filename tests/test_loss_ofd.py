@@ -92,10 +92,6 @@ def test_margin_is_not_state():
     assert {k.split('.')[0] for k in ofd.state_dict()} == {'connector'}
 
 
-def test_registry_defaults():
-    assert METHODS['ofd'].defaults == {'lambda_kd': 0.5}
-
-
 def test_distiller_forward_matches_reference_and_gradients():
     distiller = METHODS['ofd'].build(make_context('ofd'))
     assert isinstance(distiller, Distiller)

@@ -66,7 +66,12 @@ def test_matches_reference_and_gradients():
 
 def test_registry_defaults_and_flags():
     method = METHODS['vid']
-    assert method.defaults == {'lambda_kd': 1.0, 'sf': 1.0, 'init_var': 5.0}
+    # lambda_kd's default: its effect on a run is checked in tests/test_train_kd.py (SEED_DEFAULTS)
+    # sf's default (1.0): hidden channels = the teacher's; init_var's: variance 5 at the start
+    for vid, key in zip(method.build(make_context('vid')).per_key, STAGES):
+        channels = SHAPES[key][0]
+        assert vid.regressor[0].weight.shape == (channels, channels, 1, 1)
+        assert torch.allclose(vid.variance(), torch.full((channels,), 5.0))
     assert method.flags['sf'].type is float and method.flags['init_var'].type is float
 
 
