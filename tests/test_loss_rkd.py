@@ -83,7 +83,12 @@ def test_float32_result_for_low_precision_inputs():
 
 def test_registry():
     method = METHODS['rkd']
-    assert method.defaults == {'lambda_kd': 1.0, 'w_dist': 25.0, 'w_angle': 50.0}
+    # lambda_kd's default: its effect on a run is checked in tests/test_train_kd.py (SEED_DEFAULTS)
+    # the weights' defaults: 25 (distance) and 50 (angle)
+    s, _ = make_features(batch=5, seed=2)
+    t, _ = make_features(batch=5, seed=3)
+    loss = method.build(make_context('rkd'))(s, t, None)
+    assert loss.item() == pytest.approx(rkd_reference(s.feat, t.feat, 25.0, 50.0), rel=1e-4)
     assert method.flags['w_dist'].type is float and method.flags['w_angle'].type is float
     with pytest.raises(ConfigError, match='w_dist'):
         method.build(make_context('rkd', {'w_dist': -1.0}))
