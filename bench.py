@@ -29,9 +29,9 @@ import train_base
 import train_dml
 import train_kd
 from dataset import DATASETS, DeviceLoader
-from kd_losses import METHODS, Context
-from network import build_network
-from utils import EpochStats, describe_device, evaluate, make_sgd, memory_layout
+from kd_losses import METHODS
+from records import describe_device
+from utils import EpochStats, evaluate
 
 TEACHER, STUDENT = 'resnet110', 'resnet20'
 
@@ -51,32 +51,26 @@ def script_args(name, device, fast, batch_size):
         return train_dml.parse_args(common + ['--net1_name', TEACHER, '--net2_name', STUDENT,
                                               '--net1_init', 'random', '--net2_init', 'random'])
     args, _, _ = train_kd.parse_args(common + ['--kd_mode', name[len('kd-'):], '--t_name', TEACHER,
-                                               '--s_name', STUDENT, '--t_model', '-', '--s_init', '-'])
+                                               '--s_name', STUDENT, '--t_model', 'random',
+                                               '--s_init', 'random'])
     return args
 
 
 def build(name, args, labels):
-    """(step, network to evaluate, stat names) for a configuration."""
+    """(step, network to evaluate, stat names) for a configuration, from the
+    training scripts' own builders, with random weights."""
     device = torch.device(args.device)
-    net = lambda n: memory_layout(build_network(n, args.num_class).to(device), args)  # noqa: E731
     if name.startswith('base-'):
-        model = net(args.net_name)
-        return train_base.make_step(model, make_sgd(model.parameters(), args), args), model, \
-            ['ce', 'correct1', 'correct5', 'n']
+        model, phase = train_base.build_baseline(args, device)
+        return phase.step, model, phase.stat_names
     if name == 'dml':
-        n1, n2 = net(TEACHER), net(STUDENT)
-        optimizer = make_sgd([{'params': n1.parameters()}, {'params': n2.parameters()}], args)
-        return train_dml.make_step(n1, n2, optimizer, args), n2, train_dml.STAT_NAMES
-    student, teacher = net(STUDENT), net(TEACHER).eval().requires_grad_(False)
-    ctx = Context(args=args, student_shapes=student.feature_shapes,
-                  teacher_shapes=teacher.feature_shapes, num_class=args.num_class,
-                  n_data=len(labels), train_labels=labels, device=device, student=student,
-                  teacher=teacher)
-    distiller = memory_layout(METHODS[args.kd_mode].build(ctx).to(device), args).train()
-    optimizer = make_sgd(list(student.parameters()) + list(distiller.learnable_parameters()), args)
-    step = train_kd.KDStep(student, teacher, distiller, optimizer, args)
-    step.kd_scale = args.lambda_kd  # time the distillation step (also for AB/FSP, BSS warm-up)
-    return step, student, ['ce', 'kd', 'correct1', 'correct5', 'n']
+        nets, phase = train_dml.build_mutual(args, device)
+        return phase.step, nets['net2'], phase.stat_names
+    model, _, distiller, _, _, step = train_kd.build_distillation(args, device, len(labels), labels,
+                                                                  load_weights=False)
+    distiller.train()
+    step.set_kd_scale(args.lambda_kd)  # time the distillation step (also for AB/FSP, BSS warm-up)
+    return step, model, step.stat_names
 
 
 def synchronize(device):
@@ -98,7 +92,7 @@ def measure(name, device, fast, batch_size, warmup, steps, start_at=None, n_trai
     test = DeviceLoader(images[:n_test], labels[:n_test], info, args.eval_batch_size, device,
                         train=False, channels_last=args.channels_last)
     step, model, names = build(name, args, loader.labels)
-    stats = EpochStats(names, names[:1], device)
+    stats = EpochStats(names, [], device)
 
     def batches():
         while True:

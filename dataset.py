@@ -13,7 +13,8 @@ from typing import NamedTuple, Tuple
 import numpy as np
 import torch
 
-from utils import WORLD, UserError
+from distributed import WORLD
+from errors import UserError
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def main(argv=None):
     """`python dataset.py ROOT NAME...`: check (and, unless --no_download, fetch)
     datasets once, e.g. before a sweep starts many runs that read them."""
     import argparse
-    from utils import cli
+    from errors import cli
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument('img_root')
     parser.add_argument('names', nargs='+', choices=sorted(DATASETS))

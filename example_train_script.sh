@@ -7,7 +7,7 @@
 #      0.2 on CIFAR-10 and 0.8 on CIFAR-100);
 #   3. DML for each pair (net2 starts from a fresh initialisation when both
 #      nets share an architecture, or the two would stay identical).
-# Then summarise:  python utils.py summary "$RESULTS"
+# Then summarise:  python summarize.py "$RESULTS"
 #
 # Settings (environment variables; unset takes the default, empty means none):
 #   DATA_ROOT=./datasets   where cifar-10-batches-py/ and cifar-100-python/ live
@@ -178,4 +178,4 @@ if [ "$DRY_RUN" != 1 ] && [ -s "$FAILED_LIST" ]; then
     cat "$FAILED_LIST" >&2
     exit 1
 fi
-[ "$DRY_RUN" = 1 ] || echo "all runs done; summary: $PYTHON utils.py summary $RESULTS"
+[ "$DRY_RUN" = 1 ] || echo "all runs done; summary: $PYTHON summarize.py $RESULTS"

@@ -6,7 +6,7 @@ the package `networks/`. Everything else imports networks from this module.
 
 CIFAR ResNet parameter names are the original zoo's (`conv1, bn1, res1..3,
 fc`; inside a block `conv1, bn1, conv2, bn2, ds`), so its checkpoints load
-unchanged; `networks.checkpoints.adapt_state_dict` renames the benchmark's
+unchanged; `networks.checkpoint_layouts.adapt_state_dict` renames the benchmark's
 (RepDistiller's `layerK`, `downsample`) to them. resnet8..resnet110 have
 widths 16-16-32-64; resnet8x4 and resnet32x4 have 32-64-128-256, so their
 first block changes channels at stride 1.

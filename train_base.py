@@ -11,15 +11,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+from checkpoints import initial_weights_name, load_network_weights, save_checkpoint, zoo_record
 from dataset import make_loaders
+from distributed import sync_batchnorm
 from network import NETWORKS, build_network
-from utils import (LOG, Checkpointer, Stage, add_common_args, autocast, begin, cli, cross_entropy_stats,
-                   describe_device, evaluate, finalize_common_args, fit, initial_weights_name,
-                   load_network_weights, lr_at, make_sgd, rng_state, save_checkpoint,
-                   memory_layout, show_progress, sync_batchnorm, zoo_record)
+from utils import (LOG, Phase, add_common_args, autocast, begin, cli, cross_entropy_stats,
+                   describe_device, evaluate, finalize_common_args, lr_at, make_sgd, memory_layout,
+                   show_progress, train_phases)
 
-COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'train_ce', 'train_top1', 'train_top5',
-           'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
+STAT_NAMES = ['ce', 'correct1', 'correct5', 'n']
 
 
 def parse_args(argv=None):
@@ -57,38 +57,38 @@ def make_step(net, optimizer, args):
     return step
 
 
+def build_baseline(args, device):
+    """The network (random initial weights from --seed) and its training phase,
+    as train_base.py runs them (bench.py times this very step)."""
+    net = build_network(args.net_name, args.num_class).to(device)
+    net = memory_layout(sync_batchnorm(net, args.sync_bn), args)  # torchrun: global-batch BN
+    optimizer = make_sgd(net.parameters(), args)
+    return net, Phase('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
+                      optimizer, make_step(net, optimizer, args), STAT_NAMES, ['ce'])
+
+
 @cli
 def main(argv=None):
     args = parse_args(argv)
     if args.evaluate:
         return evaluate_checkpoint(args)
     # Every check happens before anything is written: run directory, resume file, data.
-    run, resume, device = begin(args, COLUMNS, 'train_base.py', argv)
+    run, resume, device = begin(args, 'train_base.py', argv)
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
-    net = memory_layout(sync_batchnorm(build_network(args.net_name, args.num_class).to(device), args), args)
-    optimizer = make_sgd(net.parameters(), args)
-
-    stage = Stage('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
-                  optimizer, make_step(net, optimizer, args), ['ce', 'correct1', 'correct5', 'n'],
-                  ['ce'], evaluate=lambda: evaluate(net, test_loader, show_progress(args), amp=args.amp))
-
-    def resume_state(stage_index):
-        return {'optimizer': optimizer.state_dict(), 'loader': train_loader.state_dict(),
-                'rng': rng_state()}
-
-    checkpointer = Checkpointer(run, {'net': net}, resume_state)
+    net, phase = build_baseline(args, device)
+    phase.evaluate = lambda: evaluate(net, test_loader, show_progress(args), amp=args.amp)
     LOG.info(f'{args.net_name}: {sum(p.numel() for p in net.parameters()) / 1e6:.3f}M parameters, '
              f'{args.num_class} classes, on {describe_device(device)}')
     LOG.info(f'args: {vars(args)}')
-    start = run.start(checkpointer, resume, train_loader, lambda si: optimizer, device)
-    if resume is None:
+
+    def on_fresh_start():  # the initial weights every student of this network starts from
         initial = os.path.join(run.dir, initial_weights_name(args.net_name))
         save_checkpoint(zoo_record(net, 0), initial)
         LOG.info(f'initial weights saved to {initial}')
-    fit([stage], train_loader, args, checkpointer, start)
-    LOG.info(f"done: best test top-1 {checkpointer.best['net']['top1']:.2f} "
-             f"(epoch {checkpointer.best['net']['epoch']}); weights in {run.dir}")
+
+    train_phases(run, resume, [phase], {'net': net}, train_loader, args, device,
+                 on_fresh_start=on_fresh_start)
 
 
 if __name__ == '__main__':

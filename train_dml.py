@@ -17,19 +17,16 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from checkpoints import load_network_weights
 from dataset import make_loaders
+from distributed import sync_batchnorm
 from kd_losses import DML
 from network import NETWORKS, build_network
-from utils import (LOG, Checkpointer, Stage, add_common_args, autocast, begin, cli, describe_device,
-                   evaluate, finalize_common_args, fit, load_network_weights, lr_at, make_sgd,
-                   memory_layout, non_negative, rng_state, show_progress,
-                   sync_batchnorm, topk_correct)
+from utils import (LOG, Phase, add_common_args, autocast, begin, cli, describe_device, evaluate,
+                   finalize_common_args, lr_at, make_sgd, memory_layout, non_negative,
+                   show_progress, topk_correct, train_phases)
 
 NETS = ('net1', 'net2')
-COLUMNS = (['stage', 'stage_index', 'epoch', 'lr']
-           + [f'train_{k}_{m}' for k in NETS for m in ('ce', 'kd', 'top1', 'top5')]
-           + [f'test_{k}_{m}' for k in NETS for m in ('loss', 'top1', 'top5')]
-           + ['seconds', 'img_per_s'])
 
 
 def parse_args(argv=None):
@@ -75,50 +72,45 @@ def make_step(net1, net2, optimizer, args):
     return step
 
 
-@cli
-def main(argv=None):
-    args = parse_args(argv)
-    run, resume, device = begin(args, COLUMNS, 'train_dml.py', argv)
+def build_mutual(args, device):
+    """The two networks (from their --netN_init files, or random) and their
+    training phase, as train_dml.py runs them (bench.py times this step)."""
     nets = {}
     for k in NETS:
         net, init = build_network(getattr(args, f'{k}_name'), args.num_class), getattr(args, f'{k}_init')
         if init != 'random':
             load_network_weights(net, init, f'{k} initialisation (--{k}_init)')
-        nets[k] = memory_layout(sync_batchnorm(net.to(device), args), args)
+        nets[k] = memory_layout(sync_batchnorm(net.to(device), args.sync_bn), args)
+    net1, net2 = nets['net1'], nets['net2']
+    optimizer = make_sgd([{'params': net1.parameters()}, {'params': net2.parameters()}], args)
+
+    def begin_epoch(epoch):
+        net1.train()
+        net2.train()
+
+    return nets, Phase('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
+                       optimizer, make_step(net1, net2, optimizer, args), STAT_NAMES, STAT_NAMES[:4],
+                       begin_epoch=begin_epoch)
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    run, resume, device = begin(args, 'train_dml.py', argv)
+    nets, phase = build_mutual(args, device)
     net1, net2 = nets['net1'], nets['net2']
     if all(torch.equal(a, b) for a, b in zip(net1.state_dict().values(), net2.state_dict().values())) \
             and len(net1.state_dict()) == len(net2.state_dict()):
         LOG.info('warning: net1 and net2 start from identical weights; on the same batches they stay '
                  'identical and the KL terms stay 0 (use --net2_init random)')
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
-
-    optimizer = make_sgd([{'params': net1.parameters()}, {'params': net2.parameters()}], args)
-    step = make_step(net1, net2, optimizer, args)
-
-    def evaluate_both():
-        return {f'{k}_{m}': v for k, net in nets.items()
-                for m, v in evaluate(net, test_loader, show_progress(args), f'test {k}', args.amp).items()}
-
-    def begin_epoch(epoch):
-        net1.train()
-        net2.train()
-
-    stage = Stage('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr), optimizer,
-                  step, STAT_NAMES, STAT_NAMES[:4], evaluate=evaluate_both,
-                  begin_epoch=begin_epoch)
-
-    def resume_state(stage_index):
-        return {'optimizer': optimizer.state_dict(), 'loader': train_loader.state_dict(),
-                'rng': rng_state()}
-
-    checkpointer = Checkpointer(run, nets, resume_state)
+    phase.evaluate = lambda: {
+        f'{k}_{m}': v for k, net in nets.items()
+        for m, v in evaluate(net, test_loader, show_progress(args), f'test {k}', args.amp).items()}
     LOG.info(f'DML: net1 {args.net1_name} from {args.net1_init}, net2 {args.net2_name} from '
              f'{args.net2_init}, lambda_kd {args.lambda_kd}, on {describe_device(device)}')
     LOG.info(f'args: {vars(args)}')
-    start = run.start(checkpointer, resume, train_loader, lambda si: optimizer, device)
-    fit([stage], train_loader, args, checkpointer, start)
-    LOG.info('done: ' + ', '.join(f"{k} best test top-1 {b['top1']:.2f} (epoch {b['epoch']})"
-                                  for k, b in checkpointer.best.items()) + f'; weights in {run.dir}')
+    train_phases(run, resume, [phase], nets, train_loader, args, device)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,8 @@
-"""`python -m kd_losses` prints the method table of the README from the registry."""
+"""`python -m kd_losses` prints the method table of the README from the
+registry; `python -m kd_losses --names` prints the --kd_mode names, one line
+(the sweep script reads its default mode list from it)."""
+import sys
+
 from . import METHODS
 
 
@@ -7,7 +11,7 @@ def cell(text):
 
 
 def method_table():
-    rows = ['| `--kd_mode` | method | transfers | seed variant | defaults (CIFAR-10) |',
+    rows = ['| `--kd_mode` | method | transfers | variant | defaults (CIFAR-10) |',
             '|---|---|---|---|---|']
     for name in sorted(METHODS):
         m = METHODS[name]
@@ -22,4 +26,10 @@ def method_table():
 
 
 if __name__ == '__main__':
-    print(method_table())
+    if sys.argv[1:] == ['--names']:
+        print(' '.join(sorted(METHODS)))
+    elif sys.argv[1:]:
+        print('usage: python -m kd_losses [--names]', file=sys.stderr)
+        raise SystemExit(2)
+    else:
+        print(method_table())

@@ -9,11 +9,11 @@ teacher's neuron is off (t <= 0) but the student's is not safely off
 not safely on (s <= m); the loss is the mean. As in the seed, student and
 teacher maps have the same shape (no connector), the mean replaces the
 paper's sum, and AB only initialises the student: 'init' epochs on this loss
-alone, then the normal schedule with cross-entropy only (see _two_stage).
+alone, then the normal schedule with cross-entropy only (see _two_phase).
 """
 import torch.nn as nn
 
-from ._two_stage import INIT_DEFAULTS, INIT_FLAGS, InitThenCE
+from ._two_phase import INIT_DEFAULTS, INIT_FLAGS, InitThenCE
 from .registry import ConfigError, FeatureDistiller, Flag, Method, register
 
 __all__ = ['AB']
@@ -48,8 +48,8 @@ def build(ctx):
 register(Method(
     name='ab', title='activation boundaries (student initialisation, then CE)',
     paper='https://arxiv.org/abs/1811.03233',
-    transfers='rb1..3 pre-activation, mean; init stage only',
-    variant='two stages: 50 epochs of initialisation with the AB loss alone, then CE only (no soft targets)',
+    transfers='rb1..3 pre-activation, mean; init phase only',
+    variant='two phases: 50 epochs of initialisation with the AB loss alone, then CE only (no soft targets)',
     build=build,
     defaults={'lambda_kd': 10.0, 'm': 2.0, **INIT_DEFAULTS},
     flags={'m': Flag(float, 'margin of the activation boundary loss (AB)'), **INIT_FLAGS},

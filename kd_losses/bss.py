@@ -33,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ConfigError, Distiller, Flag, Method, register, world
+from distributed import WORLD
+
+from .registry import ConfigError, Distiller, Flag, Method, register
 
 __all__ = ['BSS']
 
@@ -124,7 +126,7 @@ class BSSDistiller(Distiller):
         student, teacher = self.nets
         img, target = batch.img, batch.target
         # under torchrun each process attacks its share of the global attack_size
-        share = -(-self.attack_size // world()[1])
+        share = -(-self.attack_size // WORLD.size)
         idx, valid = select_samples(s.out, t.out, target, min(share, len(target)))
         target = target[idx]
         attack_class = draw_attack_class(t.out[idx])

@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import (ConfigError, Distiller, Flag, Method, gather_batch, own_rows, register,
-                       sum_over_processes, world)
+from distributed import WORLD, gather_batch, own_rows, sum_over_processes
+
+from .registry import ConfigError, Distiller, Flag, Method, register
 
 __all__ = ['CRD']
 
@@ -59,7 +60,7 @@ class CRD(nn.Module):
         else:
             dots = torch.bmm(bank[sample_idx], v.unsqueeze(2)).squeeze(2)
         scores = torch.exp(dots / self.nce_t)
-        mean = sum_over_processes(scores.detach().mean()) / world()[1]  # of the global batch
+        mean = sum_over_processes(scores.detach().mean()) / WORLD.size  # of the global batch
         z.copy_(torch.where(z > 0, z, mean * self.n_data))
         return scores / z
 

@@ -7,7 +7,7 @@ The student's guided layer is pulled towards the teacher's hint layer with an
 L2 loss. The seed's variant: the hint is the last stage's post-activation
 (`rb3`, same shape in student and teacher, so no regressor), the loss is the
 element-wise MSE, and it is trained jointly with the cross-entropy instead of
-the paper's separate hint-training stage.
+the paper's separate hint-training phase.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ class Hint(nn.Module):
 register(Method(
     name='fitnet', title='hints (FitNets)', paper='https://arxiv.org/abs/1412.6550',
     transfers='rb3 post-activation; MSE',
-    variant='one stage with CE, no hint regressor (student and teacher maps have the same shape)',
+    variant='one phase with CE, no hint regressor (student and teacher maps have the same shape)',
     build=lambda ctx: FeatureDistiller(Hint(), ['rb3'], act='post'),
     defaults={'lambda_kd': 0.1},
 ))

@@ -10,13 +10,13 @@ between the student's and the teacher's matrices for the pairs (stem, rb1),
 (rb1, rb2), (rb2, rb3) (post-activation), averaged with equal weights as in
 the seed (the paper weights pairs and sums). Like the paper, FSP only
 initialises the student: 'init' epochs on this loss alone, then the normal
-schedule with cross-entropy only (see _two_stage).
+schedule with cross-entropy only (see _two_phase).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._two_stage import INIT_DEFAULTS, INIT_FLAGS, InitThenCE
+from ._two_phase import INIT_DEFAULTS, INIT_FLAGS, InitThenCE
 from .registry import ConfigError, Distiller, Method, pick, register
 
 __all__ = ['FSP']
@@ -65,8 +65,8 @@ register(Method(
     name='fsp', title='flow of solution procedure (student initialisation, then CE)',
     paper='https://openaccess.thecvf.com/content_cvpr_2017/papers/Yim_A_Gift_From_CVPR_2017_paper.pdf',
     transfers='FSP matrices of (stem, rb1), (rb1, rb2), (rb2, rb3) post-activation, mean; '
-              'init stage only',
-    variant='two stages as AB: initialisation with the FSP loss alone, then CE only',
+              'init phase only',
+    variant='two phases as AB: initialisation with the FSP loss alone, then CE only',
     build=build,
     defaults={'lambda_kd': 1.0, **INIT_DEFAULTS},
     flags=dict(INIT_FLAGS),

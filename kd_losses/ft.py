@@ -5,7 +5,7 @@ Factor Transfer", NeurIPS 2018, https://arxiv.org/abs/1802.04977
 
 A paraphraser (conv encoder to int(k*C) factor channels, transposed-conv
 decoder back to C) first learns to reconstruct the teacher's rb3
-post-activation (MSE) in its own stage; the seed trains it for 30 epochs at
+post-activation (MSE) in its own phase; the seed trains it for 30 epochs at
 0.1 * lr, kept constant here. Then it is frozen and a translator (conv
 encoder, same style) maps the student's rb3 to factors. The loss is the L1
 distance between the row-L2-normalised flattened factors. As in the seed,
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ConfigError, Distiller, Flag, Method, PreStage, pick, register
+from .registry import ConfigError, Distiller, Flag, Method, PretrainPhase, pick, register
 
 __all__ = ['FT']
 
@@ -88,17 +88,17 @@ class FTDistiller(Distiller):
         _, reconstruction = self.paraphraser(target)
         return F.mse_loss(reconstruction.float(), target.float())
 
-    def stages(self, ctx):
-        return [PreStage('paraphraser', ctx.args.para_epochs, lambda epoch: 0.1,
+    def pretrain_phases(self, ctx):
+        return [PretrainPhase('paraphraser', ctx.args.para_epochs, lambda epoch: 0.1,
                          list(self.paraphraser.parameters()), self.paraphraser_loss,
                          needs_student=False, train_modules=[self.paraphraser])]
 
     def learnable_parameters(self):
-        return list(self.translator.parameters())  # the paraphraser stays as its stage left it
+        return list(self.translator.parameters())  # the paraphraser stays as its phase left it
 
     def train(self, mode=True):
-        # The frozen paraphraser's BN keeps its statistics in the main stage
-        # (its own stage puts it in train mode directly).
+        # The frozen paraphraser's BN keeps its statistics in the main phase
+        # (its own phase puts it in train mode directly).
         super().train(mode)
         self.paraphraser.eval()
         return self
@@ -112,10 +112,10 @@ class FTDistiller(Distiller):
 
 register(Method(
     name='ft', title='factor transfer', paper='https://arxiv.org/abs/1802.04977',
-    transfers='rb3 post-activation factors (paraphraser stage first), L1',
+    transfers='rb3 post-activation factors (paraphraser phase first), L1',
     variant='paraphraser pre-trained for 30 epochs at 0.1 lr; BN in paraphraser and translator on CIFAR-10 only',
     build=FTDistiller,
     defaults={'lambda_kd': 200.0, 'k': 0.5, 'para_epochs': 30},
     flags={'k': Flag(float, 'factor channels = int(k * teacher rb3 channels)', positive=True),
-           'para_epochs': Flag(int, 'epochs of the paraphraser stage', positive=True)},
+           'para_epochs': Flag(int, 'epochs of the paraphraser phase', positive=True)},
 ))

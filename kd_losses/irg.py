@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ConfigError, Distiller, Flag, Method, gather_batch, pick, register
+from distributed import gather_batch
+
+from .registry import ConfigError, Distiller, Flag, Method, pick, register
 
 __all__ = ['IRG']
 

@@ -17,7 +17,9 @@ One module per stage rb1..3, the three losses averaged.
 import torch
 import torch.nn as nn
 
-from .registry import ConfigError, FeatureDistiller, Method, register, sum_over_processes
+from distributed import sum_over_processes
+
+from .registry import ConfigError, FeatureDistiller, Method, register
 
 __all__ = ['OFD']
 

@@ -1,21 +1,26 @@
-"""How train_kd.py applies each distillation method.
+"""How train_kd.py applies each distillation method: the contract a method
+file fulfils (written out for authors in kd_losses/README.md).
 
-A method is one module in kd_losses/ holding the loss (an nn.Module callable
-on bare tensors, as METHODS.md specifies it) and one `register(Method(...))`
-call describing how the training loop uses it:
+A method is one module in kd_losses/ holding its loss (an nn.Module callable
+on bare tensors) and one `register(Method(...))` call describing how the
+training loop uses it:
 
 - `build(ctx)` returns a `Distiller`: the module that reads the student's and
   the teacher's features for a batch and returns the KD loss (before
   lambda_kd). Its parameters (connectors, embeddings, ...) are optimised with
   the student; its buffers (memory banks) are checkpointed with it.
-- `defaults` are the seed's hyperparameters (`lambda_kd` and the method's
+- `defaults` are the method's hyperparameters (`lambda_kd` and the method's
   flags); `dataset_defaults` override them per dataset.
 - `flags` declares the command-line flags the method reads. A flag shared by
-  several methods (e.g. `--T`) is declared by each with the same type; when it
-  is not given, the chosen method's default applies.
+  several methods (e.g. `--T`) must mean the same everywhere: the registry
+  refuses a second declaration with another type, choices or help text; the
+  chosen method's default applies when the flag is not given.
 
-A Distiller can also ask for pre-training stages (`stages`), a per-epoch
-weight schedule (`kd_weight`) and a differentiable teacher (`teacher_grad`).
+A Distiller can also ask for pre-training phases (`pretrain_phases`), a
+per-epoch weight schedule (`kd_weight`), per-epoch state (`begin_epoch`),
+a differentiable teacher (`teacher_grad`), a student that classifies through
+another head (`wrap_student`), and named loss terms logged on their own
+(`loss_terms`).
 
 Nothing here imports a network or the training loop.
 """
@@ -23,8 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+
+from distributed import gather_batch
 
 
 class ConfigError(ValueError):
@@ -33,7 +39,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Flag:
-    type: Callable
+    type: Callable   # float, int, str, or bool (an on/off switch: --name / --no-name)
     help: str
     choices: Optional[Tuple] = None
     positive: bool = False  # reject values <= 0
@@ -52,29 +58,44 @@ class Method:
     variant: str = ''                       # where the seed departs from the paper, in a phrase
 
     def defaults_for(self, data_name):
-        return {**self.defaults, **self.dataset_defaults.get(data_name, {})}
+        """Every setting's default on `data_name`: the common ones, the method's, the dataset's."""
+        return {**COMMON_DEFAULTS, **self.defaults, **self.dataset_defaults.get(data_name, {})}
 
 
 METHODS: Dict[str, Method] = {}
 
 
+# Flags every method has (the loss weights); a method may give its own defaults.
+COMMON_DEFAULTS = {'ce_weight': 1.0}
+
+
 def register(method):
+    """Add a method; refuses a second method of the same name and a flag that
+    another method declares with a different meaning (type, choices, help)."""
     if method.name in METHODS:
         raise ValueError(f'kd_mode {method.name!r} is registered twice')
     missing = [k for k in method.flags if k not in method.defaults]
     if 'lambda_kd' not in method.defaults or missing:
         raise ValueError(f'{method.name}: defaults must give lambda_kd and every flag ({missing})')
+    unknown = [k for k in method.defaults if k not in method.flags and k != 'lambda_kd'
+               and k not in COMMON_DEFAULTS]
+    if unknown:
+        raise ValueError(f'{method.name}: defaults for undeclared flags {unknown}')
+    for name, flag in method.flags.items():
+        for other in METHODS.values():
+            if name in other.flags and other.flags[name] != flag:
+                raise ValueError(f'{method.name}: flag --{name} is declared by {other.name} with '
+                                 f'another meaning ({other.flags[name]} vs {flag}); give it a '
+                                 f'method-specific name')
     METHODS[method.name] = method
     return method
 
 
 def all_flags():
-    """Every method flag: name -> (Flag, {mode: default}); shared flags must agree on type."""
+    """Every method flag: name -> (Flag, {mode: default})."""
     out = {}
     for m in METHODS.values():
         for name, flag in m.flags.items():
-            if name in out and out[name][0].type is not flag.type:
-                raise ValueError(f'flag --{name} has different types in different methods')
             out.setdefault(name, (flag, {}))[1][m.name] = m.defaults[name]
     return out
 
@@ -89,18 +110,28 @@ class Context:
     n_data: int                     # size of the training split
     train_labels: torch.Tensor      # [n_data] int64, on the training device
     device: torch.device
-    student: Optional[nn.Module] = None  # the networks, for methods that run them again (BSS);
-    teacher: Optional[nn.Module] = None  # not owned by the distiller: never register them
+    student: Optional[nn.Module] = None  # the networks, for methods that run them again (BSS)
+    teacher: Optional[nn.Module] = None  # or read their classifier (`head`); never register them
+
+    def stage_keys(self, method):
+        """The stages ('rb1', 'rb2', ...) that student and teacher both have, in
+        order; a method that pairs stages needs equal counts (ConfigError)."""
+        s = [k for k in self.student_shapes if k.startswith('rb')]
+        t = [k for k in self.teacher_shapes if k.startswith('rb')]
+        if len(s) != len(t):
+            raise ConfigError(f'{method} pairs the stages of student and teacher, but the student '
+                              f'has {len(s)} ({", ".join(s)}) and the teacher {len(t)}')
+        return tuple(s)
 
 
 @dataclass
-class PreStage:
-    """A training stage run before the main schedule, with its own SGD
+class PretrainPhase:
+    """A training phase run before the main schedule, with its own SGD
     optimiser over `params` (momentum and weight decay as the main one).
 
     Each step runs the teacher (no grad) and, if `needs_student`, the student
     (train mode), then minimises `loss(s, t, batch)` (s is None when the
-    student is not run). `train_modules` are put in train mode for the stage.
+    student is not run). `train_modules` are put in train mode for the phase.
     The lr of epoch e (from 1) is `lr_scale(e) * --lr`."""
     name: str
     epochs: int
@@ -115,16 +146,20 @@ class Distiller(nn.Module):
     """Glue between the networks' outputs and a method's loss.
 
     forward(s, t, batch) -> scalar KD loss, where s and t are the student's
-    and the teacher's `Features(stem, rb1, rb2, rb3, feat, out)` and batch is
+    and the teacher's features (`Features(stem, rb1, rb2, rb3, feat, out)`,
+    or `Features4` with rb4 for four-stage networks) and batch is
     `Batch(img, target, idx)`. The teacher's features carry no graph unless
-    `teacher_grad` is set."""
+    `teacher_grad` is set. With `loss_terms` set, forward returns a dict
+    {term: scalar} instead, whose sum is the KD loss; each term is logged."""
 
     # True: the teacher runs with autograd on an input that requires grad, so
     # the loss can differentiate through it (its parameters stay frozen).
     teacher_grad = False
+    # Names of the loss's terms (e.g. ('tckd', 'nckd')) when forward returns a dict.
+    loss_terms: Tuple[str, ...] = ()
 
-    def stages(self, ctx) -> List[PreStage]:
-        """Stages to run before the main schedule (AB/FSP initialisation, FT's paraphraser)."""
+    def pretrain_phases(self, ctx) -> List[PretrainPhase]:
+        """Phases to run before the main schedule (AB/FSP initialisation, FT's paraphraser)."""
         return []
 
     def kd_weight(self, epoch, epochs) -> float:
@@ -132,77 +167,20 @@ class Distiller(nn.Module):
         is 0 the loop skips the KD term entirely (no teacher forward, no call)."""
         return 1.0
 
+    def begin_epoch(self, epoch, epochs):
+        """Called before main-schedule epoch `epoch` (from 1): per-epoch state
+        such as a curriculum. Keep such state in tensors updated in place
+        (`buffer.fill_(value)`), so a captured step reads the new value."""
+
+    def wrap_student(self, student) -> nn.Module:
+        """The module that is trained, evaluated and saved as the student: the
+        student itself, or a wrapper whose `out` comes from another head (SimKD
+        classifies with the teacher's). It must return the student's features."""
+        return student
+
     def learnable_parameters(self):
         """Parameters the main optimiser updates with the student."""
         return [p for p in self.parameters() if p.requires_grad]
-
-
-# ---- several processes (torchrun): each holds an equal slice of the global batch
-
-def world():
-    """(rank, number of processes) of a torchrun job; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class AllReduceSum(torch.autograd.Function):
-    """Sum over processes; the gradient of every process's input is the sum
-    of all processes' output gradients."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduceSum.apply(grad)
-
-
-class AllGather(torch.autograd.Function):
-    """Every process's rows, in rank order; gradients go back to their owners, summed."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank, size = world()
-        return own_rows(AllReduceSum.apply(grad.contiguous()))
-
-
-def gather_batch(x, differentiable=False):
-    """The global batch: every process's rows of `x`, in rank order. With
-    `differentiable`, gradients flow back to each process's own rows (summed
-    over the processes, which the loop's gradient averaging divides again)."""
-    rank, size = world()
-    if size == 1:
-        return x
-    if differentiable:
-        return AllGather.apply(x)
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def own_rows(x):
-    """This process's slice of a global-batch tensor."""
-    rank, size = world()
-    n = x.shape[0] // size
-    return x if size == 1 else x[rank * n:(rank + 1) * n]
-
-
-def sum_over_processes(x):
-    """The sum of a (non-differentiable) statistic over every process."""
-    if world()[1] > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
 
 
 def pick(features, key, act=None):
@@ -237,7 +215,7 @@ class FeatureDistiller(Distiller):
 
     def forward(self, s, t, batch):
         total = 0.0
-        for i, key in enumerate(self.keys):
+        for i, key in enumerate(self.keys):  # unrolled when traced: a fixed list of features
             loss = self.shared if self.is_shared else self.per_key[i]
             fs, ft = pick(s, key, self.act), pick(t, key, self.act).detach()
             if self.relational:

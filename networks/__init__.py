@@ -2,7 +2,7 @@
 al., "Contrastive Representation Distillation" (ICLR 2020), besides the CIFAR
 ResNets: one module per family, with RepDistiller's parameter names so its
 released checkpoints load. `network` (the module everything imports) registers
-them in NETWORKS; `networks.checkpoints` reads the benchmark's checkpoints.
+them in NETWORKS; `networks.checkpoint_layouts` reads the benchmark's checkpoints.
 """
 # The families take Features, Features4 and their base class from `network`,
 # which imports them back at its end; importing it first here makes either

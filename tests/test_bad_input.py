@@ -9,7 +9,7 @@ import torch
 import train_base
 import train_kd
 from network import resnet20
-from utils import save_checkpoint, zoo_record
+from checkpoints import save_checkpoint, zoo_record
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +34,7 @@ def kd_args(base_run, save_root, **over):
 
 CASES = [
     ({'kd_mode': 'kdx'}, "argument --kd_mode: invalid choice: 'kdx' (choose from"),
-    ({'t_name': 'resnet56'}, "argument --t_name: invalid choice: 'resnet56'"),
+    ({'t_name': 'resnet57'}, "argument --t_name: invalid choice: 'resnet57'"),
     ({'s_name': 'vgg'}, "argument --s_name: invalid choice: 'vgg'"),
     ({'data_name': 'svhn'}, "argument --data_name: invalid choice: 'svhn'"),
     ({'t_name': 'resnet110'}, 'teacher (--t_model)'),

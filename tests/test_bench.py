@@ -37,7 +37,7 @@ def test_the_kd_step_is_the_training_scripts_step():
     assert args.lambda_kd == 1000.0 and args.p == 2.0 and args.amp is False
     import torch
     step, model, names = bench.build('kd-at', args, torch.randint(0, 10, (64,)))
-    assert isinstance(step, bench.train_kd.KDStep) and step.kd_scale == 1000.0
+    assert isinstance(step, bench.train_kd.KDStep) and step.kd_scale.item() == 1000.0 and step.kd_on
 
 
 def test_concurrent_runs_are_summed(tmp_path):

@@ -85,13 +85,13 @@ def test_config_errors():
         METHODS['ab'].build(ctx)
 
 
-# ----------------------------------------------------------------------------- two stages
-# (the schedule itself: tests/test_two_stage.py)
+# ----------------------------------------------------------------------------- two phases
+# (the schedule itself: tests/test_two_phase.py)
 
 def test_init_stage_loss_is_lambda_times_kd_without_ce():
     ctx = make_context('ab', {'lambda_kd': 3.0}, student=resnet20())
     distiller = METHODS['ab'].build(ctx)
-    stage = distiller.stages(ctx)[0]
+    stage = distiller.pretrain_phases(ctx)[0]
     s, s_leaves = make_features(batch=2, seed=0, requires_grad=True)
     t, _ = make_features(batch=2, seed=1)
     loss = stage.loss(s, t, None)

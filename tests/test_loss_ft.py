@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from conftest import make_context, make_features
 from dataset import Batch
-from kd_losses import FT, METHODS, ConfigError, Distiller, PreStage
+from kd_losses import FT, METHODS, ConfigError, Distiller, PretrainPhase
 
 
 def ft_reference(factor_s, factor_t):
@@ -88,20 +88,20 @@ def test_k_without_factor_channels_is_a_config_error():
 
 def test_paraphraser_stage():
     d = build({'para_epochs': 7})
-    stages = d.stages(make_context('ft', {'para_epochs': 7}))
+    stages = d.pretrain_phases(make_context('ft', {'para_epochs': 7}))
     assert len(stages) == 1
     stage = stages[0]
-    assert isinstance(stage, PreStage)
+    assert isinstance(stage, PretrainPhase)
     assert stage.name == 'paraphraser' and stage.epochs == 7 and not stage.needs_student
     assert all(stage.lr_scale(e) == pytest.approx(0.1) for e in range(1, 8))
     assert ids(stage.params) == ids(d.paraphraser.parameters())
     assert list(stage.train_modules) == [d.paraphraser]
-    assert build().stages(make_context('ft'))[0].epochs == 30
+    assert build().pretrain_phases(make_context('ft'))[0].epochs == 30
 
 
 def test_paraphraser_loss_is_reconstruction_mse():
     d = build()
-    stage = d.stages(make_context('ft'))[0]
+    stage = d.pretrain_phases(make_context('ft'))[0]
     d.eval()
     d.paraphraser.train()  # what the loop does for the stage
     t, _ = make_features(4, seed=2)

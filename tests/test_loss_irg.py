@@ -126,7 +126,7 @@ def test_distiller_feeds_rb2_rb3_post_feat_out_and_detaches_the_teacher():
     ctx = make_context('irg')
     distiller = METHODS['irg'].build(ctx)
     assert isinstance(distiller, Distiller)
-    assert distiller.stages(ctx) == [] and distiller.kd_weight(1, 200) == 1.0
+    assert distiller.pretrain_phases(ctx) == [] and distiller.kd_weight(1, 200) == 1.0
     assert list(distiller.learnable_parameters()) == [] and not distiller.teacher_grad
     s, s_leaves = make_features(batch=4, seed=0, requires_grad=True)
     t, t_leaves = make_features(batch=4, seed=1, requires_grad=True)

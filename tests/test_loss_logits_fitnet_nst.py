@@ -106,7 +106,7 @@ def test_no_method_flags(mode):
 def test_distiller_reads_its_feature_and_detaches_the_teacher(mode):
     distiller = METHODS[mode].build(make_context(mode))
     assert isinstance(distiller, Distiller)
-    assert distiller.stages(make_context(mode)) == [] and distiller.kd_weight(1, 200) == 1.0
+    assert distiller.pretrain_phases(make_context(mode)) == [] and distiller.kd_weight(1, 200) == 1.0
     assert list(distiller.learnable_parameters()) == [] and not distiller.teacher_grad
     s, s_leaves = make_features(batch=6, seed=0, requires_grad=True)
     t, t_leaves = make_features(batch=6, seed=1, requires_grad=True)

@@ -160,7 +160,7 @@ def expected_kd(mode, s, t):
 def test_distiller_matches_reference_and_detaches_the_teacher(mode):
     distiller = METHODS[mode].build(make_context(mode))
     assert isinstance(distiller, Distiller)
-    assert distiller.stages(make_context(mode)) == [] and distiller.kd_weight(1, 200) == 1.0
+    assert distiller.pretrain_phases(make_context(mode)) == [] and distiller.kd_weight(1, 200) == 1.0
     assert list(distiller.learnable_parameters()) == []
     s, s_leaves = make_features(batch=6, seed=0, requires_grad=True)
     t, t_leaves = make_features(batch=6, seed=1, requires_grad=True)

@@ -98,7 +98,7 @@ def test_distiller_matches_reference_and_detaches_the_teacher():
     ctx = make_context('rkd', {'w_dist': 10.0, 'w_angle': 20.0})
     distiller = METHODS['rkd'].build(ctx)
     assert isinstance(distiller, Distiller)
-    assert distiller.stages(ctx) == [] and list(distiller.learnable_parameters()) == []
+    assert distiller.pretrain_phases(ctx) == [] and list(distiller.learnable_parameters()) == []
     s, s_leaves = make_features(batch=6, seed=0, requires_grad=True)
     t, t_leaves = make_features(batch=6, seed=1, requires_grad=True)
     loss = distiller(s, t, None)

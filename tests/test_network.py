@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from network import Features, build_network, resnet20, resnet110
-from utils import UserError, load_network_weights, save_checkpoint, zoo_record
+from checkpoints import load_network_weights, save_checkpoint, zoo_record
+from errors import UserError
 
 
 @pytest.mark.parametrize('make, blocks', [(resnet20, 3), (resnet110, 18)])

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from network import NETWORKS, Features, Features4, build_network
-from networks.checkpoints import adapt_state_dict, identify_network
+from networks.checkpoint_layouts import adapt_state_dict, identify_network
 from networks.resnetv2 import BottleneckResNet
 from networks.shufflenetv1 import ShuffleNetV1
 from networks.shufflenetv2 import ShuffleNetV2
@@ -255,6 +255,6 @@ def test_one_graph():
 
 
 def test_either_import_order():
-    code = ('import networks.wrn, networks.checkpoints, network; '
+    code = ('import networks.wrn, networks.checkpoint_layouts, network; '
             'assert network.NETWORKS["wrn_40_2"] is networks.wrn.wrn_40_2')
     subprocess.run([sys.executable, '-c', code], check=True, cwd=Path(__file__).parents[1])

@@ -9,12 +9,12 @@ import sys
 import pytest
 
 import train_base
+import summarize
 import train_kd
-import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KD_COLUMNS = ['stage', 'stage_index', 'epoch', 'lr', 'kd_weight', 'train_loss', 'train_ce', 'train_kd',
-              'train_top1', 'train_top5', 'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
+KD_COLUMNS = ['phase', 'phase_index', 'epoch', 'lr', 'kd_weight', 'train_ce', 'train_kd', 'train_top1',
+              'train_top5', 'train_loss', 'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
 
 
 def kd(base_run, save_root, note, mode, *extra):
@@ -37,10 +37,10 @@ def test_args_json_and_metrics_csv(base_run, tmp_path):
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == KD_COLUMNS
-    assert [(r['stage'], r['epoch']) for r in rows] == [('init', '1'), ('main', '1'), ('main', '2')]
+    assert [(r['phase'], r['epoch']) for r in rows] == [('init', '1'), ('main', '1'), ('main', '2')]
     assert all(float(r['seconds']) > 0 and float(r['img_per_s']) > 0 for r in rows)
     log = (tmp_path / 'ab' / 'log.txt').read_text()
-    assert log.count('[main] epoch') == 2 and '--- stage 1/2: init' in log
+    assert log.count('[main] epoch') == 2 and '--- phase 1/2: init' in log
 
 
 def test_a_resumed_run_appends_rows(base_run, tmp_path):
@@ -98,31 +98,60 @@ def test_evaluate_reads_an_original_zoo_checkpoint(base_run, tmp_path):
     assert a == b
 
 
-def test_tensorboard_is_optional(cifar10_root, tmp_path, capsys):
-    args = ['--data_name', 'cifar10', '--net_name', 'resnet20', '--img_root', cifar10_root,
-            '--save_root', str(tmp_path), '--epochs', '1', '--batch_size', '50', '--device', 'cpu',
-            '--tensorboard']
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
-        with pytest.raises(SystemExit):
-            train_base.main(args)
-        assert 'pip install tensorboard' in capsys.readouterr().err
-        assert not (tmp_path / 'try').exists()
-    else:
-        train_base.main(args)
-        assert any(f.startswith('events') for f in os.listdir(tmp_path / 'try' / 'tensorboard'))
+def tensorboard_args(cifar10_root, tmp_path, epochs=1):
+    return ['--data_name', 'cifar10', '--net_name', 'resnet20', '--img_root', cifar10_root,
+            '--save_root', str(tmp_path), '--epochs', str(epochs), '--batch_size', '50',
+            '--device', 'cpu', '--tensorboard']
 
 
-def test_curves_need_matplotlib_only_when_asked(base_run, tmp_path, capsys):
+def test_tensorboard_without_the_package_is_a_message_before_anything_is_written(
+        cifar10_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # as if not installed
+    with pytest.raises(SystemExit) as e:
+        train_base.main(tensorboard_args(cifar10_root, tmp_path))
+    assert e.value.code == 2
+    assert 'pip install tensorboard' in capsys.readouterr().err
+    assert not (tmp_path / 'try').exists()
+
+
+def test_tensorboard_scalars_are_the_metrics_rows(cifar10_root, tmp_path):
+    pytest.importorskip('torch.utils.tensorboard')  # skipped, not passed, without tensorboard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train_base.main(tensorboard_args(cifar10_root, tmp_path, epochs=2))
+    run = tmp_path / 'try'
+    assert any(f.startswith('events') for f in os.listdir(run / 'tensorboard'))
+    events = EventAccumulator(str(run / 'tensorboard'))
+    events.Reload()
+    with open(run / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for key in ('lr', 'test_loss', 'test_top1'):
+        scalars = events.Scalars(f'main/{key}')
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([float(r[key]) for r in rows], rel=1e-5)
+
+
+def test_plot_without_matplotlib_is_a_message_after_the_tables(base_run, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # as if not installed
     root = os.path.dirname(base_run['dir'])
     png = tmp_path / 'curves.png'
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        with pytest.raises(utils.UserError, match='needs matplotlib'):
-            utils.summary_main([root, '--csv', str(tmp_path / 's.csv'), '--plot', str(png)])
-        assert '| - | resnet20 | Baseline |' in capsys.readouterr().out  # the tables still print
-    else:
-        utils.summary_main([root, '--csv', str(tmp_path / 's.csv'), '--plot', str(png), '--runs', 'r20'])
-        assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    with pytest.raises(summarize.UserError, match='needs matplotlib'):
+        summarize.summary([root, '--csv', str(tmp_path / 's.csv'), '--plot', str(png)])
+    assert '| - | resnet20 | Baseline |' in capsys.readouterr().out  # the tables still print
+    assert not png.exists()
+
+
+def test_plot_draws_the_chosen_runs_curves(base_run, tmp_path, capsys):
+    pytest.importorskip('matplotlib')  # skipped, not passed, without matplotlib
+    root = os.path.dirname(base_run['dir'])
+    png = tmp_path / 'curves.png'
+    summarize.summary([root, '--csv', str(tmp_path / 's.csv'), '--plot', str(png), '--runs', 'r20'])
+    data = png.read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n'
+    width, height = int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
+    assert width > 100 and height > 100
+    assert 'curves of 1 runs written' in capsys.readouterr().out
+    with pytest.raises(summarize.UserError, match='no run matches'):
+        summarize.summary([root, '--csv', str(tmp_path / 's.csv'), '--plot', str(tmp_path / 'x.png'),
+                           '--runs', 'no-such-run*'])

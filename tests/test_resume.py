@@ -13,7 +13,7 @@ import torch
 
 import train_base
 import train_kd
-import utils
+import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = {'seconds', 'img_per_s'}  # wall-clock columns
@@ -102,7 +102,7 @@ def test_train_kd_kill_and_resume_equals_uninterrupted(base_run, tmp_path, mode,
     full = len(metrics(str(tmp_path / 'straight')))
     assert killed['metrics_rows'] < full and killed['epoch'] < 2, (killed['metrics_rows'], full)
     if mode == 'ab':
-        assert killed['stage_index'] == 0 and killed['stage_epoch'] == 1
+        assert killed['phase_index'] == 0 and killed['phase_epoch'] == 1
     assert_same_run(str(tmp_path / 'straight'), str(tmp_path / 'resumed'))
 
 
@@ -145,15 +145,15 @@ def test_resume_continues_a_finished_run_to_more_epochs_without_duplicate_rows(c
 
 def test_a_crash_between_write_and_rename_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / 'checkpoint.pth.tar')
-    utils.save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, path)
+    checkpoints.save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, path)
 
     def crash(src, dst):
         raise OSError('killed before the rename')
-    monkeypatch.setattr(utils.os, 'replace', crash)
+    monkeypatch.setattr(checkpoints.os, 'replace', crash)
     with pytest.raises(OSError):
-        utils.save_checkpoint({'epoch': 2, 'w': torch.zeros(3)}, path)
+        checkpoints.save_checkpoint({'epoch': 2, 'w': torch.zeros(3)}, path)
     assert os.path.exists(path + '.tmp')  # the new one was written, not yet renamed
-    assert utils.load_checkpoint(path)['epoch'] == 1
+    assert checkpoints.load_checkpoint(path)['epoch'] == 1
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(base_run, tmp_path, monkeypatch,
@@ -187,7 +187,7 @@ def test_resuming_from_a_foreign_checkpoint_is_refused(cifar10_root, tmp_path, c
     with pytest.raises(SystemExit) as e:
         train_base.main(base_args(cifar10_root, tmp_path, 'run', 1) + ['--resume'])
     assert e.value.code == 2
-    assert 'lacks stage_index' in capsys.readouterr().err
+    assert 'lacks phase_index' in capsys.readouterr().err
     assert (tmp_path / 'run' / 'log.txt').read_text() == before
     (tmp_path / 'run' / 'checkpoint.pth.tar').write_bytes(b'not a checkpoint')
     with pytest.raises(SystemExit):

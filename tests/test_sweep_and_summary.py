@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import train_kd
-import utils
+import summarize
 from kd_losses import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +105,7 @@ def test_a_real_tiny_sweep_resumes_skips_and_summarises(cifar10_root, tmp_path):
     assert out.count('done, skipped') == 2 and out.count('[gpu 0]') == 1 and '--overwrite' in out
     assert len((st_dir / 'metrics.csv').read_text().splitlines()) == 2
     # the summary of this root
-    p = subprocess.run([sys.executable, os.path.join(ROOT, 'utils.py'), 'summary', env['RESULTS']],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'summarize.py'), env['RESULTS']],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert '| Teacher | Student | Name | CIFAR10 |' in p.stdout
@@ -123,7 +123,7 @@ def fake_run(root, kind, note, args, top1s, script=None, dml=False):
     with open(os.path.join(d, 'metrics.csv'), 'w', newline='') as f:
         cols = ['test_net1_top1', 'test_net2_top1'] if dml else ['test_top1']
         w = csv.writer(f)
-        w.writerow(['stage', 'stage_index', 'epoch'] + cols)
+        w.writerow(['phase', 'phase_index', 'epoch'] + cols)
         for e, v in enumerate(top1s, start=1):
             w.writerow(['main', 0, e] + (list(v) if dml else [v]))
     return d
@@ -142,7 +142,7 @@ def test_summary_tables_follow_the_reporting_rule(tmp_path, capsys):
     fake_run(root, 'base', 'base-c10-r110-s1', {**common, 'net_name': 'resnet110', 'seed': 1}, [70, 80, 75])
     fake_run(root, 'dml', 'dml-s1', {**common, 'net1_name': 'resnet110', 'net2_name': 'resnet20', 'seed': 1},
              [(1, 2), (3, 4), (5, 3)], dml=True)
-    utils.summary_main([root])
+    summarize.summary([root])
     out = capsys.readouterr().out
     assert 'best epoch and the last epoch' in out and 'mean ± sample standard deviation' in out
     lines = out.splitlines()
@@ -163,5 +163,5 @@ def test_summary_tables_follow_the_reporting_rule(tmp_path, capsys):
 
 
 def test_summary_of_an_empty_root_is_a_message(tmp_path):
-    with pytest.raises(utils.UserError, match='no runs'):
-        utils.summary_main([str(tmp_path)])
+    with pytest.raises(summarize.UserError, match='no runs'):
+        summarize.summary([str(tmp_path)])

@@ -56,7 +56,7 @@ def test_missing_data_stops_with_a_message_and_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize('flags, message', [
     (['--num_class', '100'], 'contradicts --data_name cifar10'),
-    (['--net_name', 'resnet56'], "invalid choice: 'resnet56'"),
+    (['--net_name', 'resnet57'], "invalid choice: 'resnet57'"),
     (['--epochs', '0'], 'must be > 0'),
     (['--lr', '-1'], 'must be > 0'),
     (['--batch_size', '1000'], 'larger than the training split'),

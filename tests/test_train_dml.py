@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import train_dml
 from dataset import Batch
 from network import resnet20
-from utils import load_network_weights, make_sgd
+from checkpoints import load_network_weights
+from utils import make_sgd
 
 ARGS = argparse.Namespace(lr=0.1, momentum=0.9, weight_decay=1e-4, lambda_kd=0.7, amp=False,
                           device='cpu')

@@ -94,7 +94,7 @@ def test_every_mode_trains_and_evaluates(base_run, tmp_path, mode, ce_only_runs)
     for name in ('checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'metrics.csv', 'args.json'):
         assert (run_dir / name).is_file(), name
     rows = read_rows(run_dir / 'metrics.csv')
-    main = [r for r in rows if r['stage'] == 'main']
+    main = [r for r in rows if r['phase'] == 'main']
     assert len(main) == 1
     for r in rows:
         for key in ('train_loss', 'train_ce', 'train_kd', 'test_loss', 'test_top1'):
@@ -147,7 +147,7 @@ def test_lambda_from_the_command_line_wins_and_is_logged(base_run, tmp_path):
 def test_initialisation_stage_then_ce_only(base_run, tmp_path, mode):
     train_kd.main(kd_args(base_run, tmp_path, mode, epochs=2, extra=['--init_epochs', '2']))
     rows = read_rows(tmp_path / mode / 'metrics.csv')
-    assert [r['stage'] for r in rows] == ['init', 'init', 'main', 'main']
+    assert [r['phase'] for r in rows] == ['init', 'init', 'main', 'main']
     assert all(float(r['train_loss']) > 0 for r in rows[:2])       # the KD loss alone
     assert all(r['test_top1'] == '' for r in rows[:2])
     assert all(float(r['kd_weight']) == 0 and float(r['train_kd']) == 0 for r in rows[2:])
@@ -157,7 +157,7 @@ def test_initialisation_stage_then_ce_only(base_run, tmp_path, mode):
 def test_ft_pretrains_the_paraphraser_first(base_run, tmp_path):
     train_kd.main(kd_args(base_run, tmp_path, 'ft', extra=['--para_epochs', '2']))
     rows = read_rows(tmp_path / 'ft' / 'metrics.csv')
-    assert [r['stage'] for r in rows] == ['paraphraser', 'paraphraser', 'main']
+    assert [r['phase'] for r in rows] == ['paraphraser', 'paraphraser', 'main']
     assert float(rows[1]['train_loss']) < float(rows[0]['train_loss'])  # it learns to reconstruct
     assert float(rows[2]['train_kd']) > 0
 

@@ -1,4 +1,4 @@
-"""The two-stage schedule AB and FSP share (kd_losses/_two_stage.py): a
+"""The two-phase schedule AB and FSP share (kd_losses/_two_phase.py): a
 KD-only initialisation of the student, then cross-entropy only."""
 import pytest
 import torch
@@ -22,7 +22,7 @@ MODES = ['ab', 'fsp']
 ])
 def test_init_stage_epochs_and_lr(mode, init_epochs, expected):
     ctx = make_context(mode, {'init_epochs': init_epochs}, student=resnet20())
-    stages = METHODS[mode].build(ctx).stages(ctx)
+    stages = METHODS[mode].build(ctx).pretrain_phases(ctx)
     assert [st.name for st in stages] == ['init']
     assert stages[0].epochs == init_epochs and stages[0].needs_student
     assert [stages[0].lr_scale(e) for e in range(1, init_epochs + 1)] == pytest.approx(expected)
@@ -33,7 +33,7 @@ def test_init_stage_trains_exactly_the_student(mode):
     student, teacher = resnet20(), resnet20()
     ctx = make_context(mode, student=student, teacher=teacher)
     distiller = METHODS[mode].build(ctx)
-    stage = distiller.stages(ctx)[0]
+    stage = distiller.pretrain_phases(ctx)[0]
     assert [id(p) for p in stage.params] == [id(p) for p in student.parameters()]
     assert student in list(stage.train_modules)
     assert list(distiller.parameters()) == []  # nothing of its own to learn
@@ -56,7 +56,7 @@ def test_init_stage_loss_is_lambda_times_kd(mode):
     distiller = METHODS[mode].build(ctx)
     s, _ = make_features(batch=2, seed=3)
     t, _ = make_features(batch=2, seed=4)
-    stage = distiller.stages(ctx)[0]
+    stage = distiller.pretrain_phases(ctx)[0]
     assert stage.loss(s, t, None).item() == pytest.approx(2.5 * distiller(s, t, None).item(),
                                                           rel=1e-6)
 
@@ -72,4 +72,4 @@ def test_main_stage_is_ce_only(mode):
 def test_init_stage_needs_the_student(mode):
     ctx = make_context(mode)
     with pytest.raises(ValueError, match='student'):
-        METHODS[mode].build(ctx).stages(ctx)
+        METHODS[mode].build(ctx).pretrain_phases(ctx)

@@ -1,6 +1,6 @@
-"""The two-stage schedule that AB and FSP share (the seed's `train_init`).
+"""The two-phase schedule that AB and FSP share (the seed's `train_init`).
 
-Stage 'init' (`--init_epochs`, seed 50) trains the student's own parameters
+Phase 'init' (`--init_epochs`, seed 50) trains the student's own parameters
 on lambda_kd * (KD loss) alone, without cross-entropy, at 0.1·lr for the
 first 60% of its epochs, 0.01·lr for the next 20% and 0.001·lr for the rest
 (30/10/10 of the seed's 50). The main schedule then trains with
@@ -10,17 +10,17 @@ This module starts with '_', so the package does not import it as a method.
 """
 from functools import partial
 
-from .registry import Distiller, Flag, PreStage
+from .registry import Distiller, Flag, PretrainPhase
 
-INIT_FLAGS = {'init_epochs': Flag(int, 'epochs of the KD-only student initialisation stage '
+INIT_FLAGS = {'init_epochs': Flag(int, 'epochs of the KD-only student initialisation phase '
                                        '(AB, FSP)', positive=True)}
 INIT_DEFAULTS = {'init_epochs': 50}
 
 
 def init_lr_scale(epoch, init_epochs):
-    """lr multiplier of init-stage epoch `epoch` (from 1). Milestones are
+    """lr multiplier of init-phase epoch `epoch` (from 1). Milestones are
     round(0.6·E) and round(0.8·E) (Python's round: halves to even); E=50
-    gives the seed's 30/10/10, and short stages keep every step (E=2: 0.1,
+    gives the seed's 30/10/10, and short phases keep every step (E=2: 0.1,
     0.01)."""
     first, second = round(init_epochs * 0.6), round(init_epochs * 0.8)
     return 0.1 if epoch <= first else 0.01 if epoch <= second else 0.001
@@ -28,7 +28,7 @@ def init_lr_scale(epoch, init_epochs):
 
 class InitThenCE(Distiller):
     """Wraps a distiller `kd` (forward(s, t, batch) -> KD loss): its loss
-    drives the 'init' stage, and the main schedule is cross-entropy only."""
+    drives the 'init' phase, and the main schedule is cross-entropy only."""
 
     def __init__(self, kd):
         super().__init__()
@@ -37,16 +37,16 @@ class InitThenCE(Distiller):
     def forward(self, s, t, batch):
         return self.kd(s, t, batch)
 
-    def stages(self, ctx):
+    def pretrain_phases(self, ctx):
         if ctx.student is None:
-            raise ValueError(f'{ctx.args.kd_mode}: the init stage trains the student, '
+            raise ValueError(f'{ctx.args.kd_mode}: the init phase trains the student, '
                              'so Context.student must be the student network')
         lambda_kd, epochs = ctx.args.lambda_kd, ctx.args.init_epochs
 
-        def init_loss(s, t, batch):  # no cross-entropy in this stage
+        def init_loss(s, t, batch):  # no cross-entropy in this phase
             return lambda_kd * self(s, t, batch)
 
-        return [PreStage(name='init', epochs=epochs,
+        return [PretrainPhase(name='init', epochs=epochs,
                          lr_scale=partial(init_lr_scale, init_epochs=epochs),
                          params=list(ctx.student.parameters()), loss=init_loss,
                          train_modules=(ctx.student,))]
