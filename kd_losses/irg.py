@@ -12,7 +12,8 @@ The seed's variant, on [rb2 post, rb3 post, feat, out] of each network:
   to rb3's size) and rb3 (adjacent channels averaged in pairs down to rb2's
   channel count), divided by the batch max; MSE.
 Loss = w_vert * vertex + w_edge * edge + w_tran * transformation (the paper's
-fixed weights, without its loss-dependent weighting).
+fixed weights, without its loss-dependent weighting); the three weighted
+terms are logged on their own.
 """
 import torch
 import torch.nn as nn
@@ -61,20 +62,29 @@ class IRG(nn.Module):
         sq_dist = (fm_early - fm_late).flatten(1).pow(2).sum(dim=1).clamp(min=EPS)
         return max_normalised(sq_dist)
 
-    def forward(self, irg_s, irg_t):
+    def terms(self, irg_s, irg_t):
+        """The weighted terms {'vertex', 'edge', 'transformation'}; their sum is the loss."""
         fm2_s, fm3_s, feat_s, out_s = [x.float() for x in irg_s]
         fm2_t, fm3_t, feat_t, out_t = [x.float() for x in irg_t]
         vertex = F.mse_loss(out_s, out_t)
         edge = sum(F.mse_loss(self.edges(s), self.edges(t))
                    for s, t in ((feat_s, feat_t), (fm2_s, fm2_t), (fm3_s, fm3_t))) / 3
         tran = F.mse_loss(self.transformation(fm2_s, fm3_s), self.transformation(fm2_t, fm3_t))
-        return self.w_vert * vertex + self.w_edge * edge + self.w_tran * tran
+        return {'vertex': self.w_vert * vertex, 'edge': self.w_edge * edge,
+                'transformation': self.w_tran * tran}
+
+    def forward(self, irg_s, irg_t):
+        parts = self.terms(irg_s, irg_t)
+        return parts['vertex'] + parts['edge'] + parts['transformation']
 
 
 class IRGDistiller(Distiller):
     """Feeds IRG the lists [rb2 post, rb3 post, feat, out]; teacher parts
     detached. Its graph relates the samples of a batch, so under torchrun it
-    is built on the global batch."""
+    is built on the global batch. Returns the three weighted terms, each
+    logged (train_kd_vertex, train_kd_edge, train_kd_transformation)."""
+
+    loss_terms = ('vertex', 'edge', 'transformation')
 
     def __init__(self, loss):
         super().__init__()
@@ -86,8 +96,8 @@ class IRGDistiller(Distiller):
                 features.feat, features.out]
 
     def forward(self, s, t, batch):
-        return self.irg([gather_batch(x, differentiable=True) for x in self.graph_inputs(s)],
-                        [gather_batch(x.detach()) for x in self.graph_inputs(t)])
+        return self.irg.terms([gather_batch(x, differentiable=True) for x in self.graph_inputs(s)],
+                              [gather_batch(x.detach()) for x in self.graph_inputs(t)])
 
 
 def build(ctx):

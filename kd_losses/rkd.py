@@ -7,13 +7,16 @@ Distance term: the batch's pairwise Euclidean distances, each divided by the
 mean of the positive (off-diagonal) distances, compared with smooth-L1.
 Angle term: for every triplet (i, j, k) the cosine of the angle at i between
 f_j - f_i and f_k - f_i, compared with smooth-L1. Loss = w_dist * distance +
-w_angle * angle, applied to `feat` as in the seed.
+w_angle * angle, applied to `feat` as in the seed; the two weighted terms are
+logged on their own.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ConfigError, FeatureDistiller, Flag, Method, register
+from distributed import gather_batch
+
+from .registry import ConfigError, Distiller, Flag, Method, register
 
 __all__ = ['RKD']
 
@@ -41,18 +44,39 @@ class RKD(nn.Module):
         diff = F.normalize(feat[None, :, :] - feat[:, None, :], dim=2)
         return torch.bmm(diff, diff.transpose(1, 2))
 
-    def forward(self, feat_s, feat_t):
+    def terms(self, feat_s, feat_t):
+        """The weighted terms {'distance', 'angle'}; their sum is the loss."""
         feat_s, feat_t = feat_s.float(), feat_t.float()
         dist_loss = F.smooth_l1_loss(self.distances(feat_s), self.distances(feat_t))
         angle_loss = F.smooth_l1_loss(self.angles(feat_s), self.angles(feat_t))
-        return self.w_dist * dist_loss + self.w_angle * angle_loss
+        return {'distance': self.w_dist * dist_loss, 'angle': self.w_angle * angle_loss}
+
+    def forward(self, feat_s, feat_t):
+        parts = self.terms(feat_s, feat_t)
+        return parts['distance'] + parts['angle']
+
+
+class RKDDistiller(Distiller):
+    """RKD on `feat`, teacher detached, both terms logged (train_kd_distance,
+    train_kd_angle). The relations span the batch, so under torchrun they are
+    computed on the global batch gathered from every process."""
+
+    loss_terms = ('distance', 'angle')
+
+    def __init__(self, loss):
+        super().__init__()
+        self.rkd = loss
+
+    def forward(self, s, t, batch):
+        return self.rkd.terms(gather_batch(s.feat, differentiable=True),
+                              gather_batch(t.feat.detach()))
 
 
 def build(ctx):
     if ctx.args.w_dist < 0 or ctx.args.w_angle < 0:
         raise ConfigError(f'rkd: --w_dist ({ctx.args.w_dist}) and --w_angle '
                           f'({ctx.args.w_angle}) must be >= 0')
-    return FeatureDistiller(RKD(ctx.args.w_dist, ctx.args.w_angle), ['feat'], relational=True)
+    return RKDDistiller(RKD(ctx.args.w_dist, ctx.args.w_angle))
 
 
 register(Method(

@@ -5,21 +5,29 @@ NIPS 2014 Deep Learning Workshop, https://arxiv.org/abs/1503.02531
 
 KL(softmax(t/T) || softmax(s/T)), averaged over the batch and multiplied by
 T^2 so that gradient magnitudes do not shrink with the temperature.
+
+With --logit_stand (Sun et al., CVPR 2024; kd_losses/_logit_stand.py) both
+logits are z-scored per sample before the temperature; the authors' CIFAR-100
+setting with it is --T 2 --lambda_kd 9 (CE weight 1), given on the command
+line. Off (the default), the loss is exactly the one above.
 """
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._logit_stand import LOGIT_STAND, maybe_standardize
 from .registry import FeatureDistiller, Flag, Method, register
 
 __all__ = ['SoftTarget']
 
 
 class SoftTarget(nn.Module):
-    def __init__(self, T):
+    def __init__(self, T, logit_stand=False):
         super().__init__()
         self.T = T
+        self.logit_stand = bool(logit_stand)
 
     def forward(self, out_s, out_t):
+        out_s, out_t = maybe_standardize(out_s, out_t, self.logit_stand)
         log_p_s = F.log_softmax(out_s / self.T, dim=1)
         log_p_t = F.log_softmax(out_t / self.T, dim=1)
         return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * self.T ** 2
@@ -28,7 +36,9 @@ class SoftTarget(nn.Module):
 register(Method(
     name='st', title='soft target', paper='https://arxiv.org/abs/1503.02531',
     transfers='logits, softened at temperature T',
-    build=lambda ctx: FeatureDistiller(SoftTarget(ctx.args.T), ['out']),
-    defaults={'lambda_kd': 0.1, 'T': 4.0},
-    flags={'T': Flag(float, 'softmax temperature', positive=True)},
+    variant='--logit_stand: z-scored logits (Sun et al., CVPR 2024; their setting: --T 2 --lambda_kd 9)',
+    build=lambda ctx: FeatureDistiller(SoftTarget(ctx.args.T, ctx.args.logit_stand), ['out']),
+    defaults={'lambda_kd': 0.1, 'T': 4.0, 'logit_stand': False},
+    flags={'T': Flag(float, 'softmax temperature', positive=True),
+           'logit_stand': LOGIT_STAND},
 ))

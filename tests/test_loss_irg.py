@@ -130,7 +130,7 @@ def test_distiller_feeds_rb2_rb3_post_feat_out_and_detaches_the_teacher():
     assert list(distiller.learnable_parameters()) == [] and not distiller.teacher_grad
     s, s_leaves = make_features(batch=4, seed=0, requires_grad=True)
     t, t_leaves = make_features(batch=4, seed=1, requires_grad=True)
-    loss = distiller(s, t, None)
+    loss = sum(distiller(s, t, None).values())  # the weighted terms, logged on their own
     assert loss.dim() == 0 and torch.isfinite(loss)
     expected = irg_reference([s.rb2[1], s.rb3[1], s.feat, s.out],
                              [t.rb2[1], t.rb3[1], t.feat, t.out], 0.1, 5.0, 5.0)

@@ -87,7 +87,7 @@ def test_registry():
     # the weights' defaults: 25 (distance) and 50 (angle)
     s, _ = make_features(batch=5, seed=2)
     t, _ = make_features(batch=5, seed=3)
-    loss = method.build(make_context('rkd'))(s, t, None)
+    loss = sum(method.build(make_context('rkd'))(s, t, None).values())
     assert loss.item() == pytest.approx(rkd_reference(s.feat, t.feat, 25.0, 50.0), rel=1e-4)
     assert method.flags['w_dist'].type is float and method.flags['w_angle'].type is float
     with pytest.raises(ConfigError, match='w_dist'):
@@ -101,7 +101,7 @@ def test_distiller_matches_reference_and_detaches_the_teacher():
     assert distiller.pretrain_phases(ctx) == [] and list(distiller.learnable_parameters()) == []
     s, s_leaves = make_features(batch=6, seed=0, requires_grad=True)
     t, t_leaves = make_features(batch=6, seed=1, requires_grad=True)
-    loss = distiller(s, t, None)
+    loss = sum(distiller(s, t, None).values())  # the weighted terms, logged on their own
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert loss.item() == pytest.approx(rkd_reference(s.feat, t.feat, 10.0, 20.0), rel=1e-4)
     loss.backward()
