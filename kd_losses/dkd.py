@@ -23,7 +23,7 @@ Defaults: the official CIFAR-100 configuration (mdistiller/engine/cfg.py:
 alpha 1, beta 8, T 4, warm-up 20, CE weight 1; loss weight 1). The official
 per-pair configs (configs/cifar100/dkd/*.yaml) lower beta for some pairs:
 2 for resnet56->resnet20 and resnet110->resnet32 (so --dkd_beta 2 is the
-paper's choice for this zoo's CIFAR resnet pairs), 6 for wrn-40-2->wrn-16-2.
+closer setting for this zoo's resnet110->resnet20), 6 for wrn-40-2->wrn-16-2.
 The paper gives no CIFAR-10 setting.
 
 Departures from the official code: the binary and non-target distributions

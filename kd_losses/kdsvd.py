@@ -25,9 +25,9 @@ It reads the post-activation maps of every stage both nets have
 match stage by stage (the vectors are compared channel by channel), the
 spatial sizes need not.
 
-Defaults: k = 1 and loss weight 1, as the official code (num_DFV=1) and
-mdistiller's port (configs: KDSVD.K 1, FEAT_WEIGHT 1, CE weight 1). The
-paper reports CIFAR-100 only.
+Defaults: k = 1 and loss weight 1, as the official code (num_DFV=1, its
+CIFAR-100 VGG experiment) and mdistiller's port (engine/cfg.py: KDSVD.K 1,
+FEAT_WEIGHT 1, CE weight 1); the same on CIFAR-10.
 
 Departures from the official code:
 - batch mean (the official sums over the batch), and the loss enters as
