@@ -1,0 +1,103 @@
+"""Class attention transfer.
+
+Guo, Yan, Li, Lin: "Class Attention Transfer Based Knowledge Distillation",
+CVPR 2023, https://arxiv.org/abs/2304.12777
+
+Class activation maps (CAMs) of the last stage: for each class k,
+CAM_k = sum_c W[k, c] * F_c, with F the last stage's post-activation map and
+W the weight of the network's own classifier (the classifier is a 1x1 conv
+without bias applied before the global pooling in the official networks,
+the same linear map). The student's CAMs use its own head's weight (trained,
+so CAT also trains the student's classifier); the teacher's use its frozen
+head, read functionally. Both sets of CAMs are average-pooled to
+cat_resolution x cat_resolution (adaptively, so different map sizes meet),
+optionally L2-normalised per CAM over its positions (cat_normalize), and the
+loss is their MSE. The pooling is applied to the maps before the classifier
+weights: the same CAMs (both steps are linear), at a fraction of the cost.
+
+Defaults are the official config for resnet56 -> resnet20, the zoo's own
+student (GzyAftermath/CAT-KD configs/cifar100/CAT_KD/res56_res20.yaml: beta
+0.7, resolution 2, no normalisation, CE weight 1). Other official pairs:
+resnet32x4 -> resnet8x4 15, resnet110 -> resnet32 1.8, wrn_40_2 -> wrn_16_2
+12, wrn_40_2 -> wrn_40_1 1.5, vgg13 -> vgg8 4.5 (resolution 2, no
+normalisation);
+wrn_40_2 -> ShuffleV1 80 and resnet32x4 -> ShuffleV1/ShuffleV2 600
+(resolution 4, normalised); vgg13 -> MobileNetV2 15 and ResNet50 ->
+MobileNetV2 40 (resolution 2, normalised). The official runs use 240 epochs,
+lr 0.05 (0.01 for ShuffleNet/MobileNet students), batch 64.
+
+Departures: the official student's classifier is a bias-free 1x1 conv; ours
+keeps its Linear head with bias (the bias is not part of the CAM). Needs
+networks whose head reads the global average of the last stage: not
+MobileNetV2 or ShuffleV2 (their head reads an extra 1x1 conv after the last
+stage, which the zoo's features do not expose): ConfigError. Loss in float32.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import ConfigError, Distiller, Flag, Method, pick, register
+
+__all__ = ['CATKD']
+
+
+def last_stage(shapes):
+    return [k for k in shapes if k.startswith('rb')][-1]
+
+
+class CATKD(nn.Module):
+    def __init__(self, resolution, normalize):
+        super().__init__()
+        self.resolution, self.normalize = resolution, normalize
+
+    def cams(self, fm, weight):
+        """[B, K, r, r]: the classifier's CAMs, average-pooled to r x r."""
+        pooled = F.adaptive_avg_pool2d(fm.float(), self.resolution)
+        cam = torch.einsum('kc,bchw->bkhw', weight.float(), pooled)
+        if self.normalize:
+            cam = F.normalize(cam.flatten(2), dim=2).view_as(cam)
+        return cam
+
+    def forward(self, fm_s, weight_s, fm_t, weight_t):
+        with torch.autocast(fm_s.device.type, enabled=False):
+            return F.mse_loss(self.cams(fm_s, weight_s), self.cams(fm_t, weight_t))
+
+
+class CATKDDistiller(Distiller):
+    def __init__(self, ctx, resolution, normalize):
+        super().__init__()
+        if ctx.student is None or ctx.teacher is None:
+            raise ConfigError("catkd reads both networks' classifiers: the context must give them")
+        self.s_key, self.t_key = last_stage(ctx.student_shapes), last_stage(ctx.teacher_shapes)
+        s_shape, t_shape = ctx.student_shapes[self.s_key], ctx.teacher_shapes[self.t_key]
+        for who, net, shape in (('student', ctx.student, s_shape), ('teacher', ctx.teacher, t_shape)):
+            if net.head.in_features != shape[0]:
+                raise ConfigError(f"catkd: the {who}'s classifier reads {net.head.in_features} "
+                                  f'features, not its last stage pooled (student {self.s_key} '
+                                  f'{tuple(s_shape)}, teacher {self.t_key} {tuple(t_shape)})')
+        if ctx.student.head.out_features != ctx.teacher.head.out_features:
+            raise ConfigError('catkd: student and teacher classify different numbers of classes')
+        self.cat = CATKD(resolution, normalize)
+        self.nets = (ctx.student, ctx.teacher)  # a plain tuple: their heads are read, not owned
+
+    def forward(self, s, t, batch):
+        student, teacher = self.nets
+        return self.cat(pick(s, self.s_key, 'post'), student.head.weight,
+                        pick(t, self.t_key, 'post').detach(), teacher.head.weight.detach())
+
+
+def build(ctx):
+    return CATKDDistiller(ctx, ctx.args.cat_resolution, ctx.args.cat_normalize)
+
+
+register(Method(
+    name='catkd', title='class attention transfer', paper='https://arxiv.org/abs/2304.12777',
+    transfers="last stage post-activation x each net's classifier weights (class activation "
+              'maps), average-pooled, MSE',
+    variant="official resnet56->resnet20 settings (beta 0.7); the student's head keeps its bias",
+    build=build,
+    defaults={'lambda_kd': 0.7, 'cat_resolution': 2, 'cat_normalize': False},
+    flags={'cat_resolution': Flag(int, 'catkd: CAMs are average-pooled to this size (square)',
+                                  positive=True),
+           'cat_normalize': Flag(bool, 'catkd: L2-normalise each CAM over its positions')},
+))

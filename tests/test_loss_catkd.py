@@ -1,0 +1,238 @@
+"""CAT-KD (class activation maps from the last stage and each network's
+classifier weights, average-pooled, optionally normalised, MSE) against a
+float64 numpy computation in the paper's order (CAMs first, then pooling);
+shapes across families; a train_kd run that resumes bitwise."""
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+import torch.nn as nn
+
+import records
+import train_kd
+from conftest import make_context
+from kd_losses import CATKD, METHODS, ConfigError
+from network import Features, Features4, build_network
+
+MODE = 'catkd'
+COMPILE_FLAGS = {}
+
+
+def np_(t):
+    return t.detach().double().numpy()
+
+
+def avg_pool(x, size):
+    h, w = x.shape[2:]
+    out = np.zeros(x.shape[:2] + (size, size))
+    for i in range(size):
+        for j in range(size):
+            r0, r1 = i * h // size, -(-(i + 1) * h // size)
+            c0, c1 = j * w // size, -(-(j + 1) * w // size)
+            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    return out
+
+
+def cat_reference(fm_s, w_s, fm_t, w_t, resolution, normalize):
+    def cams(fm, w):
+        cam = avg_pool(np.einsum('kc,bchw->bkhw', np_(w), np_(fm)), resolution)  # CAM, then pool
+        if normalize:
+            cam = cam / np.sqrt((cam ** 2).sum(axis=(2, 3), keepdims=True))
+        return cam
+    return np.mean((cams(fm_s, w_s) - cams(fm_t, w_t)) ** 2)
+
+
+@pytest.mark.parametrize('resolution, normalize, s_size, t_size', [
+    (2, False, 4, 4), (2, True, 8, 4), (4, True, 4, 8), (3, False, 7, 5), (1, False, 2, 8)])
+def test_loss_matches_reference(resolution, normalize, s_size, t_size):
+    g = torch.Generator().manual_seed(resolution)
+    fm_s = torch.rand(3, 4, s_size, s_size, generator=g)
+    fm_t = torch.rand(3, 6, t_size, t_size, generator=g)
+    w_s, w_t = torch.randn(5, 4, generator=g), torch.randn(5, 6, generator=g)
+    loss = CATKD(resolution, normalize)(fm_s, w_s, fm_t, w_t)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(cat_reference(fm_s, w_s, fm_t, w_t, resolution, normalize),
+                                        rel=1e-5)
+
+
+def test_hand_cases():
+    # the same network on both sides: no loss
+    fm, w = torch.rand(2, 3, 4, 4), torch.randn(5, 3)
+    assert CATKD(2, False)(fm, w, fm, w).item() == 0.0
+    # constant maps c, one channel, weights a and b: every pooled CAM entry is (a - b) c apart
+    fm = torch.full((1, 1, 4, 4), 2.0)
+    three, one = torch.tensor([[3.0]]), torch.tensor([[1.0]])
+    assert CATKD(2, False)(fm, three, fm, one).item() == pytest.approx(16.0)
+    # normalised, positive constant CAMs are all equal to 1/r: no loss whatever the scale
+    assert CATKD(2, True)(fm, three, fm, one).item() == pytest.approx(0.0)
+
+
+class Net(nn.Module):
+    """Only what CAT-KD reads of a network: its classifier."""
+
+    def __init__(self, channels, num_class=5):
+        super().__init__()
+        self.head = nn.Linear(channels, num_class)
+
+
+def shaped_features(shapes, batch, seed, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    stages = [k for k in shapes if k.startswith('rb')]
+    leaves = {k: torch.rand((batch, *shapes[k]), generator=g).requires_grad_(requires_grad)
+              for k in ['stem', *stages, 'feat', 'out']}
+    pairs = [(leaves[k] - 0.5, leaves[k]) for k in ['stem', *stages]]
+    cls = Features if len(stages) == 3 else Features4
+    return cls(*pairs, leaves['feat'], leaves['out']), leaves
+
+
+def shapes_with(last, num_class=5):
+    return {'stem': (2, 8, 8), 'rb1': (2, 8, 8), 'rb2': (2, 4, 4), 'rb3': last, 'feat': (last[0],),
+            'out': (num_class,)}
+
+
+def test_distiller_reads_both_classifiers_and_trains_the_students():
+    student, teacher = Net(3), Net(4)
+    teacher.requires_grad_(False)
+    ctx = make_context(MODE, {'cat_resolution': 2, 'cat_normalize': True}, num_class=5,
+                       student=student, teacher=teacher)
+    ctx.student_shapes, ctx.teacher_shapes = shapes_with((3, 4, 4)), shapes_with((4, 8, 8))
+    distiller = METHODS[MODE].build(ctx)
+    assert list(distiller.parameters()) == [] and distiller.state_dict() == {}  # read, not owned
+    s, s_leaves = shaped_features(ctx.student_shapes, 3, 0, requires_grad=True)
+    t, t_leaves = shaped_features(ctx.teacher_shapes, 3, 1, requires_grad=True)
+    loss = distiller(s, t, None)
+    expected = cat_reference(s.rb3[1], student.head.weight, t.rb3[1], teacher.head.weight, 2, True)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert student.head.weight.grad.abs().sum() > 0 and student.head.bias.grad is None
+    assert s_leaves['rb3'].grad.abs().sum() > 0
+    assert all(leaf.grad is None for leaf in t_leaves.values())
+
+
+def test_float32_under_bf16_autocast_and_channels_last():
+    g = torch.Generator().manual_seed(0)
+    fm_s, fm_t = torch.rand(3, 4, 8, 8, generator=g), torch.rand(3, 6, 4, 4, generator=g)
+    w_s, w_t = torch.randn(5, 4, generator=g), torch.randn(5, 6, generator=g)
+    reference = CATKD(2, False)(fm_s, w_s, fm_t, w_t).item()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = CATKD(2, False)(fm_s.contiguous(memory_format=torch.channels_last).bfloat16(), w_s,
+                               fm_t, w_t)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference, rel=0.05)
+
+
+def test_registry_entry():
+    method = METHODS[MODE]
+    assert method.defaults == {'lambda_kd': 0.7, 'cat_resolution': 2, 'cat_normalize': False}
+    assert method.flags['cat_resolution'].type is int and method.flags['cat_resolution'].positive
+    assert method.flags['cat_normalize'].type is bool
+
+
+def network_context(s_name, t_name, **flags):
+    student, teacher = build_network(s_name, 100), build_network(t_name, 100)
+    ctx = make_context(MODE, flags, num_class=100, student=student, teacher=teacher)
+    ctx.student_shapes, ctx.teacher_shapes = student.feature_shapes, teacher.feature_shapes
+    return ctx
+
+
+@pytest.mark.parametrize('s_name, t_name, flags', [
+    ('resnet20', 'resnet20', {}), ('resnet8x4', 'resnet32x4', {}),
+    ('ShuffleV1', 'wrn_40_2', {'cat_resolution': 4, 'cat_normalize': True}),
+    ('vgg8', 'vgg13', {})])
+def test_network_pairs_forward_backward(s_name, t_name, flags):
+    ctx = network_context(s_name, t_name, **flags)
+    distiller = METHODS[MODE].build(ctx)
+    s, s_leaves = shaped_features(ctx.student_shapes, 2, 0, requires_grad=True)
+    t, _ = shaped_features(ctx.teacher_shapes, 2, 1)
+    distiller(s, t, None).backward()
+    last = [k for k in ctx.student_shapes if k.startswith('rb')][-1]
+    assert s_leaves[last].grad.abs().sum() > 0 and ctx.student.head.weight.grad is not None
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="student's classifier reads 1280"):
+        METHODS[MODE].build(network_context('MobileNetV2', 'vgg13'))
+    with pytest.raises(ConfigError, match="teacher's classifier reads 1024"):
+        METHODS[MODE].build(network_context('resnet8x4', 'ShuffleV2'))
+    with pytest.raises(ConfigError, match='classifiers'):
+        METHODS[MODE].build(make_context(MODE))
+    ctx = make_context(MODE, student=Net(64, 10), teacher=Net(64, 7))
+    with pytest.raises(ConfigError, match='numbers of classes'):
+        METHODS[MODE].build(ctx)
+
+
+# ----------------------------------------------------------------------------- train_kd
+
+def kd_argv(base_run, root, note, epochs):
+    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(root),
+            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
+            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', MODE, '--epochs',
+            str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', '--seed', '3',
+            '--cat_normalize']
+
+
+class Stop(BaseException):
+    pass
+
+
+def stop_after_first_epoch_then_resume(monkeypatch, argv):
+    save = records.Checkpointer.__call__
+
+    def save_then_stop(self, *a, **k):
+        save(self, *a, **k)
+        raise Stop
+    monkeypatch.setattr(records.Checkpointer, '__call__', save_then_stop)
+    with pytest.raises(Stop):
+        train_kd.main(argv)
+    monkeypatch.setattr(records.Checkpointer, '__call__', save)
+    train_kd.main(argv + ['--resume'])
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        return [{k: v for k, v in r.items() if k not in ('seconds', 'img_per_s')}
+                for r in csv.DictReader(f)]
+
+
+def test_train_kd_runs_and_resumes(base_run, tmp_path, monkeypatch):
+    train_kd.main(kd_argv(base_run, tmp_path, 'straight', 2))
+    ckpt = torch.load(tmp_path / 'straight' / 'checkpoint.pth.tar', weights_only=True)
+    assert ckpt['distiller'] == {}
+    log = (tmp_path / 'straight' / 'log.txt').read_text()
+    assert 'cat_normalize = True (command line)' in log and 'cat_resolution = 2 (default' in log
+    rows = metrics(tmp_path / 'straight')
+    assert all(float(r['train_kd']) > 0 for r in rows)
+    stop_after_first_epoch_then_resume(monkeypatch, kd_argv(base_run, tmp_path, 'resumed', 2))
+    resumed = torch.load(tmp_path / 'resumed' / 'checkpoint.pth.tar', weights_only=True)
+    for name, value in ckpt['net'].items():
+        assert torch.equal(value, resumed['net'][name]), f'net.{name} differs after resume'
+    assert metrics(tmp_path / 'resumed') == rows
+
+
+def test_one_graph_under_torch_compile():
+    """Student, teacher, loss and its gradients trace as one graph, as with
+    --compile inductor (no host syncs, no data-dependent branches)."""
+    torch.manual_seed(0)
+    student, teacher = build_network('resnet8', 10), build_network('resnet8', 10)
+    teacher.eval().requires_grad_(False)
+    ctx = make_context(MODE, COMPILE_FLAGS, student=student, teacher=teacher)
+    distiller = METHODS[MODE].build(ctx)
+    model = distiller.wrap_student(student)
+    params = list(model.parameters()) + list(distiller.learnable_parameters())
+
+    def step(x):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            s = model(x)
+            with torch.no_grad():
+                t = teacher(x)
+            kd = distiller(s, t, None)
+            kd = sum(kd.values()) if isinstance(kd, dict) else kd
+        return torch.autograd.grad(kd, params, allow_unused=True), kd.detach()
+
+    x = torch.randn(4, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        grads, loss = torch.compile(step, fullgraph=True, backend='eager')(x)
+    assert torch.isfinite(loss) and any(g is not None for g in grads)

@@ -1,0 +1,345 @@
+"""ReviewKD (ABF review path, hierarchical context loss, linear warm-up)
+against a float64 numpy computation; shapes across families; a train_kd run:
+the ABF modules train, are checkpointed and resume bitwise."""
+import csv
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+
+import records
+import train_kd
+from conftest import make_context
+from kd_losses import HCL, METHODS, ConfigError, ReviewKD
+from network import Features, Features4, build_network
+
+MODE = 'reviewkd'
+COMPILE_FLAGS = {}
+
+
+# ----------------------------------------------------------------------------- numpy reference
+
+def np_(t):
+    return t.detach().double().numpy()
+
+
+def conv1x1(conv, x):
+    out = np.einsum('oc,bchw->bohw', np_(conv.weight)[:, :, 0, 0], x)
+    return out if conv.bias is None else out + np_(conv.bias).reshape(1, -1, 1, 1)
+
+
+def conv3x3(conv, x):
+    w = np_(conv.weight)
+    h, wd = x.shape[2:]
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    return sum(np.einsum('oc,bchw->bohw', w[:, :, i, j], xp[:, :, i:i + h, j:j + wd])
+               for i in range(3) for j in range(3))
+
+
+def batchnorm(bn, x, eps=1e-5):  # train mode: the batch's statistics, biased variance
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    var = x.var(axis=(0, 2, 3), keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np_(bn.weight).reshape(1, -1, 1, 1) \
+        + np_(bn.bias).reshape(1, -1, 1, 1)
+
+
+def nearest(x, size):
+    rows = (np.arange(size[0]) * x.shape[2] // size[0])
+    cols = (np.arange(size[1]) * x.shape[3] // size[1])
+    return x[:, :, rows][:, :, :, cols]
+
+
+def avg_pool(x, size):
+    h, w = x.shape[2:]
+    out = np.zeros(x.shape[:2] + (size, size))
+    for i in range(size):
+        for j in range(size):
+            r0, r1 = i * h // size, -(-(i + 1) * h // size)
+            c0, c1 = j * w // size, -(-(j + 1) * w // size)
+            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    return out
+
+
+def hcl_reference(fs, ft):
+    loss, weight, total = np.mean((fs - ft) ** 2), 1.0, 1.0
+    for size in (4, 2, 1):
+        if size < fs.shape[2]:
+            weight /= 2
+            loss += weight * np.mean((avg_pool(fs, size) - avg_pool(ft, size)) ** 2)
+            total += weight
+    return loss / total
+
+
+def abf_reference(abf, x, residual, out_size):
+    x = batchnorm(abf.conv1[1], conv1x1(abf.conv1[0], x))
+    if abf.att_conv is not None:
+        residual = nearest(residual, x.shape[2:])
+        z = conv1x1(abf.att_conv[0], np.concatenate([x, residual], axis=1))
+        w = 1 / (1 + np.exp(-z))
+        x = x * w[:, 0:1] + residual * w[:, 1:2]
+    if x.shape[2:] != tuple(out_size):
+        x = nearest(x, out_size)
+    return batchnorm(abf.conv2[1], conv3x3(abf.conv2[0], x)), x
+
+
+def review_reference(distiller, s_maps, t_maps):
+    """{level: HCL} by the formula, deepest level first."""
+    results, residual = {}, None
+    levels = distiller.levels
+    for i in reversed(range(len(levels))):
+        t = t_maps[i]
+        out, residual = abf_reference(distiller.abfs[i], s_maps[i], residual, t.shape[2:])
+        results[levels[i]] = hcl_reference(out, t)
+    return results
+
+
+# ----------------------------------------------------------------------------- tiny features
+
+S_SHAPES = {'stem': (3, 8, 8), 'rb1': (3, 8, 8), 'rb2': (4, 4, 4), 'rb3': (5, 2, 2), 'feat': (5,),
+            'out': (10,)}
+T_SHAPES = {'stem': (4, 16, 16), 'rb1': (6, 16, 16), 'rb2': (7, 2, 2), 'rb3': (8, 4, 4),
+            'feat': (9,), 'out': (10,)}
+
+
+def features(shapes, batch, seed, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    leaves = {k: torch.randn((batch, *shapes[k]), generator=g).requires_grad_(requires_grad)
+              for k in ('stem', 'rb1', 'rb2', 'rb3', 'feat', 'out')}
+    pair = {k: (leaves[k], torch.relu(leaves[k])) for k in ('stem', 'rb1', 'rb2', 'rb3')}
+    return Features(pair['stem'], pair['rb1'], pair['rb2'], pair['rb3'], leaves['feat'],
+                    leaves['out']), leaves
+
+
+def tiny_distiller(warmup=20):
+    torch.manual_seed(0)
+    return ReviewKD(S_SHAPES, T_SHAPES, ('rb1', 'rb2', 'rb3'), warmup)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+@pytest.mark.parametrize('h', [8, 5, 4, 2, 1])
+def test_hcl_matches_formula(h):
+    g = torch.Generator().manual_seed(h)
+    fs, ft = torch.randn(3, 4, h, h, generator=g), torch.randn(3, 4, h, h, generator=g)
+    assert HCL()(fs, ft).item() == pytest.approx(hcl_reference(np_(fs), np_(ft)), rel=1e-5)
+
+
+def test_hcl_hand_case():
+    # a constant difference d: every pooled level differs by d too, so HCL = d^2
+    fs = torch.full((2, 3, 8, 8), 1.5)
+    assert HCL()(fs, torch.zeros_like(fs)).item() == pytest.approx(2.25)
+    # a zero-mean checkerboard difference vanishes at every pooled level (4x4 windows
+    # of 2x2 cells): only the full-resolution term remains, weighted 1 / (1 + 1/2 + 1/4 + 1/8)
+    board = torch.tensor([[(-1.0) ** (i + j) for j in range(8)] for i in range(8)])
+    fs = board.expand(1, 1, 8, 8)
+    assert HCL()(fs, torch.zeros_like(fs)).item() == pytest.approx(1 / 1.875)
+
+
+def test_review_matches_reference_with_other_channels_and_sizes():
+    distiller = tiny_distiller()
+    s, _ = features(S_SHAPES, 4, seed=1)
+    t, _ = features(T_SHAPES, 4, seed=2)
+    got = distiller(s, t, None)
+    assert tuple(got) == ('rb1', 'rb2', 'rb3', 'feat') == distiller.loss_terms
+    s_maps = [np_(s.rb1[1]), np_(s.rb2[1]), np_(s.rb3[1]), np_(s.feat)[:, :, None, None]]
+    t_maps = [np_(t.rb1[0]), np_(t.rb2[0]), np_(t.rb3[0]), np_(t.feat)[:, :, None, None]]
+    expected = review_reference(distiller, s_maps, t_maps)
+    for level, value in got.items():
+        assert value.dim() == 0 and value.dtype == torch.float32
+        assert value.item() == pytest.approx(expected[level], rel=1e-4), level
+
+
+def test_gradients_reach_every_abf_and_the_student_not_the_teacher():
+    distiller = tiny_distiller()
+    s, s_leaves = features(S_SHAPES, 4, seed=1, requires_grad=True)
+    t, t_leaves = features(T_SHAPES, 4, seed=2, requires_grad=True)
+    sum(distiller(s, t, None).values()).backward()
+    for name, p in distiller.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for key in ('rb1', 'rb2', 'rb3', 'feat'):
+        assert s_leaves[key].grad.abs().sum() > 0, key
+    assert all(leaf.grad is None for leaf in t_leaves.values())
+    # the deepest level has no fusion, the others do
+    assert distiller.abfs[-1].att_conv is None
+    assert all(abf.att_conv is not None for abf in distiller.abfs[:-1])
+
+
+def test_module_shapes():
+    distiller = tiny_distiller()
+    mid = 5  # min(512, student feat channels)
+    for abf, (c_in, c_out) in zip(distiller.abfs, [(3, 6), (4, 7), (5, 8), (5, 9)]):
+        assert abf.conv1[0].weight.shape == (mid, c_in, 1, 1)
+        assert abf.conv2[0].weight.shape == (c_out, mid, 3, 3)
+    big = ReviewKD({**S_SHAPES, 'feat': (600,)}, T_SHAPES, ('rb1', 'rb2', 'rb3'), 20)
+    assert big.abfs[0].conv1[0].weight.shape[0] == 512
+
+
+def test_warm_up_schedule():
+    distiller = tiny_distiller(warmup=20)
+    assert [distiller.kd_weight(e, 200) for e in (1, 2, 10, 20, 21, 200)] == \
+        pytest.approx([0.05, 0.1, 0.5, 1.0, 1.0, 1.0])
+    assert tiny_distiller(warmup=0).kd_weight(1, 200) == 1.0
+
+
+def test_float32_under_bf16_autocast_and_channels_last():
+    s, _ = features(S_SHAPES, 4, seed=1)
+    t, _ = features(T_SHAPES, 4, seed=2)
+    reference = tiny_distiller()(s, t, None)
+    distiller = tiny_distiller().to(memory_format=torch.channels_last)
+    last = {k: tuple(x.contiguous(memory_format=torch.channels_last) for x in getattr(s, k))
+            for k in ('rb1', 'rb2', 'rb3')}
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = distiller(s._replace(**last), t, None)
+    for level, value in got.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        assert value.item() == pytest.approx(reference[level].item(), rel=0.1)
+
+
+# ----------------------------------------------------------------------------- registry and networks
+
+def test_registry_entry():
+    method = METHODS[MODE]
+    assert method.defaults == {'lambda_kd': 5.0, 'reviewkd_warmup': 20}
+    assert method.flags['reviewkd_warmup'].type is int
+    assert 'arxiv.org/abs/2104.09044' in method.paper
+
+
+def shaped_features(shapes, batch, seed, requires_grad=False):
+    """Random Features / Features4 with a network's per-sample shapes (no network run)."""
+    g = torch.Generator().manual_seed(seed)
+    stages = [k for k in shapes if k.startswith('rb')]
+    leaves = {k: torch.randn((batch, *shapes[k]), generator=g).requires_grad_(requires_grad)
+              for k in ['stem', *stages, 'feat', 'out']}
+    pairs = [(leaves[k], torch.relu(leaves[k])) for k in ['stem', *stages]]
+    cls = Features if len(stages) == 3 else Features4
+    return cls(*pairs, leaves['feat'], leaves['out']), leaves
+
+
+def network_context(s_name, t_name):
+    s, t = build_network(s_name, 100), build_network(t_name, 100)
+    ctx = make_context(MODE, num_class=100, student=s, teacher=t)
+    ctx.student_shapes, ctx.teacher_shapes = s.feature_shapes, t.feature_shapes
+    return ctx
+
+
+@pytest.mark.parametrize('s_name, t_name', [('resnet20', 'resnet20'), ('resnet8x4', 'resnet32x4'),
+                                            ('ShuffleV1', 'wrn_40_2'), ('MobileNetV2', 'vgg13')])
+def test_network_pairs_forward_backward(s_name, t_name):
+    ctx = network_context(s_name, t_name)
+    distiller = METHODS[MODE].build(ctx)
+    s, s_leaves = shaped_features(ctx.student_shapes, 2, seed=0, requires_grad=True)
+    t, _ = shaped_features(ctx.teacher_shapes, 2, seed=1)
+    terms = distiller(s, t, None)
+    stages = tuple(k for k in ctx.student_shapes if k.startswith('rb'))
+    assert tuple(terms) == stages + ('feat',)
+    sum(terms.values()).backward()
+    assert all(p.grad is not None for p in distiller.learnable_parameters())
+    assert all(s_leaves[k].grad.abs().sum() > 0 for k in stages + ('feat',))
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match='stages'):  # 3 stages against 4
+        METHODS[MODE].build(network_context('resnet20', 'vgg8'))
+    with pytest.raises(ConfigError, match='--reviewkd_warmup'):
+        METHODS[MODE].build(make_context(MODE, {'reviewkd_warmup': -1}))
+
+
+# ----------------------------------------------------------------------------- train_kd
+
+def kd_argv(base_run, root, note, epochs):
+    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(root),
+            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
+            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', MODE, '--epochs',
+            str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', '--seed', '3',
+            '--reviewkd_warmup', '2']
+
+
+class Stop(BaseException):
+    pass
+
+
+def run_capturing_distiller(monkeypatch, argv):
+    """train_kd.main(argv); returns the distiller's state right after build."""
+    built, method = {}, METHODS[MODE]
+
+    def build(ctx):
+        distiller = method.build(ctx)
+        built.update({k: v.detach().clone() for k, v in distiller.state_dict().items()})
+        return distiller
+    monkeypatch.setitem(METHODS, MODE, dataclasses.replace(method, build=build))
+    train_kd.main(argv)
+    monkeypatch.setitem(METHODS, MODE, method)
+    return built
+
+
+def stop_after_first_epoch_then_resume(monkeypatch, argv):
+    save = records.Checkpointer.__call__
+
+    def save_then_stop(self, *a, **k):
+        save(self, *a, **k)
+        raise Stop
+    monkeypatch.setattr(records.Checkpointer, '__call__', save_then_stop)
+    with pytest.raises(Stop):
+        train_kd.main(argv)
+    monkeypatch.setattr(records.Checkpointer, '__call__', save)
+    train_kd.main(argv + ['--resume'])
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        return [{k: v for k, v in r.items() if k not in ('seconds', 'img_per_s')}
+                for r in csv.DictReader(f)]
+
+
+def test_train_kd_trains_saves_and_resumes_the_abfs(base_run, tmp_path, monkeypatch):
+    initial = run_capturing_distiller(monkeypatch, kd_argv(base_run, tmp_path, 'straight', 2))
+    ckpt = torch.load(tmp_path / 'straight' / 'checkpoint.pth.tar', weights_only=True)
+    saved = ckpt['distiller']
+    assert set(saved) == set(initial) and any(k.startswith('abfs.0.') for k in saved)
+    for name, value in initial.items():
+        if name.endswith('weight') and 'conv' in name:
+            assert not torch.equal(saved[name], value), f'{name} did not train'
+    rows = metrics(tmp_path / 'straight')
+    assert [float(r['kd_weight']) for r in rows] == pytest.approx([2.5, 5.0])  # warm-up over 2 epochs
+    for level in ('rb1', 'rb2', 'rb3', 'feat'):
+        assert all(float(r[f'train_kd_{level}']) > 0 for r in rows)
+    total = sum(float(rows[0][f'train_kd_{level}']) for level in ('rb1', 'rb2', 'rb3', 'feat'))
+    assert total == pytest.approx(float(rows[0]['train_kd']), rel=1e-4)
+
+    stop_after_first_epoch_then_resume(monkeypatch, kd_argv(base_run, tmp_path, 'resumed', 2))
+    resumed = torch.load(tmp_path / 'resumed' / 'checkpoint.pth.tar', weights_only=True)
+    for key in ('net', 'distiller'):
+        assert set(resumed[key]) == set(ckpt[key])
+        for name, value in ckpt[key].items():
+            assert torch.equal(value, resumed[key][name]), f'{key}.{name} differs after resume'
+    assert metrics(tmp_path / 'resumed') == rows
+
+
+def test_one_graph_under_torch_compile():
+    """Student, teacher, loss and its gradients trace as one graph, as with
+    --compile inductor (no host syncs, no data-dependent branches)."""
+    torch.manual_seed(0)
+    student, teacher = build_network('resnet8', 10), build_network('resnet8', 10)
+    teacher.eval().requires_grad_(False)
+    ctx = make_context(MODE, COMPILE_FLAGS, student=student, teacher=teacher)
+    distiller = METHODS[MODE].build(ctx)
+    model = distiller.wrap_student(student)
+    params = list(model.parameters()) + list(distiller.learnable_parameters())
+
+    def step(x):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            s = model(x)
+            with torch.no_grad():
+                t = teacher(x)
+            kd = distiller(s, t, None)
+            kd = sum(kd.values()) if isinstance(kd, dict) else kd
+        return torch.autograd.grad(kd, params, allow_unused=True), kd.detach()
+
+    x = torch.randn(4, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        grads, loss = torch.compile(step, fullgraph=True, backend='eager')(x)
+    assert torch.isfinite(loss) and any(g is not None for g in grads)
