@@ -2,12 +2,17 @@
 
 Every file is written to a temporary name, flushed and renamed, so a crash
 leaves the previous file whole; every file is read with weights_only=True,
-so a checkpoint cannot run code. Network weights are stored as the original
+so a checkpoint cannot run code. Each file carries a digest of its content,
+checked on load, so a damaged file is refused instead of silently changing
+a result (files without one, e.g. the original zoo's, load unchecked).
+Network weights are stored as the original
 Knowledge-Distillation-Zoo stored them (`{'epoch', 'net', 'prec@1',
 'prec@5'}`, keys prefixed `module.`), so its scripts read ours and ours
 read its files, including its KD runs' `'snet'`.
 """
+import hashlib
 import os
+import pickle
 
 import torch
 
@@ -35,32 +40,97 @@ def strip_prefixes(state_dict):
     return out
 
 
+def content_digest(obj, h=None):
+    """sha256 (hex) of a checkpoint's content: every tensor's dtype, shape and
+    bytes and every other value's repr, walked in a fixed order."""
+    top = h is None
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f'T{t.dtype}{tuple(t.shape)}'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b'{')
+        for key in sorted(obj, key=str):
+            h.update(repr(key).encode())
+            content_digest(obj[key], h)
+        h.update(b'}')
+    elif isinstance(obj, (list, tuple)):
+        h.update(b'[')
+        for value in obj:
+            content_digest(value, h)
+        h.update(b']')
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else h
+
+
+def file_digest(path):
+    """sha256 (hex) of a file's bytes: what a run was built from (teacher, initial weights)."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_checkpoint(state, path):
-    """Write atomically: a temporary file in the same folder, flushed to disk,
-    then renamed over `path`, so a crash leaves the previous file intact.
-    Under torchrun only rank 0 writes."""
+    """Write atomically, with a digest of the content: a temporary file in the
+    same folder, flushed to disk, then renamed over `path`, so a crash leaves
+    the previous file intact. A failed write (disk full, read-only folder) is
+    a UserError and leaves no temporary file. Under torchrun only rank 0 writes."""
     if not WORLD.main:
         return
+    state = {**state, 'digest': content_digest(state)}
     tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise UserError(f'cannot write {path}: {e.strerror or e}; the previous file is kept') from None
 
 
 def load_checkpoint(path, what='checkpoint'):
-    """Load a checkpoint with weights_only=True; any failure is a UserError naming the file."""
-    if not os.path.isfile(path):
+    """Load a checkpoint with weights_only=True and check its digest; any
+    failure is a UserError naming the file and saying what is wrong."""
+    if not os.path.exists(path):
         raise UserError(f'{what} {path} does not exist')
+    if not os.path.isfile(path):
+        raise UserError(f'{what} {path} is not a regular file')
+    if os.path.getsize(path) == 0:
+        raise UserError(f'{what} {path} is empty (0 bytes): a write was interrupted or the file '
+                        f'was truncated')
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Unsupported global' in str(e):  # a class or function: unpickling it could run code
+            raise UserError(f'{what} {path} is refused: it holds objects other than tensors and '
+                            f'plain values, and loading those could run code') from None
+        raise UserError(f'{what} {path} cannot be loaded: it is truncated, corrupted or not a '
+                        f'PyTorch checkpoint') from None
     except Exception as e:
         raise UserError(f'{what} {path} cannot be loaded: it is truncated, corrupted or not a '
-                        f'PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})')
+                        f'PyTorch checkpoint ({_first_line(e)})') from None
     if not isinstance(ckpt, dict):
         raise UserError(f'{what} {path} holds a {type(ckpt).__name__}, not a checkpoint dict')
+    if 'digest' in ckpt:
+        stored = ckpt.pop('digest')
+        if stored != content_digest(ckpt):
+            raise UserError(f'{what} {path} is corrupted: its content does not match the digest '
+                            f'stored when it was written')
     return ckpt
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0][:200]}' if lines else type(error).__name__
 
 
 NET_KEYS = ('net', 'snet', 'state_dict', 'model')

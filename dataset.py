@@ -5,6 +5,7 @@ is cropped (reflect-pad 4, random 32x32), flipped and normalised in a single
 batched gather: no PIL, no loader worker processes. Every batch carries the
 samples' dataset indices (CRD needs them).
 """
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -43,28 +44,52 @@ class DataError(UserError):
     """The dataset is missing, cannot be fetched, or is malformed; the message says what to do."""
 
 
+# What a CIFAR batch file may hold: dicts, lists, strings and bytes (no
+# lookup needed) and numpy arrays, dtypes and scalars. Anything else in a
+# pickle (a `__reduce__` payload calling os.system, say) is refused unread.
+_ALLOWED_GLOBALS = {(module, name)
+                    for package in ('numpy.core', 'numpy._core')
+                    for module, name in ((f'{package}.multiarray', '_reconstruct'),
+                                         (f'{package}.multiarray', 'scalar'),
+                                         (f'{package}.numeric', '_frombuffer'))} | {
+    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode'),
+    ('__builtin__', 'bytes'), ('builtins', 'bytes')}  # protocol 2 writes b'' as bytes()
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f'it refers to {module}.{name}, which a CIFAR batch '
+                                         f'does not hold (refused: it could run code)')
+        return super().find_class(module, name)
+
+
 def _read_batch(path, label_key, num_class):
     """One pickled batch -> (uint8 [n, 3, 32, 32], int64 [n]), checked for structure."""
     try:
         with open(path, 'rb') as f:
-            entry = pickle.load(f, encoding='latin1')
-    except Exception as e:  # truncated, not a pickle, wrong protocol...
-        raise DataError(f"{path}: cannot be read as a CIFAR batch ({type(e).__name__}: {e})") from None
+            entry = _CifarUnpickler(f, encoding='latin1').load()
+    except Exception as e:  # truncated, not a pickle, wrong protocol, a refused object...
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot be read as a CIFAR batch ({detail})") from None
     if not isinstance(entry, dict):
         raise DataError(f"{path}: expected a dict, found {type(entry).__name__}")
     entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
     if 'data' not in entry or label_key not in entry:
-        raise DataError(f"{path}: missing key 'data' or {label_key!r} (has {sorted(entry)})")
+        raise DataError(f"{path}: missing key 'data' or {label_key!r} (has {sorted(map(str, entry))})")
     data, labels = entry['data'], entry[label_key]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         raise DataError(f"{path}: 'data' must be a uint8 array, found "
                         f"{getattr(data, 'dtype', type(data).__name__)}")
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: 'data' must have shape (n, 3072), found {data.shape}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: {label_key!r} is not a list of integers") from None
+    if data.shape[0] == 0:
+        raise DataError(f"{path}: holds no images")
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in 'iu':  # 1.7 would be truncated to 1 silently
+        raise DataError(f"{path}: {label_key!r} must be integers, found "
+                        f"{labels.dtype if labels.dtype.kind != 'O' else 'other values'}")
+    labels = labels.astype(np.int64)
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {data.shape[0]} images but {labels.size} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_class):
@@ -81,22 +106,29 @@ def _read_split(folder, files, info):
     return images, torch.cat([p[1] for p in parts])
 
 
-def _missing_message(info, root, reason):
-    return (f"{info.name} not found: looked for {os.path.join(root, info.folder)}/ "
-            f"({', '.join(info.train_files + info.test_files)}). {reason}\n"
-            f"Get it with network access by running once without --no_download, or unpack "
-            f"the official python archive (https://www.cs.toronto.edu/~kriz/cifar.html) so "
-            f"that {info.folder}/ sits in --img_root.")
+def _missing_message(info, root, missing, reason):
+    return (f"{info.name} not found: {os.path.join(root, info.folder)}/ lacks "
+            f"{', '.join(missing)}. {reason}\n"
+            f"Get it by running once with network access (downloading is on unless "
+            f"--no_download), or unpack the official python archive "
+            f"(https://www.cs.toronto.edu/~kriz/cifar.html) so that {info.folder}/ sits in "
+            f"--img_root.")
 
 
 def _download(info, root):
-    """Fetch through torchvision's downloader, which verifies the archive's md5."""
+    """Fetch through torchvision's downloader, which verifies the archive's md5.
+    A failed download leaves no empty folder behind."""
     import torchvision
+    created = not os.path.exists(root)
     try:
         getattr(torchvision.datasets, info.torchvision_class)(root, train=True, download=True)
     except Exception as e:
+        if created and os.path.isdir(root) and not any(os.scandir(root)):
+            os.rmdir(root)
+        missing = [f for f in info.train_files + info.test_files
+                   if not os.path.isfile(os.path.join(root, info.folder, f))]
         raise DataError(_missing_message(
-            info, root, f"Downloading it failed ({type(e).__name__}: {e}).")) from None
+            info, root, missing, f"Downloading it failed ({type(e).__name__}: {e}).")) from None
 
 
 def load_cifar(root, name, download=True, log=print):
@@ -106,9 +138,10 @@ def load_cifar(root, name, download=True, log=print):
     info = DATASETS[name]
     folder = os.path.join(root, info.folder)
     files = info.train_files + info.test_files
-    if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
         if not download:
-            raise DataError(_missing_message(info, root, "Downloading is off (--no_download)."))
+            raise DataError(_missing_message(info, root, missing, "Downloading is off (--no_download)."))
         log(f"{info.name} not found under {root}: downloading it with torchvision")
         _download(info, root)
     train = _read_split(folder, info.train_files, info)
@@ -242,15 +275,23 @@ def make_loaders(args, device, log=print, training=True):
                         f'({len(train_y)} images)')
     train = DeviceLoader(train_x, train_y, info, args.batch_size, device, train=True,
                          seed=args.seed, rank=rank, world=world, channels_last=layout)
+    train.fingerprint = fingerprint(train_x, train_y, test_x, test_y)
     return train, test
+
+
+def fingerprint(*tensors):
+    """What a resumed run checks its data against: sizes and a sha256 of the content."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return {'sizes': [len(t) for t in tensors[::2]], 'sha256': h.hexdigest()}
 
 
 def main(argv=None):
     """`python dataset.py ROOT NAME...`: check (and, unless --no_download, fetch)
     datasets once, e.g. before a sweep starts many runs that read them."""
-    import argparse
-    from errors import cli
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    from errors import ArgumentParser, cli
+    parser = ArgumentParser(description=main.__doc__)
     parser.add_argument('img_root')
     parser.add_argument('names', nargs='+', choices=sorted(DATASETS))
     parser.add_argument('--no_download', action='store_true')

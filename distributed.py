@@ -161,15 +161,11 @@ def sync_batchnorm(module, enabled=True):
     return module
 
 
-def average_gradients(optimizer, *_):
-    """Optimizer pre-step hook: average the gradients over processes, in one
-    all-reduce. What DistributedDataParallel does, but it also works where the
-    student runs twice (BSS) or inputs are differentiated (Sobolev, LwM)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g['params'] if p.grad is not None]
-    if not grads:
-        return
+def average_gradients_of(grads):
+    """The gradients averaged over processes, in one all-reduce: what
+    DistributedDataParallel does, but it also works where the student runs
+    twice (BSS) or inputs are differentiated (Sobolev, LwM)."""
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= WORLD.size
-    for g, avg in zip(grads, torch.split(flat, [g.numel() for g in grads])):
-        g.copy_(avg.view_as(g))
+    return [avg.view_as(g) for g, avg in zip(grads, torch.split(flat, [g.numel() for g in grads]))]

@@ -6,11 +6,14 @@ makes a kill at any moment resumable (`Checkpointer`); and which recorded
 flags define a run's result (`RESULT_NEUTRAL_FLAGS` are those that do not).
 """
 import csv
+import fcntl
+import fnmatch
 import json
 import logging
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -65,85 +68,175 @@ def reset_logger():
     return LOG
 
 
-RUN_FILES = ('checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'metrics.csv', 'args.json')
+# What a run writes in its directory (--overwrite removes exactly these).
+RUN_FILES = ('checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'metrics.csv', 'args.json',
+             'complete.json', 'run.lock')
+RUN_FILE_PATTERNS = ('model_best_*.pth.tar', 'initial_*.pth.tar', '*.tmp', 'args.resume.json')
+LOCK_FILE, COMPLETE_FILE = 'run.lock', 'complete.json'
+
+
+def command_line(script, argv):
+    return ' '.join(shlex.quote(a) for a in ['python', script] + list(argv))
+
+
+def json_args(args):
+    """The resolved flags as plain JSON values (what args.json and checkpoints record)."""
+    return json.loads(json.dumps(vars(args), default=str))
 
 
 class Run:
     """The run directory `<save_root>/<note>/` and what is written to it:
-    log.txt (human-readable), metrics.csv (one row per epoch), args.json and
-    the checkpoints. Constructing it only checks (nothing is written): a new
-    run refuses an existing run directory unless --overwrite; --resume needs
-    a checkpoint there. `open()` creates the directory and starts log.txt."""
+    log.txt (human-readable), metrics.csv (one row per epoch), args.json, the
+    checkpoints and, once the last epoch's files are saved, complete.json.
+
+    Constructing it only checks (nothing is written): a new run refuses an
+    existing run directory unless --overwrite; --resume needs a readable
+    checkpoint and metrics.csv there. `open()` locks the directory (a second
+    process writing the same run stops with a message naming the holder),
+    then creates it and starts log.txt."""
 
     def __init__(self, args, script, argv=()):
         self.args, self.script, self.argv = args, script, list(argv)
-        self.columns = None
+        self.columns, self.tensorboard, self._lock = None, None, None
         self.dir = os.path.join(args.save_root, args.note)
         self.ckpt_path = os.path.join(self.dir, 'checkpoint.pth.tar')
         self.metrics_path = os.path.join(self.dir, 'metrics.csv')
-        self.existing = sorted(f for f in os.listdir(self.dir)
-                               if f in RUN_FILES or f.startswith('initial_')) \
-            if os.path.isdir(self.dir) else []
-        if args.resume and not os.path.isfile(self.ckpt_path):
-            raise UserError(f'--resume: no checkpoint to resume from in {self.dir}')
-        if not args.resume and self.existing and not args.overwrite:
-            raise UserError(f'{self.dir} already holds a run ({", ".join(self.existing)}); '
+        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+            raise UserError(f'{self.dir} is a file, not a run directory')
+        for name in ('log.txt', 'metrics.csv', 'args.json', 'checkpoint.pth.tar'):
+            path = os.path.join(self.dir, name)
+            if os.path.exists(path) and not os.path.isfile(path):
+                raise UserError(f'{path} is not a regular file (a directory?): remove it first')
+        self.existing = self.run_files()
+        self.metrics_rows = None
+        if args.resume:
+            if not os.path.isfile(self.ckpt_path):
+                raise UserError(f'--resume: no checkpoint to resume from in {self.dir}')
+            self.metrics_rows = self.read_metrics()
+        elif [f for f in self.existing if f != LOCK_FILE] and not args.overwrite:
+            shown = [f for f in self.existing if f != LOCK_FILE]
+            raise UserError(f'{self.dir} already holds a run ({", ".join(shown)}); '
                             f'pass --resume to continue it or --overwrite to start over')
 
-    def open(self, columns, device_name):
-        """Create the run directory (clearing an --overwrite'n run), start
-        log.txt with the lines logged so far, and write args.json; metrics.csv
-        will have `columns`."""
-        self.columns, self.tensorboard = list(columns), None
+    def run_files(self):
+        """The files of this run directory that the project wrote."""
+        if not os.path.isdir(self.dir):
+            return []
+        names = os.listdir(self.dir)
+        return sorted(f for f in names if f in RUN_FILES or f == 'tensorboard'
+                      or any(fnmatch.fnmatch(f, p) for p in RUN_FILE_PATTERNS))
+
+    def read_metrics(self):
+        """metrics.csv's rows as dicts, checked enough to resume from (a UserError otherwise)."""
+        try:
+            with open(self.metrics_path, newline='') as f:
+                rows = list(csv.DictReader(f))
+            for r in rows:
+                int(r['phase_index']), int(r['epoch'])
+            return rows
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:
+            raise UserError(f'{self.metrics_path} is malformed ({type(e).__name__}: {e}); restore '
+                            f'it, or start the run over with --overwrite') from None
+
+    def open(self, columns, device_name, resumed):
+        """Lock and create the run directory (clearing an --overwrite'n run),
+        start log.txt, write args.json. A fresh run's log.txt starts with the
+        lines logged so far; a resumed one gets a 'resumed' line instead of a
+        second header. metrics.csv will have `columns`."""
+        self.columns = list(columns)
         if not WORLD.main:  # rank 0 writes the run directory
             return self
-        if self.args.overwrite:
-            for f in self.existing:
-                os.remove(os.path.join(self.dir, f))
         os.makedirs(self.dir, exist_ok=True)
+        self.lock()
+        if self.args.overwrite:
+            for name in self.run_files():
+                path = os.path.join(self.dir, name)
+                if name == LOCK_FILE:
+                    continue
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        self.unmark_complete()
         fh = logging.FileHandler(os.path.join(self.dir, 'log.txt'))
         fh.setFormatter(logging.Formatter('%(message)s'))
+        command = command_line(self.script, self.argv)
         for h in list(LOG.handlers):
             if isinstance(h, _Buffer):
-                for record in h.records:
-                    fh.emit(record)
+                if resumed:
+                    fh.emit(logging.makeLogRecord({'msg': f'=== resumed {time.strftime("%Y-%m-%d %H:%M:%S")}: '
+                                                          f'{command}', 'levelno': logging.INFO}))
+                else:
+                    fh.emit(logging.makeLogRecord({'msg': f'command: {command}', 'levelno': logging.INFO}))
+                    for record in h.records:
+                        fh.emit(record)
                 LOG.removeHandler(h)
         LOG.addHandler(fh)
         if self.args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(os.path.join(self.dir, 'tensorboard'))
-        self.write_args(device_name)
+        self.write_args(device_name, resumed)
         return self
 
+    def lock(self):
+        """Hold run.lock for as long as this process writes the run (the
+        kernel releases it when the process ends, however it ends)."""
+        fd = os.open(os.path.join(self.dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 1000).decode(errors='replace').strip() or 'another process'
+            os.close(fd)
+            raise UserError(f'{self.dir} is being written by {holder}; stop that run first '
+                            f'(two processes must not write one run)') from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f'pid {os.getpid()} on {platform.node()} since '
+                     f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {command_line(self.script, self.argv)}'.encode())
+        self._lock = fd
+
+    def close(self):
+        """Release the lock (the end of the run, however it ends; log.txt stays
+        open for the error line `errors.cli` may add, and is closed there)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
+
     # -- records
-    def write_args(self, device_name):
-        if not WORLD.main:
-            return
-        command = ' '.join(shlex.quote(a) for a in ['python', self.script] + self.argv)
-        record = {'script': self.script, 'command': command,
-                  'args': vars(self.args), 'device': device_name,
-                  'processes': WORLD.size,
-                 'versions': {'python': platform.python_version(), 'torch': torch.__version__,
-                               'numpy': np.__version__, **_optional_versions()},
-                  'git_commit': _git_commit(), 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
-        name = 'args.resume.json' if self.args.resume else 'args.json'
-        with open(os.path.join(self.dir, name), 'w') as f:
-            json.dump(record, f, indent=2, default=str)
-
-    def saved_args(self):
+    def write_args(self, device_name, resumed):
+        """args.json: every resolved flag, the command, versions, device; a
+        resume adds itself to its 'resumes' list (args.json is rewritten if
+        it was lost)."""
         path = os.path.join(self.dir, 'args.json')
-        if not os.path.isfile(path):
-            return {}
-        with open(path) as f:
-            return json.load(f).get('args', {})
+        now = time.strftime('%Y-%m-%d %H:%M:%S')
+        command = command_line(self.script, self.argv)
+        record = None
+        if resumed:
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                record.setdefault('resumes', []).append({'command': command, 'started': now,
+                                                         'device': device_name})
+            except (OSError, ValueError, AttributeError):
+                record = None
+        if record is None:
+            record = {'script': self.script, 'command': command, 'args': json_args(self.args),
+                      'device': device_name, 'processes': WORLD.size,
+                      'versions': {'python': platform.python_version(), 'torch': torch.__version__,
+                                   'numpy': np.__version__, **_optional_versions()},
+                      'git_commit': _git_commit(), 'started': now}
+        write_text_atomically(path, json.dumps(record, indent=2, default=str))
 
-    def check_resume_args(self):
-        """Refuse to resume with flags that would change the result."""
-        saved, now = self.saved_args(), vars(self.args)
+    def check_resume_args(self, saved):
+        """Refuse to resume with flags that would change the result (`saved`:
+        the flags the checkpoint was written with)."""
+        now = json_args(self.args)
         diff = [k for k in now if k in saved and k not in RESULT_NEUTRAL_FLAGS and saved[k] != now[k]]
         if diff:
             raise UserError('--resume with flags that differ from the run being resumed: ' +
-                            ', '.join(f'--{k} {now[k]} (was {saved[k]})' for k in diff))
+                            ', '.join(f'--{k} {now[k]} (was {saved[k]})' for k in diff) +
+                            '; rerun with the original flags, or start over with --overwrite')
 
     def start_metrics(self, keep_upto=None):
         """Create metrics.csv; on resume keep the rows up to `keep_upto`
@@ -151,10 +244,9 @@ class Run:
         if not WORLD.main:
             return
         rows = []
-        if keep_upto is not None and os.path.isfile(self.metrics_path):
-            with open(self.metrics_path, newline='') as f:
-                rows = [r for r in csv.DictReader(f)
-                        if (int(r['phase_index']), int(r['epoch'])) <= tuple(keep_upto)]
+        if keep_upto is not None:
+            rows = [{k: r.get(k, '') for k in self.columns} for r in self.metrics_rows or []
+                    if (int(r['phase_index']), int(r['epoch'])) <= tuple(keep_upto)]
         with open(self.metrics_path, 'w', newline='') as f:
             w = csv.DictWriter(f, fieldnames=self.columns)
             w.writeheader()
@@ -171,6 +263,33 @@ class Run:
                 if isinstance(v, (int, float)) and k not in ('epoch', 'phase_index'):
                     self.tensorboard.add_scalar(f"{row['phase']}/{k}", v, row['epoch'])
             self.tensorboard.flush()
+
+    def mark_complete(self, summary):
+        """complete.json, written after the last epoch's checkpoint: only then is
+        a run finished (the sweep and the summary read this, not metrics.csv)."""
+        if WORLD.main:
+            write_text_atomically(os.path.join(self.dir, COMPLETE_FILE),
+                                  json.dumps({**summary, 'finished': time.strftime('%Y-%m-%d %H:%M:%S')},
+                                             indent=2))
+
+    def unmark_complete(self):
+        path = os.path.join(self.dir, COMPLETE_FILE)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+def write_text_atomically(path, text):
+    tmp = f'{path}.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f'cannot write {path}: {e.strerror or e}') from None
 
 
 def _optional_versions():
@@ -204,16 +323,18 @@ class Checkpointer:
     resumable without a lost or duplicated metrics row: the metrics row, then
     the best-model file of each network whose test top-1 improved, then
     checkpoint.pth.tar with every network and what `resume_state(phase_index)`
-    adds (optimiser, loader, RNG, method state).
+    adds (optimiser, loader, RNG, method state, flags, input digests).
 
     `nets` maps checkpoint keys to networks: {'net': net} for one network
     (metrics test_top1, file model_best.pth.tar), or e.g. {'net1': a, 'net2': b}
     (metrics test_net1_top1, files model_best_net1.pth.tar, ...)."""
 
-    def __init__(self, run, nets, resume_state):
+    def __init__(self, run, nets, resume_state, phase_names):
         self.run, self.nets, self.resume_state = run, nets, resume_state
+        self.phase_names = list(phase_names)
         self.best = {k: {'top1': -1.0, 'top5': 0.0, 'epoch': 0} for k in nets}
         self.main_epoch = 0
+        self.last_saved = None  # (phase index, epoch) of checkpoint.pth.tar
 
     def _metric(self, key, row, name):
         return row.get(f'test_{name}' if key == 'net' else f'test_{key}_{name}')
@@ -221,6 +342,14 @@ class Checkpointer:
     def best_path(self, key):
         name = 'model_best.pth.tar' if key == 'net' else f'model_best_{key}.pth.tar'
         return os.path.join(self.run.dir, name)
+
+    def describe_last_save(self):
+        """Where a failed run can be resumed from, in words."""
+        if self.last_saved is None:
+            return 'no checkpoint was saved yet, so a rerun starts over (--overwrite)'
+        phase, epoch = self.last_saved
+        return (f'checkpoint.pth.tar holds the last good epoch ({self.phase_names[phase]} epoch '
+                f'{epoch}), which --resume continues from')
 
     def __call__(self, phase_index, epoch, row):
         self.run.append_metrics(row)
@@ -232,15 +361,15 @@ class Checkpointer:
             if top1 > self.best[key]['top1']:
                 self.best[key] = {'top1': top1, 'top5': top5, 'epoch': epoch}
                 save_checkpoint(zoo_record(net, epoch, top1, top5), self.best_path(key))
-        if not WORLD.main:  # rank 0 alone writes
-            return
-        first = next(iter(self.nets))
-        state = {'epoch': self.main_epoch, 'prec@1': self._metric(first, row, 'top1') or 0.0,
-                 'prec@5': self._metric(first, row, 'top5') or 0.0,
-                 **{key: zoo_state_dict(net) for key, net in self.nets.items()},
-                 'phase_index': phase_index, 'phase_epoch': epoch, 'best': self.best,
-                 **self.resume_state(phase_index)}
-        save_checkpoint(state, self.run.ckpt_path)
+        if WORLD.main:  # rank 0 alone writes
+            first = next(iter(self.nets))
+            state = {'epoch': self.main_epoch, 'prec@1': self._metric(first, row, 'top1') or 0.0,
+                     'prec@5': self._metric(first, row, 'top5') or 0.0,
+                     **{key: zoo_state_dict(net) for key, net in self.nets.items()},
+                     'phase_index': phase_index, 'phase_epoch': epoch, 'best': self.best,
+                     **self.resume_state(phase_index)}
+            save_checkpoint(state, self.run.ckpt_path)
+        self.last_saved = (phase_index, epoch)
 
     def restore(self, state):
         """Networks and best-so-far from a resume checkpoint; returns
@@ -248,4 +377,5 @@ class Checkpointer:
         for key, net in self.nets.items():
             net.load_state_dict(strip_prefixes(state[key]))
         self.best, self.main_epoch = {k: dict(v) for k, v in state['best'].items()}, state['epoch']
-        return state['phase_index'], state['phase_epoch']
+        self.last_saved = (state['phase_index'], state['phase_epoch'])
+        return self.last_saved

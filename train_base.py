@@ -11,26 +11,29 @@ import os
 import torch
 import torch.nn.functional as F
 
+from capture import grads_of
 from checkpoints import initial_weights_name, load_network_weights, save_checkpoint, zoo_record
 from dataset import make_loaders
 from distributed import sync_batchnorm
+from errors import ArgumentParser, cli
 from network import NETWORKS, build_network
-from utils import (LOG, Phase, add_common_args, autocast, begin, cli, cross_entropy_stats,
-                   describe_device, evaluate, finalize_common_args, lr_at, make_sgd, memory_layout,
-                   show_progress, train_phases)
+from utils import (EpochStats, Evaluator, LOG, Phase, add_common_args, autocast, begin,
+                   cross_entropy_stats, describe_device, evaluate, finalize_common_args,
+                   main_schedule, make_sgd, memory_layout, show_progress, train_phases)
 
 STAT_NAMES = ['ce', 'correct1', 'correct5', 'n']
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument('--net_name', required=True, choices=sorted(NETWORKS))
     parser.add_argument('--evaluate', metavar='CHECKPOINT', default=None,
                         help='only evaluate CHECKPOINT (this project\'s or the original zoo\'s) on '
                              'the test split and print its top-1/top-5; nothing is written')
-    return finalize_common_args(parser, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return finalize_common_args(parser, args, args.net_name)
 
 
 def evaluate_checkpoint(args):
@@ -44,16 +47,20 @@ def evaluate_checkpoint(args):
     return result
 
 
-def make_step(net, optimizer, args):
-    """One training step: cross-entropy, backward, SGD; returns the batch's sums for EpochStats."""
+def make_step(net, optimizer, args, stats=None):
+    """One training step: cross-entropy, its gradient, SGD; adds the batch's
+    sums to `stats` (an EpochStats named by STAT_NAMES) and returns them."""
+    params = optimizer.params
+
     def step(batch):
         with autocast(args):
             out = net(batch.img).out
             loss = F.cross_entropy(out.float(), batch.target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return cross_entropy_stats(out, batch.target, loss)
+        optimizer.update(grads_of(loss, params))
+        sums = cross_entropy_stats(out, batch.target, loss)
+        if stats is not None:
+            stats.add(sums)
+        return sums
     return step
 
 
@@ -63,8 +70,9 @@ def build_baseline(args, device):
     net = build_network(args.net_name, args.num_class).to(device)
     net = memory_layout(sync_batchnorm(net, args.sync_bn), args)  # torchrun: global-batch BN
     optimizer = make_sgd(net.parameters(), args)
-    return net, Phase('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
-                      optimizer, make_step(net, optimizer, args), STAT_NAMES, ['ce'])
+    stats = EpochStats(STAT_NAMES, ['ce'], device)
+    return net, Phase('main', args.epochs, main_schedule(args), optimizer,
+                      make_step(net, optimizer, args, stats), stats)
 
 
 @cli
@@ -77,10 +85,9 @@ def main(argv=None):
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
     net, phase = build_baseline(args, device)
-    phase.evaluate = lambda: evaluate(net, test_loader, show_progress(args), amp=args.amp)
+    phase.evaluate = Evaluator(net, test_loader, args.amp, args.compile, show_progress(args))
     LOG.info(f'{args.net_name}: {sum(p.numel() for p in net.parameters()) / 1e6:.3f}M parameters, '
              f'{args.num_class} classes, on {describe_device(device)}')
-    LOG.info(f'args: {vars(args)}')
 
     def on_fresh_start():  # the initial weights every student of this network starts from
         initial = os.path.join(run.dir, initial_weights_name(args.net_name))

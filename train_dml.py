@@ -17,20 +17,22 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from capture import grads_of
 from checkpoints import load_network_weights
 from dataset import make_loaders
 from distributed import sync_batchnorm
+from errors import ArgumentParser, cli
 from kd_losses import DML
 from network import NETWORKS, build_network
-from utils import (LOG, Phase, add_common_args, autocast, begin, cli, describe_device, evaluate,
-                   finalize_common_args, lr_at, make_sgd, memory_layout, non_negative,
-                   show_progress, topk_correct, train_phases)
+from utils import (EpochStats, Evaluator, LOG, Phase, add_common_args, autocast, begin,
+                   describe_device, finalize_common_args, main_schedule, make_sgd,
+                   memory_layout, non_negative, show_progress, topk_correct, train_phases)
 
 NETS = ('net1', 'net2')
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group('the two networks')
@@ -50,9 +52,11 @@ STAT_NAMES = ['net1_ce', 'net1_kd', 'net2_ce', 'net2_kd', 'net1_correct1', 'net1
               'net2_correct1', 'net2_correct5', 'n']
 
 
-def make_step(net1, net2, optimizer, args):
-    """One synchronous DML step; returns the batch's sums named by STAT_NAMES."""
+def make_step(net1, net2, optimizer, args, stats=None):
+    """One synchronous DML step; adds the batch's sums (named by STAT_NAMES)
+    to `stats` and returns them."""
     mutual = DML()
+    params = optimizer.params
 
     def step(batch):
         with autocast(args):
@@ -62,13 +66,14 @@ def make_step(net1, net2, optimizer, args):
             kd1 = mutual(out1, out2.detach())  # net1 learns from net2's current prediction
             kd2 = mutual(out2, out1.detach())  # and net2 from net1's: the graphs stay separate
             loss = ce1 + ce2 + args.lambda_kd * (kd1 + kd2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer.update(grads_of(loss, params))
         b = batch.target.shape[0]
         losses = torch.stack([ce1, kd1, ce2, kd2]).detach() * b
-        return torch.cat([losses, topk_correct(out1.detach(), batch.target),
+        sums = torch.cat([losses, topk_correct(out1.detach(), batch.target),
                           topk_correct(out2.detach(), batch.target), out1.new_full((1,), b)])
+        if stats is not None:
+            stats.add(sums)
+        return sums
     return step
 
 
@@ -88,9 +93,9 @@ def build_mutual(args, device):
         net1.train()
         net2.train()
 
-    return nets, Phase('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
-                       optimizer, make_step(net1, net2, optimizer, args), STAT_NAMES, STAT_NAMES[:4],
-                       begin_epoch=begin_epoch)
+    stats = EpochStats(STAT_NAMES, STAT_NAMES[:4], device)
+    return nets, Phase('main', args.epochs, main_schedule(args), optimizer,
+                       make_step(net1, net2, optimizer, args, stats), stats, begin_epoch=begin_epoch)
 
 
 @cli
@@ -104,12 +109,12 @@ def main(argv=None):
         LOG.info('warning: net1 and net2 start from identical weights; on the same batches they stay '
                  'identical and the KL terms stay 0 (use --net2_init random)')
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
-    phase.evaluate = lambda: {
-        f'{k}_{m}': v for k, net in nets.items()
-        for m, v in evaluate(net, test_loader, show_progress(args), f'test {k}', args.amp).items()}
+    evaluators = {k: Evaluator(net, test_loader, args.amp, args.compile, show_progress(args), f'test {k}')
+                  for k, net in nets.items()}
+    phase.evaluate = lambda: {f'{k}_{m}': v for k, evaluator in evaluators.items()
+                              for m, v in evaluator().items()}
     LOG.info(f'DML: net1 {args.net1_name} from {args.net1_init}, net2 {args.net2_name} from '
              f'{args.net2_init}, lambda_kd {args.lambda_kd}, on {describe_device(device)}')
-    LOG.info(f'args: {vars(args)}')
     train_phases(run, resume, [phase], nets, train_loader, args, device)
 
 

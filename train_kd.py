@@ -16,18 +16,21 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from capture import grads_of
 from checkpoints import load_network_weights
 from dataset import make_loaders
 from distributed import sync_batchnorm
+from errors import ArgumentParser, cli, UserError
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from network import NETWORKS, build_network
-from utils import (LOG, Phase, UserError, add_common_args, autocast, begin, cli, cross_entropy_stats,
-                   describe_device, evaluate, finalize_common_args, lr_at, make_sgd, memory_layout,
-                   non_negative, positive, show_progress, train_phases)
+from utils import (EpochStats, Evaluator, LOG, Phase, add_common_args, autocast, begin,
+                   cross_entropy_stats, describe_device, evaluate, finalize_common_args, finite,
+                   main_schedule, make_sgd, memory_layout, non_negative, positive, show_progress,
+                   train_phases)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group('teacher and student')
@@ -48,9 +51,10 @@ def build_parser():
             g.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=None,
                            help=f'{flag.help} [{default_text}]')
             continue
-        g.add_argument(f'--{name}', type=positive(flag.type) if flag.positive else flag.type,
-                       choices=flag.choices, default=None,
-                       help=f'{flag.help} [{default_text}]')
+        kind = flag.type if flag.type is str else positive(flag.type) if flag.positive else finite(flag.type)
+        scaling = f'; scaled to --epochs from a {flag.epochs_of}-epoch schedule' if flag.epochs_of else ''
+        g.add_argument(f'--{name}', type=kind, choices=flag.choices, default=None,
+                       help=f'{flag.help} [{default_text}{scaling}]')
     return parser
 
 
@@ -58,78 +62,119 @@ def parse_args(argv=None):
     """Parsed flags, the mode's defaults filled in; also returns where each
     method setting came from, for the log."""
     parser = build_parser()
-    args = finalize_common_args(parser, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args = finalize_common_args(parser, args, args.s_name)
     method = METHODS[args.kd_mode]
     sources = {}
-    for name, value in method.defaults_for(args.data_name).items():
-        given = getattr(args, name) is not None
-        if not given:
-            setattr(args, name, value)
-        sources[name] = 'command line' if given else f'default for {args.kd_mode} on {args.data_name}'
+    given = {name for name in method.defaults_for(args.data_name, args.protocol)
+             if getattr(args, name) is not None}
+    for name, value in method.defaults_for(args.data_name, args.protocol).items():
+        if name in given:
+            sources[name] = 'command line'
+            continue
+        sources[name] = f'default for {args.kd_mode} on {args.data_name}' + (
+            f' under --protocol {args.protocol}' if name in method.protocol_defaults.get(args.protocol, {}) else '')
+        flag = method.flags.get(name)
+        if flag is not None and flag.scaled(value, args.epochs) != value:
+            sources[name] += f', {value} of {flag.epochs_of} epochs scaled to {args.epochs}'
+            value = flag.scaled(value, args.epochs)
+        setattr(args, name, value)
+    for switch, settings in method.switch_defaults.items():  # the paper's settings for a switch
+        if getattr(args, switch):
+            for name, value in settings.items():
+                if name not in given:
+                    setattr(args, name, value)
+                    sources[name] = f'default for {args.kd_mode} with --{switch}'
     ignored = [f'--{n}' for n in all_flags() if n not in method.flags and getattr(args, n) is not None]
     return args, sources, ignored
 
 
 class KDStep:
-    """One training step: ce_weight * CE + kd_scale * KD, backward, SGD.
+    """One training step: ce_weight * CE + kd_scale * KD, its gradient, SGD.
 
     `kd_scale` (lambda_kd times the method's weight for the epoch) lives in a
-    device tensor, so a new value is a write, not a new step; at 0 the step
-    is CE alone (no teacher forward). Returns the batch's sums for EpochStats,
-    named by `stat_names`: CE, KD, the method's own loss terms, accuracy."""
+    device tensor, so a new value is a write, not a new step. Two variants:
+    `distill`, and `cross_entropy` alone (no teacher forward) for epochs
+    whose KD weight is 0; `current()` is the one in use. Each adds the
+    batch's sums to `stats` (named by `stat_names`: CE, KD, the method's own
+    loss terms, accuracy) and returns them."""
 
     def __init__(self, student, teacher, distiller, optimizer, args):
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.optimizer, self.args = optimizer, args
+        self.params = optimizer.params
         self.terms = tuple(distiller.loss_terms)
         self.loss_names = ['ce', 'kd'] + [f'kd_{t}' for t in self.terms]
         self.stat_names = self.loss_names + ['correct1', 'correct5', 'n']
         device = next(student.parameters()).device
+        self.stats = EpochStats(self.stat_names, self.loss_names, device)
         self.kd_scale = torch.zeros((), device=device)
         self.kd_on = False
+
+    @property
+    def capturable(self):
+        return self.distiller.capturable
+
+    @property
+    def why_not_capturable(self):
+        return f'--kd_mode {self.args.kd_mode} synchronises with the host'
 
     def set_kd_scale(self, value):
         self.kd_scale.fill_(value)
         self.kd_on = value != 0.0
         return value
 
+    def current(self):
+        return self.distill if self.kd_on else self.cross_entropy
+
     def __call__(self, batch):
-        img, target = batch.img, batch.target
+        return self.current()(batch)
+
+    def cross_entropy(self, batch):
+        """CE only (warm-up, or the main schedule after an initialisation phase)."""
         with autocast(self.args):
-            if not self.kd_on:  # CE only (warm-up, or after an initialisation phase)
-                s = self.student(img)
-                ce = F.cross_entropy(s.out.float(), target)
-                kd = torch.zeros_like(ce)
-                terms = [kd] * len(self.terms)
-                loss = self.args.ce_weight * ce
-            else:
-                if self.distiller.teacher_grad:  # the loss differentiates through the teacher
-                    img = img.detach().requires_grad_(True)
-                    batch = batch._replace(img=img)
-                s = self.student(img)
-                with torch.set_grad_enabled(self.distiller.teacher_grad):
-                    t = self.teacher(img)
-                ce = F.cross_entropy(s.out.float(), target)
-                kd = self.distiller(s, t, batch)
-                terms = []
-                if self.terms:  # a dict of named terms whose sum is the KD loss
-                    terms = [kd[name] for name in self.terms]
-                    kd = sum(terms)
-                loss = self.args.ce_weight * ce + self.kd_scale * kd
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return cross_entropy_stats(s.out, target, ce, kd, *terms)
+            s = self.student(batch.img)
+            ce = F.cross_entropy(s.out.float(), batch.target)
+        self.optimizer.update(grads_of(self.args.ce_weight * ce, self.params))
+        zero = torch.zeros_like(ce)
+        return self.record(s.out, batch.target, ce, zero, [zero] * len(self.terms))
+
+    def distill(self, batch):
+        img = batch.img
+        with autocast(self.args):
+            if self.distiller.teacher_grad:  # the loss differentiates through the teacher
+                img = img.detach().requires_grad_(True)
+                batch = batch._replace(img=img)
+            s = self.student(img)
+            with torch.set_grad_enabled(self.distiller.teacher_grad):
+                t = self.teacher(img)
+            ce = F.cross_entropy(s.out.float(), batch.target)
+            kd = self.distiller(s, t, batch)
+            terms = []
+            if self.terms:  # a dict of named terms whose sum is the KD loss
+                terms = [kd[name] for name in self.terms]
+                kd = sum(terms)
+            loss = self.args.ce_weight * ce + self.kd_scale * kd
+        self.optimizer.update(grads_of(loss, self.params))
+        return self.record(s.out, batch.target, ce, kd, terms)
+
+    def record(self, logits, target, ce, kd, terms):
+        sums = cross_entropy_stats(logits, target, ce, kd, *terms)
+        self.stats.add(sums)
+        return sums
 
 
 class PretrainStep:
     """One step of a method's pre-training phase: the teacher (no grad), the
-    student if the phase trains it, the phase's loss alone."""
+    student if the phase trains it, the phase's loss alone; adds the batch's
+    sums to `stats` and returns them."""
 
     def __init__(self, phase, student, teacher, optimizer, args):
         self.phase, self.student, self.teacher = phase, student, teacher
         self.optimizer, self.args = optimizer, args
+        self.params = optimizer.params
         self.stat_names = ['loss', 'correct1', 'correct5', 'n'] if phase.needs_student else ['loss', 'n']
+        self.stats = EpochStats(self.stat_names, ['loss'], next(teacher.parameters()).device)
 
     def __call__(self, batch):
         with autocast(self.args):
@@ -137,13 +182,14 @@ class PretrainStep:
                 t = self.teacher(batch.img)
             s = self.student(batch.img) if self.phase.needs_student else None
             loss = self.phase.loss(s, t, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimizer.update(grads_of(loss, self.params))
         if s is None:
             n = batch.target.shape[0]
-            return torch.stack([loss.detach().float() * n, loss.new_full((), n).float()])
-        return cross_entropy_stats(s.out, batch.target, loss)
+            sums = torch.stack([loss.detach().float() * n, loss.new_full((), n).float()])
+        else:
+            sums = cross_entropy_stats(s.out, batch.target, loss)
+        self.stats.add(sums)
+        return sums
 
 
 def build_distillation(args, device, n_data, train_labels, load_weights=True):
@@ -171,6 +217,12 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
         model = distiller.wrap_student(student)
     except ConfigError as e:
         raise UserError(f'--kd_mode {args.kd_mode}: {e}') from None
+    except (MemoryError, RuntimeError) as e:  # e.g. --feat_dim 10**12: an allocation fails
+        if not isinstance(e, MemoryError) and 'alloc' not in str(e) and 'memory' not in str(e):
+            raise
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else 'out of memory'
+        raise UserError(f'--kd_mode {args.kd_mode}: cannot be built with these settings, an '
+                        f'allocation failed ({reason}); is a size flag too large?') from None
 
     def pretrain_phase(pp):
         optimizer = make_sgd(pp.params, args)
@@ -183,7 +235,7 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
 
         step = PretrainStep(pp, model, teacher, optimizer, args)
         return Phase(pp.name, pp.epochs, lambda epoch: pp.lr_scale(epoch) * args.lr, optimizer,
-                     step, step.stat_names, ['loss'], begin_epoch=begin_epoch)
+                     step, step.stats, begin_epoch=begin_epoch)
 
     # the main schedule: ce_weight * CE + lambda_kd * kd_weight(epoch) * KD
     optimizer = make_sgd(list(model.parameters()) + list(distiller.learnable_parameters()), args)
@@ -195,8 +247,7 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
         distiller.begin_epoch(epoch, args.epochs)
         return {'kd_weight': step.set_kd_scale(args.lambda_kd * distiller.kd_weight(epoch, args.epochs))}
 
-    main_phase = Phase('main', args.epochs, lambda epoch: lr_at(epoch, args.epochs, args.lr),
-                       optimizer, step, step.stat_names, step.loss_names,
+    main_phase = Phase('main', args.epochs, main_schedule(args), optimizer, step, step.stats,
                        begin_epoch=begin_epoch, extra_columns=['kd_weight'])
     return model, teacher, distiller, [pretrain_phase(pp) for pp in pretrain], main_phase, step
 
@@ -210,11 +261,11 @@ def main(argv=None):
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
     model, teacher, distiller, pretrain, main_phase, _ = build_distillation(
         args, device, len(train_loader.labels), train_loader.labels)
-    main_phase.evaluate = lambda: evaluate(model, test_loader, show_progress(args), amp=args.amp)
+    main_phase.evaluate = Evaluator(model, test_loader, args.amp, args.compile, show_progress(args))
 
     method = METHODS[args.kd_mode]
     LOG.info(f'kd_mode {args.kd_mode} ({method.title}, {method.paper}): {method.transfers}')
-    for name in method.defaults_for(args.data_name):
+    for name in method.defaults_for(args.data_name, args.protocol):
         LOG.info(f'  {name} = {getattr(args, name)} ({sources[name]})')
     if ignored:
         LOG.info(f"  ignored (not read by {args.kd_mode}): {', '.join(ignored)}")
@@ -223,7 +274,6 @@ def main(argv=None):
     n_extra = sum(p.numel() for p in distiller.learnable_parameters())
     if n_extra:
         LOG.info(f'{args.kd_mode} adds {n_extra / 1e6:.3f}M learnable parameters')
-    LOG.info(f'args: {vars(args)}')
 
     def on_fresh_start():
         teacher_test = evaluate(teacher, test_loader, amp=args.amp)

@@ -21,20 +21,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import load_checkpoint
+from capture import SGD, StepRunner
+from checkpoints import file_digest, load_checkpoint
 from dataset import DATASETS
-from distributed import (WORLD, average_gradients, init_distributed, min_over_processes,
-                         sum_over_processes)
-from errors import UserError, cli  # noqa: F401  (re-exported: the scripts' entry wrapper)
-from records import LOG, Checkpointer, Run, describe_device, reset_logger
+from distributed import WORLD, init_distributed, min_over_processes, sum_over_processes
+from errors import UserError
+from records import LOG, Checkpointer, Run, describe_device, json_args, reset_logger
 
 
 # ----------------------------------------------------------------------------- flags
 
-def positive(kind):
-    """argparse type: a number > 0."""
+def _number(kind, text):
+    """`text` as int or float; a float must be finite (nan and inf are refused)."""
+    value = kind(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
+    return value
+
+
+def finite(kind):
+    """argparse type: a finite number."""
     def parse(text):
-        value = kind(text)
+        return _number(kind, text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def positive(kind):
+    """argparse type: a finite number > 0."""
+    def parse(text):
+        value = _number(kind, text)
         if not value > 0:
             raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
         return value
@@ -43,13 +59,59 @@ def positive(kind):
 
 
 def non_negative(kind):
+    """argparse type: a finite number >= 0."""
     def parse(text):
-        value = kind(text)
+        value = _number(kind, text)
         if value < 0:
             raise argparse.ArgumentTypeError(f'must be >= 0, got {text}')
         return value
     parse.__name__ = f'non-negative {kind.__name__}'
     return parse
+
+
+def in_range(kind, low, high, high_open=False):
+    """argparse type: a finite number in [low, high] (or [low, high))."""
+    def parse(text):
+        value = _number(kind, text)
+        if not (low <= value < high if high_open else low <= value <= high):
+            raise argparse.ArgumentTypeError(f'must lie in [{low}, {high}{")" if high_open else "]"}, '
+                                             f'got {text}')
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def run_name(text):
+    """argparse type for --note: one folder name under --save_root."""
+    if text in ('', '.', '..') or '/' in text or '\\' in text or '\0' in text:
+        raise argparse.ArgumentTypeError(f'must be a folder name (no "/", not empty, "." or ".."), '
+                                         f'got {text!r}')
+    return text
+
+
+def int_list(text):
+    """argparse type: epochs such as '150,180,210' (or given as separate words)."""
+    try:
+        values = [int(v) for v in text.replace(',', ' ').split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be whole numbers, got {text!r}') from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f'must be positive epochs, got {text!r}')
+    return values
+
+
+# The CIFAR-100 benchmark's training protocol (Tian et al., "Contrastive
+# Representation Distillation", ICLR 2020; RepDistiller and mdistiller): flags
+# left out take these values under --protocol crd.
+PROTOCOLS = {
+    'seed': {},
+    'crd': {'epochs': 240, 'batch_size': 64, 'lr': 0.05, 'weight_decay': 5e-4, 'momentum': 0.9,
+            'nesterov': False, 'lr_decay_epochs': [150, 180, 210], 'lr_decay_rate': 0.1},
+}
+# ...and the smaller learning rate it gives these students.
+CRD_SMALL_LR_NETS = {'MobileNetV2': 0.01, 'ShuffleV1': 0.01, 'ShuffleV2': 0.01}
+SEED_SCHEDULE = {'epochs': 200, 'batch_size': 128, 'lr': 0.1, 'weight_decay': 1e-4,
+                 'momentum': 0.9, 'nesterov': True, 'lr_decay_epochs': None, 'lr_decay_rate': 0.1}
 
 
 def add_common_args(parser):
@@ -58,7 +120,8 @@ def add_common_args(parser):
     g.add_argument('--save_root', default='./results', help='runs are written to SAVE_ROOT/NOTE/')
     g.add_argument('--img_root', default='./datasets',
                    help='folder holding cifar-10-batches-py/ or cifar-100-python/')
-    g.add_argument('--note', default='try', help='name of this run (its folder under --save_root)')
+    g.add_argument('--note', type=run_name, default='try',
+                   help='name of this run (its folder under --save_root)')
     g.add_argument('--data_name', required=True, choices=sorted(DATASETS))
     g.add_argument('--num_class', type=positive(int), default=None,
                    help='number of classes (follows from --data_name when omitted)')
@@ -68,14 +131,32 @@ def add_common_args(parser):
                    help="continue the run in SAVE_ROOT/NOTE/ from its last checkpoint")
     g.add_argument('--overwrite', action='store_true',
                    help='start afresh over an existing run directory, deleting its files')
-    g = parser.add_argument_group('schedule')
-    g.add_argument('--epochs', type=positive(int), default=200)
-    g.add_argument('--batch_size', type=positive(int), default=128)
-    g.add_argument('--lr', type=positive(float), default=0.1,
-                   help='initial learning rate; x0.1 at 50%% and 75%% of --epochs')
-    g.add_argument('--momentum', type=non_negative(float), default=0.9)
-    g.add_argument('--weight_decay', type=non_negative(float), default=1e-4)
+    g = parser.add_argument_group(
+        'schedule (defaults: the seed zoo\'s; --protocol crd gives the CIFAR-100 benchmark\'s)')
+    g.add_argument('--protocol', choices=sorted(PROTOCOLS), default='seed',
+                   help="seed: 200 epochs, batch 128, lr 0.1 (x0.1 at 50%% and 75%%), wd 1e-4, "
+                        "Nesterov; crd: the CIFAR-100 benchmark's 240 epochs, batch 64, lr 0.05 "
+                        "(0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), x0.1 at 150, 180, "
+                        "210, wd 5e-4, no Nesterov. A flag given explicitly wins")
+    g.add_argument('--epochs', type=positive(int), default=None, help='[seed 200, crd 240]')
+    g.add_argument('--batch_size', type=positive(int), default=None, help='[seed 128, crd 64]')
+    g.add_argument('--lr', type=positive(float), default=None,
+                   help='initial learning rate [seed 0.1, crd 0.05 or 0.01]')
+    g.add_argument('--lr_decay_epochs', type=int_list, default=None, metavar='E1,E2,...',
+                   help='epochs after which lr is multiplied by --lr_decay_rate '
+                        '[seed: 50%% and 75%% of --epochs; crd 150,180,210]')
+    g.add_argument('--lr_decay_rate', type=positive(float), default=None, help='[0.1]')
+    g.add_argument('--momentum', type=in_range(float, 0.0, 1.0, high_open=True), default=None,
+                   help='[0.9]')
+    g.add_argument('--nesterov', action=argparse.BooleanOptionalAction, default=None,
+                   help='Nesterov momentum [seed on, crd off]')
+    g.add_argument('--weight_decay', type=non_negative(float), default=None,
+                   help='[seed 1e-4, crd 5e-4]')
     g = parser.add_argument_group('speed (the fast path is on by default with CUDA)')
+    g.add_argument('--compile', choices=('off', 'graphs', 'inductor'), default='off',
+                   help='how the training and test steps run on CUDA: off (eager), graphs (each '
+                        'step captured once as a CUDA graph and replayed), inductor '
+                        '(torch.compile, then captured); on the CPU graphs runs eager')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
                    help='bf16 autocast for forward passes; losses stay float32 (default: on with CUDA)')
     g.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
@@ -84,7 +165,7 @@ def add_common_args(parser):
     g.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda when available)')
     g.add_argument('--cuda', type=int, choices=(0, 1), default=None,
                    help="the original zoo's switch, kept for its scripts: 1 = --device cuda, 0 = cpu")
-    g.add_argument('--seed', type=int, default=2)
+    g.add_argument('--seed', type=in_range(int, 0, 2 ** 32 - 1), default=2)
     g.add_argument('--deterministic', action='store_true',
                    help='deterministic algorithms where torch has them (slower; identical reruns)')
     g.add_argument('--print_freq', type=positive(int), default=50,
@@ -101,8 +182,21 @@ def add_common_args(parser):
     return parser
 
 
-def finalize_common_args(parser, args):
-    """Derive and check what argparse cannot: class count and device."""
+def finalize_common_args(parser, args, student=None):
+    """Derive and check what argparse cannot: the schedule of --protocol for
+    flags left out (`student`: the network whose lr the protocol may lower),
+    class count, device, paths."""
+    protocol = {**SEED_SCHEDULE, **PROTOCOLS[args.protocol]}
+    if args.protocol == 'crd' and student in CRD_SMALL_LR_NETS:
+        protocol['lr'] = CRD_SMALL_LR_NETS[student]
+    for name, value in protocol.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.lr_decay_epochs is not None and any(e >= args.epochs for e in args.lr_decay_epochs):
+        parser.error(f'--lr_decay_epochs {args.lr_decay_epochs}: every decay must come before the '
+                     f'last epoch ({args.epochs})')
+    if args.nesterov and args.momentum == 0:
+        parser.error('--nesterov needs --momentum > 0')
     expected = DATASETS[args.data_name].num_class
     if args.num_class is None:
         args.num_class = expected
@@ -126,10 +220,28 @@ def finalize_common_args(parser, args):
         parser.error(f'--device {args.device}: only cpu and cuda are supported')
     if args.resume and args.overwrite:
         parser.error('--resume and --overwrite exclude each other')
+    problem = writable_folder_problem(args.save_root)
+    if problem:
+        parser.error(f'--save_root {args.save_root}: {problem}')
     on_cuda = device.type == 'cuda'
     args.amp = on_cuda if args.amp is None else args.amp
     args.channels_last = on_cuda if args.channels_last is None else args.channels_last
     return args
+
+
+def writable_folder_problem(path):
+    """Why runs cannot be written under `path` (a file, or a folder we may not
+    write to), or None: the folder or its nearest existing parent is checked."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return 'is a file, not a folder'
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f'{existing} is a file, not a folder'
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f'{existing} is not writable'
+    return None
 
 
 def autocast(args):
@@ -186,36 +298,32 @@ def _tuplify(x):
 
 # ----------------------------------------------------------------------------- schedule and optimiser
 
-def lr_at(epoch, epochs, base_lr):
-    """The seed's step schedule (epochs 1-100 lr, 101-150 lr/10, 151-200 lr/100),
-    milestones scaled to `epochs` (rounded up, so a one-epoch run keeps lr).
-    `epoch` counts from 1."""
-    first, second = math.ceil(epochs * 0.5), math.ceil(epochs * 0.75)
-    return base_lr * (1.0 if epoch <= first else 0.1 if epoch <= second else 0.01)
-
-
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group['lr'] = lr
+def lr_at(epoch, epochs, base_lr, decay_epochs=None, decay_rate=0.1):
+    """The learning rate of epoch `epoch` (from 1): `base_lr` times
+    `decay_rate` for each of `decay_epochs` already passed. Without
+    `decay_epochs`, the seed's step schedule (epochs 1-100 lr, 101-150 lr/10,
+    151-200 lr/100) with its milestones scaled to `epochs` (rounded up, so a
+    one-epoch run keeps lr)."""
+    if decay_epochs is None:
+        decay_epochs = (math.ceil(epochs * 0.5), math.ceil(epochs * 0.75))
+    lr = base_lr
+    for e in decay_epochs:
+        if epoch > e:
+            lr *= decay_rate  # one multiplication per decay, as the seed computes it
     return lr
 
 
+def main_schedule(args):
+    """lr(epoch) of the main schedule, from --lr, --lr_decay_epochs, --lr_decay_rate."""
+    return lambda epoch: lr_at(epoch, args.epochs, args.lr, args.lr_decay_epochs, args.lr_decay_rate)
+
+
 def make_sgd(params, args, lr=None):
-    """The shared optimiser: SGD, Nesterov momentum, weight decay; under
-    torchrun it first averages the gradients over processes."""
-    # parameter groups with their tensors listed (generators would be used up here);
-    # a parameter listed twice (a wrapper and its parts) is updated once
-    groups = [dict(g, params=list(g['params'])) if isinstance(g, dict) else g for g in params]
-    if not any(isinstance(g, dict) for g in groups):
-        groups = list({id(p): p for p in groups}.values())
-    tensors = [p for g in groups for p in (g['params'] if isinstance(g, dict) else [g])]
-    fused = bool(tensors) and all(p.is_cuda for p in tensors)  # one kernel for the whole update
-    optimizer = torch.optim.SGD(groups, lr=args.lr if lr is None else lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay, nesterov=args.momentum > 0,
-                                fused=fused or None)
-    if WORLD.size > 1:
-        optimizer.register_step_pre_hook(average_gradients)
-    return optimizer
+    """The shared optimiser: SGD with momentum (Nesterov unless --no-nesterov)
+    and weight decay, in the capturable form every step uses (capture.SGD);
+    under torchrun it averages the gradients over processes first."""
+    return SGD(params, lr=args.lr if lr is None else lr, momentum=args.momentum,
+               weight_decay=args.weight_decay, nesterov=args.nesterov)
 
 
 # ----------------------------------------------------------------------------- metrics and evaluation
@@ -243,6 +351,12 @@ class EpochStats:
         self.total = torch.zeros(len(self.names), dtype=torch.float64, device=device)
         self.first_bad = torch.full((self.n_losses,), -1, dtype=torch.long, device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)
+
+    def reset(self):
+        """Start a new epoch, in place (a captured step keeps writing these tensors)."""
+        self.total.zero_()
+        self.first_bad.fill_(-1)
+        self.step.zero_()
 
     def add(self, sums):
         self.step += 1
@@ -289,26 +403,43 @@ def cross_entropy_stats(logits, target, *losses):
 TEST_METRICS = ('loss', 'top1', 'top5')
 
 
-@torch.no_grad()
-def evaluate(net, loader, progress=False, desc='test', amp=False):
-    """Test loss, top-1 and top-5 of `net` over `loader` (one sync at the end)."""
-    was_training = net.training
-    net.eval()
-    total = torch.zeros(4, dtype=torch.float64, device=loader.device)
-    batches = loader
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
-    for batch in batches:
-        with torch.autocast(loader.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = net(batch.img).out.float()
+class Evaluator:
+    """Test loss, top-1 and top-5 of `net` over `loader`, one sync at the end.
+    Kept per network: its sums live in one tensor and its step runs as
+    `mode` says (`--compile`: captured once, replayed every epoch)."""
+
+    def __init__(self, net, loader, amp=False, mode='off', progress=False, desc='test'):
+        self.net, self.loader, self.amp, self.progress, self.desc = net, loader, amp, progress, desc
+        self.total = torch.zeros(4, dtype=torch.float64, device=loader.device)
+        self.runner = StepRunner(self.step, mode, loader.device, warmup=1)
+
+    @torch.no_grad()
+    def step(self, batch):
+        with torch.autocast(self.loader.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.net(batch.img).out.float()
         loss = F.cross_entropy(out, batch.target, reduction='sum')
-        total += torch.cat([loss.reshape(1), topk_correct(out, batch.target),
-                            out.new_full((1,), batch.target.shape[0])])
-    net.train(was_training)
-    loss, c1, c5, n = sum_over_processes(total).tolist()
-    n = max(n, 1)
-    return dict(zip(TEST_METRICS, (loss / n, 100.0 * c1 / n, 100.0 * c5 / n)))
+        self.total.add_(torch.cat([loss.reshape(1), topk_correct(out, batch.target),
+                                   out.new_full((1,), batch.target.shape[0])]))
+
+    def __call__(self):
+        was_training = self.net.training
+        self.net.eval()
+        self.total.zero_()
+        batches = self.loader
+        if self.progress:
+            from tqdm import tqdm
+            batches = tqdm(self.loader, desc=self.desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+        for batch in batches:
+            self.runner(batch)
+        self.net.train(was_training)
+        loss, c1, c5, n = sum_over_processes(self.total).tolist()
+        n = max(n, 1)
+        return dict(zip(TEST_METRICS, (loss / n, 100.0 * c1 / n, 100.0 * c5 / n)))
+
+
+def evaluate(net, loader, progress=False, desc='test', amp=False):
+    """One evaluation of `net` over `loader`, eager (see Evaluator)."""
+    return Evaluator(net, loader, amp, progress=progress, desc=desc)()
 
 
 # ----------------------------------------------------------------------------- phases and the epoch loop
@@ -322,17 +453,17 @@ class Phase:
     """One stretch of training with its own optimiser and learning-rate
     schedule: the main schedule, or a method's pre-training phase (AB/FSP
     initialisation, FT's paraphraser). `step(batch)` trains on one batch and
-    returns the vector of sums named by `stat_names` (see EpochStats);
-    `evaluate()` returns the test metrics logged after each epoch (None: no
-    evaluation); `begin_epoch(epoch)` prepares an epoch and may return fields
-    for its row (named in `extra_columns`)."""
+    adds the batch's sums to `stats` (an EpochStats: loss terms, accuracy);
+    it may be an object whose `current()` gives the step of the present
+    variant (KD on or off). `evaluate()` returns the test metrics logged
+    after each epoch (None: no evaluation); `begin_epoch(epoch)` prepares an
+    epoch and may return fields for its row (named in `extra_columns`)."""
     name: str
     epochs: int
     lr: Callable[[int], float]
     optimizer: torch.optim.Optimizer
     step: Callable
-    stat_names: Sequence[str]
-    loss_names: Sequence[str]
+    stats: 'EpochStats'
     evaluate: Optional[Callable[[], dict]] = None
     begin_epoch: Optional[Callable[[int], Optional[dict]]] = None
     extra_columns: Sequence[str] = ()
@@ -344,71 +475,94 @@ def metrics_columns(phases, nets):
     for phase in phases:
         columns += [c for c in phase.extra_columns if c not in columns]
     for phase in reversed(phases):  # the main schedule's columns first
-        columns += [c for c in stat_columns(phase.stat_names) if c not in columns]
+        columns += [c for c in stat_columns(phase.stats.names) if c not in columns]
     if any(p.evaluate is not None for p in phases):
         columns += [f'test_{m}' if key == 'net' else f'test_{key}_{m}'
                     for key in nets for m in TEST_METRICS]
     return columns + ['seconds', 'img_per_s']
 
 
-def fit(phases, loader, args, save, start=(0, 0)):
+def fit(phases, loader, args, checkpointer, start=(0, 0), watched=()):
     """Run `phases` in order from `start` = (phase index, epochs done in it).
 
-    After each epoch: one log line, one metrics row, and
-    `save(phase_index, epoch, row)` writes the checkpoint. Returns the last row."""
+    After each epoch: one log line, then, if the test loss and every tensor of
+    the `watched` modules (networks, method state) are finite, one metrics row
+    and the checkpoint (`checkpointer(phase_index, epoch, row)`); a non-finite
+    one stops the run before anything of that epoch is saved. Returns the
+    last row."""
     row = None
     for pi in range(start[0], len(phases)):
         phase = phases[pi]
+        runner = StepRunner(phase.step, args.compile, loader.device, log=LOG.info)  # graphs last the phase
         first = start[1] + 1 if pi == start[0] else 1
         if first == 1 and len(phases) > 1:
             LOG.info(f'--- phase {pi + 1}/{len(phases)}: {phase.name} ({phase.epochs} epochs)')
         for epoch in range(first, phase.epochs + 1):
-            lr = set_lr(phase.optimizer, phase.lr(epoch))
+            lr = phase.optimizer.set_lr(phase.lr(epoch))
             extra = phase.begin_epoch(epoch) if phase.begin_epoch is not None else None
             header = f'[{phase.name}] epoch {epoch}/{phase.epochs}'
-            stats = EpochStats(phase.stat_names, phase.loss_names, loader.device)
+            phase.stats.reset()
             start_time = time.time()
-            train = train_epoch(phase.step, loader, stats, header, args.print_freq,
-                                show_progress(args))
+            train = train_epoch(runner, loader, phase.stats, header, args.print_freq,
+                                show_progress(args), checkpointer)
             test = phase.evaluate() if phase.evaluate is not None else {}
             row = {'phase': phase.name, 'phase_index': pi, 'epoch': epoch, 'lr': lr, **(extra or {}),
                    **{f'train_{k}': v for k, v in train.items() if k not in ('n', 'seconds', 'img_per_s')},
                    **{f'test_{k}': v for k, v in test.items()},
                    'seconds': time.time() - start_time, 'img_per_s': train['img_per_s']}
             LOG.info(format_row(header, row))
-            save(pi, epoch, row)
+            check_epoch_result(header, test, watched, checkpointer)
+            checkpointer(pi, epoch, row)
     return row
 
 
+def check_epoch_result(header, test, watched, checkpointer):
+    """Stop the run before an epoch whose test loss or weights are not finite is saved."""
+    bad = [f'test {k}' for k, v in test.items() if k.endswith('loss') and not math.isfinite(v)]
+    tensors = [t for m in watched for t in m.state_dict().values() if t.is_floating_point()]
+    if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        bad.append('the weights')
+    if bad:
+        raise NonFiniteLoss(f'{header}: {" and ".join(bad)} became non-finite; the run stops '
+                            f'without saving this epoch: {checkpointer.describe_last_save()}')
+
+
 def format_row(header, row):
-    train = ' '.join(f"{k[6:]} {v:.4f}" if 'top' not in k else f"{k[6:]} {v:.2f}"
-                     for k, v in row.items() if k.startswith('train_'))
-    test = ' '.join(f"{k[5:]} {v:.4f}" if 'top' not in k else f"{k[5:]} {v:.2f}"
-                    for k, v in row.items() if k.startswith('test_'))
+    """The epoch's log line: losses and top-1 (top-5 is in metrics.csv),
+    grouped by network when there are two."""
+    def part(prefix):
+        items = [(k[len(prefix):], v) for k, v in row.items()
+                 if k.startswith(prefix) and not k.endswith('top5')]
+        groups = {}
+        for k, v in items:
+            net, _, name = k.partition('_') if k.startswith('net') else ('', '', k)
+            groups.setdefault(net, []).append(f'{name} {v:.2f}' if 'top' in name else f'{name} {v:.4f}')
+        return ', '.join((f'{net} ' if net else '') + ' '.join(vals) for net, vals in groups.items())
+
     text = f"{header} | lr {row['lr']:.4g}"
     if 'kd_weight' in row:
         text += f" | kd weight {row['kd_weight']:.4g}"
-    text += f' | train {train}'
-    if test:
-        text += f' | test {test}'
+    text += f" | train {part('train_')}"
+    if any(k.startswith('test_') for k in row):
+        text += f" | test {part('test_')}"
     return text + f" | {row['seconds']:.1f}s ({row['img_per_s']:.0f} img/s)"
 
 
-def train_epoch(step, loader, stats, header, print_freq, progress):
-    """Run `step(batch)` over an epoch, accumulating on the device. The host
-    syncs only every `print_freq` steps and at the end; a non-finite loss
-    stops the run there."""
+def train_epoch(step, loader, stats, header, print_freq, progress, checkpointer):
+    """Run `step(batch)` over an epoch; the step adds its sums to `stats` on the
+    device. The host syncs only every `print_freq` steps and at the end; a
+    non-finite loss stops the run there."""
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(loader), desc=header, leave=False, dynamic_ncols=True, file=sys.stdout)
     start = time.time()
     for i, batch in enumerate(loader, start=1):
-        stats.add(step(batch))
+        step(batch)
         if bar is not None:
             bar.update(1)
         if i % print_freq == 0 or i == len(loader):
-            check_finite(stats, header)
+            check_finite(stats, header, checkpointer)
             v = stats.values()
             text = '  '.join(f'{k} {v[k]:.4f}' for k in v if k != 'n')
             ips = v['n'] / max(time.time() - start, 1e-9)
@@ -424,12 +578,12 @@ def train_epoch(step, loader, stats, header, print_freq, progress):
     return v
 
 
-def check_finite(stats, header):
+def check_finite(stats, header, checkpointer):
     bad = stats.non_finite()
     if bad is not None:
         term, step = bad
-        raise NonFiniteLoss(f'{header}: the {term} loss became non-finite at step {step}; '
-                            f'the run stops and the last checkpoint (previous epoch) is kept')
+        raise NonFiniteLoss(f'{header}: the {term} loss became non-finite at step {step}; the run '
+                            f'stops: {checkpointer.describe_last_save()}')
 
 
 def show_progress(args):
@@ -438,13 +592,33 @@ def show_progress(args):
 
 # ----------------------------------------------------------------------------- start-up and the run
 
-RESUME_KEYS = ('epoch', 'phase_index', 'phase_epoch', 'best', 'optimizer', 'loader', 'rng')
+RESUME_KEYS = ('epoch', 'phase_index', 'phase_epoch', 'best', 'optimizer', 'loader', 'rng', 'args',
+               'inputs')
+# Flags naming files a run is built from: a resumed run must read the same content.
+INPUT_FILE_FLAGS = ('s_init', 't_model', 'net1_init', 'net2_init')
+
+
+def input_digests(args):
+    """sha256 of each input file the flags name ('random' and missing files
+    are left out: loading reports those)."""
+    return {name: file_digest(getattr(args, name)) for name in INPUT_FILE_FLAGS
+            if isinstance(getattr(args, name, None), str) and os.path.isfile(getattr(args, name))}
+
+
+def check_inputs_unchanged(saved, now):
+    """Refuse to resume from inputs that differ from those the run was built from."""
+    changed = [k for k in saved if k in now and saved[k] != now[k]]
+    if changed:
+        what = ', '.join('the training data (its size or content)' if k == 'data' else f'--{k}'
+                         for k in changed)
+        raise UserError(f'--resume: {what} changed since the run started; resume with the same '
+                        f'inputs, or start over with --overwrite')
 
 
 def begin(args, script, argv=None):
     """Start-up shared by the scripts. Only checks, nothing written: the run
-    directory (and the resume checkpoint with its flags); then the backend
-    and seeds. Returns (run, resume checkpoint or None, device)."""
+    directory, the resume checkpoint with its flags and input files; then the
+    backend and seeds. Returns (run, resume checkpoint or None, device)."""
     args.device = init_distributed(args.device)
     reset_logger()
     if args.tensorboard:
@@ -454,13 +628,15 @@ def begin(args, script, argv=None):
             raise UserError('--tensorboard needs the tensorboard package (pip install tensorboard); '
                             'metrics.csv holds the same values') from None
     run = Run(args, script, sys.argv[1:] if argv is None else argv)
+    run.inputs = input_digests(args)
     resume = load_checkpoint(run.ckpt_path, 'resume checkpoint') if args.resume else None
     if resume is not None:
         missing = [k for k in RESUME_KEYS if k not in resume]
         if missing:
             raise UserError(f'resume checkpoint {run.ckpt_path} lacks {", ".join(missing)}: it was '
                             f'not written by {script} (a weights-only file cannot be resumed)')
-        run.check_resume_args()
+        run.check_resume_args(resume['args'])
+        check_inputs_unchanged(resume['inputs'], run.inputs)
     configure_backend(args)
     seed_everything(args.seed)
     return run, resume, torch.device(args.device)
@@ -469,37 +645,44 @@ def begin(args, script, argv=None):
 def train_phases(run, resume, phases, nets, loader, args, device, state=None, on_fresh_start=None):
     """The scripts' shared tail: open the run directory, start afresh or
     restore everything from the resume checkpoint, train every phase with a
-    checkpoint after each epoch, and log the final line.
+    checkpoint after each epoch, mark the run complete and log the final line.
 
     `nets` maps checkpoint keys to networks ({'net': student} or {'net1': a,
     'net2': b}); `state` maps further checkpoint keys to modules whose
     state_dict is saved and restored (e.g. the distiller's connectors and
     memory banks); `on_fresh_start()` runs once, when the run starts afresh."""
     state = state or {}
+    inputs = {**run.inputs, 'data': loader.fingerprint}
+    if resume is not None:
+        check_inputs_unchanged(resume['inputs'], inputs)
 
     def resume_state(phase_index):
         return {'optimizer': phases[phase_index].optimizer.state_dict(),
-                'loader': loader.state_dict(), 'rng': rng_state(),
-                **{key: module.state_dict() for key, module in state.items()}}
+                'loader': loader.state_dict(), 'rng': rng_state(), 'args': json_args(args),
+                'inputs': inputs, **{key: module.state_dict() for key, module in state.items()}}
 
-    checkpointer = Checkpointer(run, nets, resume_state)
-    run.open(metrics_columns(phases, nets), describe_device(device))
-    if resume is None:
-        start = (0, 0)
-        run.start_metrics()
-        if on_fresh_start is not None:
-            on_fresh_start()
-    else:
-        for key, module in state.items():
-            module.load_state_dict(resume[key])
-        start = checkpointer.restore(resume)
-        phases[start[0]].optimizer.load_state_dict(resume['optimizer'])
-        loader.load_state_dict(resume['loader'])
-        set_rng_state(resume['rng'])
-        run.start_metrics(keep_upto=start)
-        LOG.info(f'resumed from {run.ckpt_path}: phase {start[0] + 1}, epoch {start[1]} done')
-    fit(phases, loader, args, checkpointer, start)
-    LOG.info('done: ' + ', '.join(
-        f"{'' if key == 'net' else key + ' '}best test top-1 {best['top1']:.2f} (epoch {best['epoch']})"
-        for key, best in checkpointer.best.items()) + f'; weights in {run.dir}')
+    checkpointer = Checkpointer(run, nets, resume_state, [p.name for p in phases])
+    try:
+        run.open(metrics_columns(phases, nets), describe_device(device), resumed=resume is not None)
+        if resume is None:
+            start = (0, 0)
+            run.start_metrics()
+            if on_fresh_start is not None:
+                on_fresh_start()
+        else:
+            for key, module in state.items():
+                module.load_state_dict(resume[key])
+            start = checkpointer.restore(resume)
+            phases[start[0]].optimizer.load_state_dict(resume['optimizer'])
+            loader.load_state_dict(resume['loader'])
+            set_rng_state(resume['rng'])
+            run.start_metrics(keep_upto=start)
+            LOG.info(f'resumed from {run.ckpt_path}: {phases[start[0]].name} epoch {start[1]} done')
+        fit(phases, loader, args, checkpointer, start, watched=[*nets.values(), *state.values()])
+        run.mark_complete({'epochs': args.epochs, 'best': checkpointer.best})
+        LOG.info('done: ' + ', '.join(
+            f"{'' if key == 'net' else key + ' '}best test top-1 {best['top1']:.2f} (epoch {best['epoch']})"
+            for key, best in checkpointer.best.items()) + f'; weights in {run.dir}')
+    finally:
+        run.close()
     return checkpointer

@@ -13,7 +13,7 @@ from functools import partial
 from .registry import Distiller, Flag, PretrainPhase
 
 INIT_FLAGS = {'init_epochs': Flag(int, 'epochs of the KD-only student initialisation phase '
-                                       '(AB, FSP)', positive=True)}
+                                       '(AB, FSP)', positive=True, epochs_of=200)}
 INIT_DEFAULTS = {'init_epochs': 50}
 
 

@@ -155,5 +155,5 @@ register(Method(
     defaults={'lambda_kd': 2.0, 'T': 3.0, 'attack_size': 32, 'warmup_epochs': 10},
     flags={'T': Flag(float, 'softmax temperature', positive=True),
            'attack_size': Flag(int, 'bss: most samples attacked per batch', positive=True),
-           'warmup_epochs': Flag(int, 'bss: first epochs without the KD term')},
+           'warmup_epochs': Flag(int, 'bss: first epochs without the KD term', epochs_of=200)},
 ))

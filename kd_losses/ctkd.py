@@ -31,8 +31,8 @@ epochs up to 1). The paper gives no CIFAR-10 setting.
 
 With --logit_stand (kd_losses/_logit_stand.py) both logits are z-scored per
 sample before the learned temperature divides them, as in the logit
-standardisation authors' CTKD code; their CIFAR-100 setting with it is KD
-weight 9 with CE weight 0.1 (`--lambda_kd 9`), given on the command line.
+standardisation authors' CTKD code, and their CIFAR-100 setting for it, KD
+weight 9 with CE weight 0.1, becomes the default (`--lambda_kd 9`).
 """
 import math
 
@@ -131,4 +131,5 @@ register(Method(
                                          'reversal strength (0: full strength at once)'),
            'ctkd_lambda_max': Flag(float, 'ctkd: final gradient reversal strength'),
            'logit_stand': LOGIT_STAND},
+    switch_defaults={'logit_stand': {'lambda_kd': 9.0}},
 ))

@@ -117,5 +117,5 @@ register(Method(
     build=FTDistiller,
     defaults={'lambda_kd': 200.0, 'k': 0.5, 'para_epochs': 30},
     flags={'k': Flag(float, 'factor channels = int(k * teacher rb3 channels)', positive=True),
-           'para_epochs': Flag(int, 'epochs of the paraphraser phase', positive=True)},
+           'para_epochs': Flag(int, 'epochs of the paraphraser phase', positive=True, epochs_of=200)},
 ))

@@ -155,6 +155,9 @@ class KDSVD(nn.Module):
 
 
 class KDSVDDistiller(Distiller):
+    # torch.linalg.svd checks its result on the host: --compile runs this step eagerly
+    capturable = False
+
     def __init__(self, loss, keys):
         super().__init__()
         self.kdsvd, self.keys = loss, tuple(keys)

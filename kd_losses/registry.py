@@ -43,6 +43,15 @@ class Flag:
     help: str
     choices: Optional[Tuple] = None
     positive: bool = False  # reject values <= 0
+    # A number of epochs whose default is meant for a schedule of `epochs_of`
+    # epochs: left out, it scales with --epochs (rounded, at least 1 unless 0).
+    epochs_of: Optional[int] = None
+
+    def scaled(self, default, epochs):
+        """The default for a run of `epochs` epochs."""
+        if self.epochs_of is None or default == 0:
+            return default
+        return max(1, round(default * epochs / self.epochs_of))
 
 
 @dataclass(frozen=True)
@@ -55,11 +64,18 @@ class Method:
     defaults: Mapping[str, Any]             # seed defaults: lambda_kd and the method's flags
     flags: Mapping[str, Flag] = field(default_factory=dict)
     dataset_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    variant: str = ''                       # where the seed departs from the paper, in a phrase
+    variant: str = ''                       # where this implementation departs from the paper
+    # Per --protocol (e.g. 'crd': the CIFAR-100 benchmark's loss weights), over the others.
+    protocol_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Defaults that hold when an on/off flag of the method is on, e.g.
+    # {'logit_stand': {'T': 2.0, 'lambda_kd': 9.0}}: the paper's settings for the switch.
+    switch_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
-    def defaults_for(self, data_name):
-        """Every setting's default on `data_name`: the common ones, the method's, the dataset's."""
-        return {**COMMON_DEFAULTS, **self.defaults, **self.dataset_defaults.get(data_name, {})}
+    def defaults_for(self, data_name, protocol='seed'):
+        """Every setting's default on `data_name` under `protocol`: the common
+        ones, the method's, the dataset's, the protocol's."""
+        return {**COMMON_DEFAULTS, **self.defaults, **self.dataset_defaults.get(data_name, {}),
+                **self.protocol_defaults.get(protocol, {})}
 
 
 METHODS: Dict[str, Method] = {}
@@ -77,8 +93,13 @@ def register(method):
     missing = [k for k in method.flags if k not in method.defaults]
     if 'lambda_kd' not in method.defaults or missing:
         raise ValueError(f'{method.name}: defaults must give lambda_kd and every flag ({missing})')
-    unknown = [k for k in method.defaults if k not in method.flags and k != 'lambda_kd'
-               and k not in COMMON_DEFAULTS]
+    given = [k for d in (method.defaults, *method.dataset_defaults.values(),
+                         *method.protocol_defaults.values(), *method.switch_defaults.values()) for k in d]
+    switches = [k for k in method.switch_defaults
+                if k not in method.flags or method.flags[k].type is not bool]
+    if switches:
+        raise ValueError(f'{method.name}: switch_defaults for flags that are not on/off switches {switches}')
+    unknown = [k for k in given if k not in method.flags and k != 'lambda_kd' and k not in COMMON_DEFAULTS]
     if unknown:
         raise ValueError(f'{method.name}: defaults for undeclared flags {unknown}')
     for name, flag in method.flags.items():
@@ -155,6 +176,9 @@ class Distiller(nn.Module):
     # True: the teacher runs with autograd on an input that requires grad, so
     # the loss can differentiate through it (its parameters stay frozen).
     teacher_grad = False
+    # False: the loss needs the host inside the step (e.g. torch.linalg.svd
+    # checks its result), so --compile runs this method's step eagerly.
+    capturable = True
     # Names of the loss's terms (e.g. ('tckd', 'nckd')) when forward returns a dict.
     loss_terms: Tuple[str, ...] = ()
 

@@ -7,9 +7,10 @@ KL(softmax(t/T) || softmax(s/T)), averaged over the batch and multiplied by
 T^2 so that gradient magnitudes do not shrink with the temperature.
 
 With --logit_stand (Sun et al., CVPR 2024; kd_losses/_logit_stand.py) both
-logits are z-scored per sample before the temperature; the authors' CIFAR-100
-setting with it is --T 2 --lambda_kd 9 (CE weight 1), given on the command
-line. Off (the default), the loss is exactly the one above.
+logits are z-scored per sample before the temperature, and the authors'
+CIFAR-100 setting for it becomes the default (--T 2 --lambda_kd 9, CE weight 1;
+flags given on the command line win). Off (the default), the loss is exactly
+the one above.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,9 +37,10 @@ class SoftTarget(nn.Module):
 register(Method(
     name='st', title='soft target', paper='https://arxiv.org/abs/1503.02531',
     transfers='logits, softened at temperature T',
-    variant='--logit_stand: z-scored logits (Sun et al., CVPR 2024; their setting: --T 2 --lambda_kd 9)',
+    variant='--logit_stand: z-scored logits, with the authors\' --T 2 --lambda_kd 9 (Sun et al., CVPR 2024)',
     build=lambda ctx: FeatureDistiller(SoftTarget(ctx.args.T, ctx.args.logit_stand), ['out']),
     defaults={'lambda_kd': 0.1, 'T': 4.0, 'logit_stand': False},
     flags={'T': Flag(float, 'softmax temperature', positive=True),
            'logit_stand': LOGIT_STAND},
+    switch_defaults={'logit_stand': {'T': 2.0, 'lambda_kd': 9.0}},
 ))

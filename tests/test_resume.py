@@ -143,16 +143,16 @@ def test_resume_continues_a_finished_run_to_more_epochs_without_duplicate_rows(c
     assert metrics(str(tmp_path / 'run')) == rows
 
 
-def test_a_crash_between_write_and_rename_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+def test_a_failed_write_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     path = str(tmp_path / 'checkpoint.pth.tar')
     checkpoints.save_checkpoint({'epoch': 1, 'w': torch.ones(3)}, path)
 
-    def crash(src, dst):
-        raise OSError('killed before the rename')
-    monkeypatch.setattr(checkpoints.os, 'replace', crash)
-    with pytest.raises(OSError):
+    def disk_full(src, dst):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(checkpoints.os, 'replace', disk_full)
+    with pytest.raises(checkpoints.UserError, match='No space left on device; the previous file is kept'):
         checkpoints.save_checkpoint({'epoch': 2, 'w': torch.zeros(3)}, path)
-    assert os.path.exists(path + '.tmp')  # the new one was written, not yet renamed
+    assert not os.path.exists(path + '.tmp')
     assert checkpoints.load_checkpoint(path)['epoch'] == 1
 
 

@@ -1,0 +1,208 @@
+"""The training step made static, and run eager, compiled, or replayed as CUDA graphs.
+
+At CIFAR's batch of 128 a step launches hundreds of small kernels, so the GPU
+mostly waits for Python. Every step of the project (baselines, each KD
+method and its pre-training phases, DML, evaluation) is therefore written
+as a function of the batch alone that touches only persistent tensors:
+
+- gradients come from `torch.autograd.grad` and the update is this module's
+  `SGD.update`, whose learning rate is a device tensor and whose momentum
+  buffers exist from the start: an lr drop is a write, not a new step;
+- KD weights, curricula and epoch statistics live in device tensors updated
+  in place; nothing in a step reads a value back to the host.
+
+`StepRunner` then runs such a step one of three ways (`--compile`):
+
+- `off`: eagerly, as written;
+- `graphs`: on CUDA, each step variant (e.g. KD on/off) and batch size is
+  captured once as a CUDA graph after a few eager warm-up steps (cuDNN
+  autotuning, lazy allocations), then replayed: one launch per step and no
+  compile time. Input-gradient methods (Sobolev, LwM, BSS's attack) capture
+  like any other, since capture records kernels, not Python;
+- `inductor`: `torch.compile(fullgraph=True, dynamic=False)` fuses the
+  step's kernels first (minutes of compile time per variant and batch
+  size), and on CUDA the compiled step is captured as above.
+
+Explicit capture is the default way to graphs because it needs no compile
+time and handles `autograd.grad` inside the step; inductor is there for
+whoever measures it faster on their GPU (bench.py compares them).
+"""
+import torch
+import torch._dynamo
+
+from distributed import WORLD, average_gradients_of
+
+MODES = ('off', 'graphs', 'inductor')
+
+
+class SGD(torch.optim.Optimizer):
+    """SGD with momentum, optional Nesterov and weight decay, computing what
+    torch.optim.SGD computes, in a form a CUDA graph or torch.compile can
+    hold: the learning rate is a device tensor (`set_lr` writes it), the
+    momentum buffers are allocated here (zero: the first update sets them to
+    the gradient, as torch's SGD does) and gradients are passed to `update`
+    rather than read from `.grad`. Its state_dict is torch.optim.SGD's, and
+    `load_state_dict` copies into the existing buffers, so a captured step
+    keeps pointing at them. Under torchrun the gradients are averaged over
+    processes first."""
+
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
+        # trainable parameters only (a frozen head inside a student wrapper has no gradient),
+        # each once (a wrapper and its parts), in parameter groups listed here (generators
+        # would be used up)
+        groups = [dict(g, params=[p for p in g['params'] if p.requires_grad]) if isinstance(g, dict)
+                  else g for g in params]
+        if not any(isinstance(g, dict) for g in groups):
+            groups = list({id(p): p for p in groups if p.requires_grad}.values())
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      nesterov=nesterov, dampening=0, maximize=False,
+                                      foreach=None, differentiable=False, fused=None))
+        self.params = [p for g in self.param_groups for p in g['params']]
+        device = self.params[0].device if self.params else torch.device('cpu')
+        self.lr_tensor = torch.tensor(float(lr), device=device)
+        self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
+        self.buffers = []
+        for p in self.params:
+            self.state[p]['momentum_buffer'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.buffers.append(self.state[p]['momentum_buffer'])
+        # one fused kernel for the whole update where every parameter is on a GPU
+        self.fused = bool(self.params) and all(p.is_cuda for p in self.params)
+
+    def set_lr(self, lr):
+        for group in self.param_groups:
+            group['lr'] = lr
+        self.lr_tensor.fill_(lr)
+        return lr
+
+    @torch.no_grad()
+    def update(self, grads):
+        """One step from `grads`, aligned with `self.params`; a None gradient
+        (a parameter the loss did not use) leaves that parameter and its
+        momentum as they are, as torch.optim.SGD skips a parameter without .grad."""
+        used = [i for i, g in enumerate(grads) if g is not None]
+        if not used:
+            return
+        params = [self.params[i] for i in used]
+        bufs = [self.buffers[i] for i in used]
+        grads = [grads[i] for i in used]
+        if WORLD.size > 1:
+            grads = average_gradients_of(grads)
+        if self.momentum == 0:
+            if self.weight_decay:
+                grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+            torch._foreach_sub_(params, torch._foreach_mul(grads, self.lr_tensor))
+            return
+        if self.fused:
+            torch._fused_sgd_(params, grads, bufs, weight_decay=self.weight_decay,
+                              momentum=self.momentum, lr=self.lr_tensor, dampening=0.0,
+                              nesterov=self.nesterov, maximize=False, is_first_step=False)
+            return
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
+        torch._foreach_mul_(bufs, self.momentum)
+        torch._foreach_add_(bufs, grads)
+        step = torch._foreach_add(grads, bufs, alpha=self.momentum) if self.nesterov else bufs
+        torch._foreach_sub_(params, torch._foreach_mul(step, self.lr_tensor))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """The torch.optim interface: one update from the parameters' .grad."""
+        loss = closure() if closure is not None else None
+        self.update([p.grad for p in self.params])
+        return loss
+
+    def load_state_dict(self, state_dict):
+        """Momentum buffers and lr from a torch.optim.SGD-format state dict,
+        copied into this optimiser's own buffers."""
+        groups = state_dict['param_groups']
+        saved = [i for g in groups for i in g['params']]
+        if len(saved) != len(self.params):
+            raise ValueError(f'the saved optimiser holds {len(saved)} parameters, this one '
+                             f'{len(self.params)}')
+        for index, buf in zip(saved, self.buffers):
+            value = state_dict['state'].get(index, {}).get('momentum_buffer')
+            if value is None:
+                buf.zero_()
+            else:
+                buf.copy_(value)
+        self.set_lr(groups[0]['lr'])
+
+
+def grads_of(loss, params):
+    """d loss / d params, None for a parameter the loss does not use."""
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def configure_dynamo():
+    """What tracing a whole step needs: autograd calls inside the traced
+    function (the backward pass, input gradients) and one compiled graph per
+    step variant and batch size."""
+    torch._dynamo.config.trace_autograd_ops = True
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+
+
+class StepRunner:
+    """Runs `step(batch)` eagerly, compiled, or as CUDA graphs (`mode`).
+
+    `step` is a callable of the batch alone (it updates persistent tensors:
+    weights, optimiser, statistics) or an object with `current()` returning
+    the callable for the present variant (e.g. KD on or off); each variant
+    and batch size gets its own graph. A step whose `capturable` is False
+    runs eagerly, and the runner says so once through `log`. `warmup` eager steps of each come
+    before its capture. `backend` overrides torch.compile's (tests trace with
+    'eager'). On the CPU, `graphs` runs eagerly and `inductor` compiles."""
+
+    def __init__(self, step, mode='off', device='cpu', warmup=3, backend='inductor', log=print):
+        if mode not in MODES:
+            raise ValueError(f'unknown step mode {mode!r} (one of {", ".join(MODES)})')
+        if mode != 'off' and not getattr(step, 'capturable', True):
+            log(f'--compile {mode}: this step needs the host inside it '
+                f'({getattr(step, "why_not_capturable", "a host sync")}), so it runs eagerly')
+            mode = 'off'
+        self.step, self.mode, self.warmup = step, mode, warmup
+        self.device = torch.device(device)
+        self.use_graphs = self.device.type == 'cuda' and mode in ('graphs', 'inductor')
+        self.backend = backend
+        self.compiled = {}      # variant callable -> compiled callable
+        self.graphs = {}        # (variant, batch size) -> (CUDAGraph, static batch)
+        self.eager_steps = {}   # (variant, batch size) -> eager steps run so far
+        self.pool = None
+
+    def function(self):
+        fn = self.step.current() if hasattr(self.step, 'current') else self.step
+        if self.mode != 'inductor':
+            return fn
+        if fn not in self.compiled:
+            configure_dynamo()
+            self.compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend)
+        return self.compiled[fn]
+
+    def __call__(self, batch):
+        fn = self.function()
+        if not self.use_graphs:
+            return fn(batch)
+        key = (fn, batch[0].shape[0])
+        if key in self.graphs:
+            graph, static = self.graphs[key]
+            for dst, src in zip(static, batch):
+                dst.copy_(src)
+            graph.replay()
+            return None
+        done = self.eager_steps.get(key, 0)
+        if done < self.warmup:  # real training steps, on a side stream as capture wants
+            self.eager_steps[key] = done + 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                fn(batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return None
+        static = type(batch)(*(t.clone() for t in batch))
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()  # graphs of one runner share memory
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn(static)  # recorded, not run: the replay below trains on this batch
+        self.graphs[key] = (graph, static)
+        graph.replay()
+        return None
