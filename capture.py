@@ -166,7 +166,8 @@ class StepRunner:
         self.compiled = {}      # variant callable -> compiled callable
         self.graphs = {}        # (variant, batch size) -> (CUDAGraph, static batch)
         self.eager_steps = {}   # (variant, batch size) -> eager steps run so far
-        self.pool = None
+        self.eager_keys = set()  # (variant, batch size) whose capture failed: eager for good
+        self.pool, self.log = None, log
 
     def function(self):
         fn = self.step.current() if hasattr(self.step, 'current') else self.step
@@ -197,12 +198,22 @@ class StepRunner:
                 fn(batch)
             torch.cuda.current_stream(self.device).wait_stream(side)
             return None
+        if key in self.eager_keys:
+            return fn(batch)
         static = type(batch)(*(t.clone() for t in batch))
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()  # graphs of one runner share memory
-        with torch.cuda.graph(graph, pool=self.pool):
-            fn(static)  # recorded, not run: the replay below trains on this batch
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                fn(static)  # recorded, not run: the replay below trains on this batch
+        except Exception as e:  # noqa: BLE001  (whatever stops a capture, training goes on eagerly)
+            self.eager_keys.add(key)
+            self.log(f'--compile {self.mode}: the step could not be captured '
+                     f'({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}); '
+                     f'it runs eagerly')
+            torch.cuda.synchronize(self.device)
+            return fn(batch)
         self.graphs[key] = (graph, static)
         graph.replay()
         return None

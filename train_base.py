@@ -16,10 +16,11 @@ from checkpoints import initial_weights_name, load_network_weights, save_checkpo
 from dataset import make_loaders
 from distributed import sync_batchnorm
 from errors import ArgumentParser, cli
+from flags import add_common_args, finalize_common_args
 from network import NETWORKS, build_network
-from utils import (EpochStats, Evaluator, LOG, Phase, add_common_args, autocast, begin,
-                   cross_entropy_stats, describe_device, evaluate, finalize_common_args,
-                   main_schedule, make_sgd, memory_layout, show_progress, train_phases)
+from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cross_entropy_stats,
+                   describe_device, evaluate, main_schedule, make_sgd, memory_layout,
+                   show_progress, train_phases)
 
 STAT_NAMES = ['ce', 'correct1', 'correct5', 'n']
 

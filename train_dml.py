@@ -22,11 +22,12 @@ from checkpoints import load_network_weights
 from dataset import make_loaders
 from distributed import sync_batchnorm
 from errors import ArgumentParser, cli
+from flags import add_common_args, finalize_common_args, non_negative
 from kd_losses import DML
 from network import NETWORKS, build_network
-from utils import (EpochStats, Evaluator, LOG, Phase, add_common_args, autocast, begin,
-                   describe_device, finalize_common_args, main_schedule, make_sgd,
-                   memory_layout, non_negative, show_progress, topk_correct, train_phases)
+from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, describe_device,
+                   main_schedule, make_sgd, memory_layout, show_progress, topk_correct,
+                   train_phases)
 
 NETS = ('net1', 'net2')
 

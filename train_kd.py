@@ -21,12 +21,12 @@ from checkpoints import load_network_weights
 from dataset import make_loaders
 from distributed import sync_batchnorm
 from errors import ArgumentParser, cli, UserError
+from flags import add_common_args, finalize_common_args, finite, non_negative, positive
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from network import NETWORKS, build_network
-from utils import (EpochStats, Evaluator, LOG, Phase, add_common_args, autocast, begin,
-                   cross_entropy_stats, describe_device, evaluate, finalize_common_args, finite,
-                   main_schedule, make_sgd, memory_layout, non_negative, positive, show_progress,
-                   train_phases)
+from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cast_frozen_weights,
+                   cross_entropy_stats, describe_device, evaluate, main_schedule, make_sgd,
+                   memory_layout, show_progress, train_phases)
 
 
 def build_parser():
@@ -205,6 +205,7 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
         load_network_weights(teacher, args.t_model, 'teacher (--t_model)')
     student = memory_layout(sync_batchnorm(student.to(device), args.sync_bn), args)  # torchrun: global-batch BN
     teacher = memory_layout(teacher.to(device), args).eval().requires_grad_(False)
+    teacher = cast_frozen_weights(teacher, args)
 
     method = METHODS[args.kd_mode]
     ctx = Context(args=args, student_shapes=student.feature_shapes,

@@ -251,3 +251,24 @@ def test_sgd_skips_parameters_the_loss_did_not_use():
     opt.update([torch.ones(2), None])
     assert torch.equal(b, torch.ones(2)) and torch.equal(opt.buffers[1], torch.zeros(2))
     assert not torch.equal(a, torch.ones(2))
+
+
+def test_a_frozen_teachers_weights_cast_once_give_the_same_outputs():
+    """With --amp the teacher's convolution weights are stored in bf16 once;
+    autocast would cast them to bf16 for every forward: the outputs are equal."""
+    import argparse
+    from network import build_network
+    from utils import cast_frozen_weights
+    torch.manual_seed(0)
+    net = build_network(NET, 10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        before = net(x)
+    cast_frozen_weights(net, argparse.Namespace(amp=True))
+    assert {m.weight.dtype for m in net.modules() if isinstance(m, torch.nn.Conv2d)} == {torch.bfloat16}
+    assert net.head.weight.dtype == torch.float32
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        after = net(x)
+    for a, b in zip(before, after):
+        for u, v in (zip(a, b) if isinstance(a, tuple) else [(a, b)]):
+            assert torch.equal(u, v)

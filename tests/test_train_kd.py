@@ -13,6 +13,9 @@ from kd_losses import METHODS
 
 # Settings that make each method's run tiny (applied where the method has the flag).
 TINY = {'init_epochs': 1, 'para_epochs': 1, 'warmup_epochs': 0, 'nce_n': 16, 'feat_dim': 16}
+# KD weights meant for trained networks that blow a one-epoch run on the tiny data up
+# (SemCKD's 400 against the tiny teacher's large maps): these runs give their own.
+TINY_LAMBDA = {'semckd': 1.0}
 
 
 def kd_args(base_run, save_root, mode, epochs=1, extra=()):
@@ -24,6 +27,8 @@ def kd_args(base_run, save_root, mode, epochs=1, extra=()):
     for flag, value in TINY.items():
         if flag in METHODS[mode].flags:
             args += [f'--{flag}', str(value)]
+    if mode in TINY_LAMBDA and '--lambda_kd' not in extra:
+        args += ['--lambda_kd', str(TINY_LAMBDA[mode])]
     return args + list(extra)
 
 
@@ -119,6 +124,8 @@ def test_every_mode_trains_and_evaluates(base_run, tmp_path, mode, ce_only_runs)
         # one epoch: 1, or 0 after AB's and FSP's initialisation phase)
         assert float(main[0]['kd_weight']) == pytest.approx(
             0.0 if mode in ('ab', 'fsp') else SEED_DEFAULTS[mode]['lambda_kd'])
+    elif mode in TINY_LAMBDA:
+        assert logged_setting(log, 'lambda_kd', TINY_LAMBDA[mode], 'command line')
     else:  # a method the seed does not have: its own default is logged
         assert re.search(rf'^\s*lambda_kd = \S+ \({default}\)$', log, re.M)
     # The KD term must change what the student learns: compare with the same run
