@@ -272,3 +272,56 @@ def test_a_frozen_teachers_weights_cast_once_give_the_same_outputs():
     for a, b in zip(before, after):
         for u, v in (zip(a, b) if isinstance(a, tuple) else [(a, b)]):
             assert torch.equal(u, v)
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+def test_a_run_with_the_compiled_step_equals_the_eager_run_and_resumes_exactly(base_run, tmp_path,
+                                                                               monkeypatch):
+    """train_kd.py with --compile inductor (traced with the eager backend here:
+    the same ops) gives bitwise the eager run, CRD's random negatives drawn
+    inside the step included; stopped after its first epoch and resumed, it
+    still does."""
+    import capture
+    import csv
+    import records
+    real_init = capture.StepRunner.__init__
+
+    def eager_backend(self, *args, **kwargs):
+        kwargs['backend'] = 'eager'
+        real_init(self, *args, **kwargs)
+    monkeypatch.setattr(capture.StepRunner, '__init__', eager_backend)
+
+    def run(note, compile_mode, *extra):
+        train_kd.main(['--data_name', 'cifar10', '--img_root', base_run['img_root'],
+                       '--save_root', str(tmp_path), '--note', note, '--s_name', 'resnet20',
+                       '--t_name', 'resnet20', '--s_init', base_run['initial'], '--t_model',
+                       base_run['best'], '--kd_mode', 'crd', '--nce_n', '16', '--feat_dim', '8',
+                       '--epochs', '2', '--batch_size', '50', '--device', 'cpu', '--no_download',
+                       '--compile', compile_mode, *extra])
+
+    def result(note):
+        ckpt = torch.load(tmp_path / note / 'checkpoint.pth.tar', weights_only=True)
+        rows = [{k: v for k, v in r.items() if k not in ('seconds', 'img_per_s')}
+                for r in csv.DictReader(open(tmp_path / note / 'metrics.csv'))]
+        return ckpt, rows
+
+    run('eager', 'off')
+    run('compiled', 'inductor')
+    real_call = records.Checkpointer.__call__
+
+    def stop_after_the_first_epoch(self, *args):
+        real_call(self, *args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(records.Checkpointer, '__call__', stop_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run('resumed', 'inductor')
+    monkeypatch.setattr(records.Checkpointer, '__call__', real_call)
+    run('resumed', 'inductor', '--resume')
+    eager, eager_rows = result('eager')
+    for note in ('compiled', 'resumed'):
+        ckpt, rows = result(note)
+        assert rows == eager_rows, note
+        for key in ('net', 'distiller'):
+            for name, value in eager[key].items():
+                assert torch.equal(ckpt[key][name], value), (note, key, name)
