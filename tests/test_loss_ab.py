@@ -13,7 +13,7 @@ STAGES = ('rb1', 'rb2', 'rb3')
 
 
 def ab_reference_loop(s, t, m):
-    """Direct transcription of METHODS.md, one entry at a time (small tensors only)."""
+    """Direct transcription of the definition in kd_losses/ab.py, one entry at a time (small tensors only)."""
     s, t = s.detach().double().numpy().ravel(), t.detach().double().numpy().ravel()
     total = 0.0
     for sv, tv in zip(s, t):
