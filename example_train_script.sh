@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Reproduce the seed's comparison table end to end:
+# Run a comparison table end to end, resumably: the sweep of train_base.py,
+# train_kd.py and train_dml.py runs behind the README's tables.
+#
+# TABLE=seed (default), the seed's table:
 #   1. the baselines (resnet20 and resnet110 on CIFAR-10 and CIFAR-100), whose
 #      initial weights every student starts from and whose best weights teach;
 #   2. every KD mode for each teacher->student pair on each dataset, with the
@@ -7,66 +10,256 @@
 #      0.2 on CIFAR-10 and 0.8 on CIFAR-100);
 #   3. DML for each pair (net2 starts from a fresh initialisation when both
 #      nets share an architecture, or the two would stay identical).
+# TABLE=crd, the CIFAR-100 benchmark of RepDistiller/mdistiller (Tian et al.,
+#   "Contrastive Representation Distillation", ICLR 2020): --protocol crd
+#   (240 epochs, batch 64, lr 0.05 or 0.01, decays at 150, 180, 210), the
+#   baselines of the 13 pairs' networks, then every mode that applies to each
+#   pair (`python -m kd_losses --applies T S` decides without training; the
+#   others are listed as "# skipped: MODE does not apply to T->S: why"). No DML.
 # Then summarise:  python summarize.py "$RESULTS"
 #
 # Settings (environment variables; unset takes the default, empty means none):
+#   TABLE=seed             seed | crd
 #   DATA_ROOT=./datasets   where cifar-10-batches-py/ and cifar-100-python/ live
 #   RESULTS=./results      results root: RESULTS/base/, RESULTS/<mode>/, RESULTS/dml/
 #   GPUS="0"               GPUs to use (GPU=N works too); CUDA_VISIBLE_DEVICES per run
 #   JOBS_PER_GPU=1         runs at once on each GPU (small students leave a GPU idle)
-#   DATASETS="cifar10 cifar100"
-#   MODES="logits st ... crd"         KD modes (MODES="" runs none)
-#   PAIRS="resnet20:resnet20 resnet110:resnet20 resnet110:resnet110"   teacher:student
-#   DML_PAIRS="$PAIRS"                net1:net2 (DML_PAIRS="" runs none)
+#   DATASETS="cifar10 cifar100"       (crd: cifar100)
+#   MODES=<every registered mode>     KD modes, as `python -m kd_losses --names` (MODES="" runs none)
+#   PAIRS="resnet20:resnet20 resnet110:resnet20 resnet110:resnet110"   teacher:student (crd: its 13)
+#   DML_PAIRS="$PAIRS"                net1:net2 (DML_PAIRS="" runs none; crd: none)
 #   SEEDS="2"              one full replicate per seed (the summary gives mean +- std)
-#   EPOCHS=200
-#   EXTRA_ARGS=""          appended to every command (e.g. "--no_download")
+#   EPOCHS=200             (crd: 240) another value shortens the schedule and adds
+#                          -e<EPOCHS> to every run's name, so its runs stay apart
+#   EXTRA_ARGS=""          appended to every command (e.g. "--no_download", "--device cpu")
 #   KD_ARGS=""             appended to train_kd.py commands (e.g. "--init_epochs 5")
 #   DRY_RUN=1              print the commands instead of running them
 #   PYTHON=python
-# A run whose metrics show its last epoch is skipped; one with a checkpoint
-# but unfinished is resumed (--resume), one stopped before its first
-# checkpoint starts again (--overwrite): an interrupted sweep continues.
+# A run is finished when its complete.json exists: it is skipped. One with a
+# checkpoint is resumed (--resume), one stopped before its first checkpoint
+# starts again (--overwrite): an interrupted sweep continues. A KD or DML run
+# whose baselines are not finished is not started (reported, the rest goes on).
+# Failures are appended to RESULTS/logs/failed.txt, one dated block per sweep,
+# and listed at the end (exit 1). INT/TERM stop every run the sweep started.
 set -euo pipefail
+set -o noglob  # lists such as $MODES are split into words, never expanded as file patterns
 cd "$(dirname "$0")"
 
+die() { echo "error: $*" >&2; exit 2; }
+words() { local IFS=' '; printf '%s\n' "$*"; }  # a list on one line, single spaces
+
+TABLE=${TABLE-seed}
+case $TABLE in
+    seed) DEFAULT_EPOCHS=200 TABLE_DATASETS="cifar10 cifar100" TAG=""
+          TABLE_PAIRS="resnet20:resnet20 resnet110:resnet20 resnet110:resnet110" ;;
+    crd)  DEFAULT_EPOCHS=240 TABLE_DATASETS="cifar100" TAG="-crd"
+          TABLE_PAIRS="resnet56:resnet20 resnet110:resnet20 resnet110:resnet32 resnet32x4:resnet8x4
+                       wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 vgg13:vgg8 vgg13:MobileNetV2
+                       ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2
+                       wrn_40_2:ShuffleV1" ;;
+    *) die "TABLE=$TABLE is not a table; tables: seed crd" ;;
+esac
 DATA_ROOT=${DATA_ROOT-./datasets}
 RESULTS=${RESULTS-./results}
 GPUS=${GPUS-${GPU-0}}
 JOBS_PER_GPU=${JOBS_PER_GPU-1}
-DATASETS=${DATASETS-cifar10 cifar100}
-MODES=${MODES-logits st at fitnet nst pkt fsp ft rkd ab sp sobolev bss cc lwm irg vid ofd afd crd}
-PAIRS=${PAIRS-resnet20:resnet20 resnet110:resnet20 resnet110:resnet110}
-DML_PAIRS=${DML_PAIRS-$PAIRS}
+DATASETS=$(words ${DATASETS-$TABLE_DATASETS})
+PAIRS=$(words ${PAIRS-$TABLE_PAIRS})
+if [ "$TABLE" = crd ]; then DML_PAIRS=${DML_PAIRS-}; else DML_PAIRS=${DML_PAIRS-$PAIRS}; fi
+DML_PAIRS=$(words $DML_PAIRS)
 SEEDS=${SEEDS-2}
-EPOCHS=${EPOCHS-200}
+EPOCHS=${EPOCHS-$DEFAULT_EPOCHS}
 EXTRA_ARGS=${EXTRA_ARGS-}
 KD_ARGS=${KD_ARGS-}
 DRY_RUN=${DRY_RUN-0}
 PYTHON=${PYTHON-python}
 
+# ---- the settings, checked before anything starts (also in a dry run)
+whole_number() {  # $1: setting name, $2: value, $3: smallest allowed; prints it without leading zeros
+    [[ $2 =~ ^[0-9]+$ ]] && (( ${#2} < 19 )) && (( 10#$2 >= $3 )) ||
+        die "$1: '$2' is not a whole number >= $3"
+    echo $(( 10#$2 ))
+}
+EPOCHS=$(whole_number EPOCHS "$EPOCHS" 1)
+JOBS_PER_GPU=$(whole_number JOBS_PER_GPU "$JOBS_PER_GPU" 1)
+read -r -a SEED_LIST <<< "$SEEDS"
+for i in "${!SEED_LIST[@]}"; do SEED_LIST[i]=$(whole_number SEEDS "${SEED_LIST[i]}" 0); done
+SEEDS="${SEED_LIST[*]}"
+
+no_duplicates() {  # $1: setting name, then its entries
+    local name=$1 seen=" " entry
+    shift
+    for entry in "$@"; do
+        [[ $seen == *" $entry "* ]] && die "$name lists '$entry' twice (a run would be started twice)"
+        seen+="$entry "
+    done
+    return 0
+}
+no_duplicates DATASETS $DATASETS
+no_duplicates PAIRS $PAIRS
+no_duplicates DML_PAIRS $DML_PAIRS
+no_duplicates SEEDS $SEEDS
+[ -z "${MODES+set}" ] || no_duplicates MODES $MODES  # unset: every registered mode, once each
+for pair in $PAIRS; do
+    [[ $pair =~ ^[^:]+:[^:]+$ ]] || die "PAIRS: '$pair' is not TEACHER:STUDENT (e.g. resnet110:resnet20)"
+done
+for pair in $DML_PAIRS; do
+    [[ $pair =~ ^[^:]+:[^:]+$ ]] || die "DML_PAIRS: '$pair' is not NET1:NET2 (e.g. resnet110:resnet20)"
+done
+
+# The schedule: every command gets --epochs; under the benchmark's protocol a
+# shorter schedule keeps its lr decays at the same fractions (150, 180, 210 of 240).
+SCHEDULE=(--epochs "$EPOCHS")
+SUFFIX=""
+[ "$EPOCHS" = "$DEFAULT_EPOCHS" ] || SUFFIX="-e$EPOCHS"  # runs of another length stay apart
+if [ "$TABLE" = crd ]; then
+    SCHEDULE+=(--protocol crd)
+    if [ "$EPOCHS" != 240 ]; then
+        decays=""
+        for m in 150 180 210; do
+            e=$(( (m * EPOCHS + 120) / 240 ))
+            (( e >= 1 && e < EPOCHS )) && [[ ",$decays," != *",$e,"* ]] && decays+="${decays:+,}$e"
+        done
+        [ -n "$decays" ] || die "EPOCHS=$EPOCHS is too short for TABLE=crd: its lr decays must come before the last epoch (EPOCHS >= 2)"
+        SCHEDULE+=(--lr_decay_epochs "$decays")
+    fi
+fi
+
+# The registered modes, networks and datasets come from the code, so a new
+# method file joins the sweep with no change here. One python start reads all.
+info=$("$PYTHON" -c 'import dataset, network, torch
+from kd_losses.__main__ import mode_names
+print(" ".join(mode_names())); print(" ".join(network.NETWORKS)); print(" ".join(dataset.DATASETS))
+print(torch.cuda.device_count() if torch.cuda.is_available() else 0)') ||
+    die "$PYTHON cannot read the registries of modes, networks and datasets (its error is above)"
+{ read -r ALL_MODES; read -r ALL_NETWORKS; read -r ALL_DATASETS; read -r CUDA_COUNT; } <<< "$info"
+MODES=$(words ${MODES-$ALL_MODES})
+
+known() {  # $1: setting, $2: what, $3: the value, $4: the valid values, $5: where (optional)
+    [[ " $4 " == *" $3 "* ]] || die "$1: unknown $2 '$3'${5:+ in $5}; ${2}s: $4"
+}
+for d in $DATASETS; do known DATASETS dataset "$d" "$ALL_DATASETS"; done
+for m in $MODES; do known MODES mode "$m" "$ALL_MODES"; done
+for pair in $PAIRS; do
+    for net in "${pair%%:*}" "${pair##*:}"; do known PAIRS network "$net" "$ALL_NETWORKS" "$pair"; done
+done
+for pair in $DML_PAIRS; do
+    for net in "${pair%%:*}" "${pair##*:}"; do known DML_PAIRS network "$net" "$ALL_NETWORKS" "$pair"; done
+done
+
 read -r -a GPU_LIST <<< "$GPUS"
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a KD_EXTRA <<< "$KD_ARGS"
 SLOTS=$(( ${#GPU_LIST[@]} * JOBS_PER_GPU ))
-(( SLOTS > 0 )) || { echo "error: GPUS and JOBS_PER_GPU must give at least one slot" >&2; exit 2; }
+(( SLOTS > 0 )) || die "GPUS is empty: name at least one GPU (it sets the number of runs at once, also on the CPU)"
 SLOT_PID=()
-FAILED_LIST="$RESULTS/logs/failed.txt"
+SLOT_DIR=()
 
-short_net() { echo "r${1#resnet}"; }                            # resnet110 -> r110
-short_data() { [ "$1" = cifar10 ] && echo c10 || echo c100; }
+# Names in run notes (resnet110 -> r110, others as they are) and each network's
+# initial-weights file, as checkpoints.initial_weights_name names it
+# (initial_r20.pth.tar, initial_vgg8.pth.tar). No subshells: a dry run lists hundreds of runs.
+declare -A SHORT=() INITIAL=()
+for net in $ALL_NETWORKS; do
+    if [[ $net == resnet* ]]; then SHORT[$net]="r${net#resnet}"; else SHORT[$net]=$net; fi
+    INITIAL[$net]="initial_${SHORT[$net]}.pth.tar"
+done
+run_id() {  # $1: dataset, then the networks: sets RUN_ID, e.g. c100-r110-r20-crd-s2 (with seed $seed)
+    local data=$1 net
+    shift
+    RUN_ID="c${data#cifar}"
+    for net in "$@"; do RUN_ID+="-${SHORT[$net]}"; done
+    RUN_ID+="$TAG-s$seed$SUFFIX"
+}
+base_dir() { run_id "$1" "$2"; BASE_DIR="$RESULTS/base/base-$RUN_ID"; }  # sets BASE_DIR
+finished() { [ -f "$1/complete.json" ]; }  # written after the last epoch's checkpoint, only then
 
-finished() {  # $1: run directory; true when its metrics end with the main stage's last epoch
-    local last
-    [ -f "$1/metrics.csv" ] || return 1
-    last=$(tail -n 1 "$1/metrics.csv" | cut -d, -f1,3)
-    [ "$last" = "main,$EPOCHS" ]
+# Where a command runs: the last --device (or --cuda) it is given, else CUDA when there is one.
+runs_on_gpu() {
+    local on=$(( CUDA_COUNT > 0 )) prev=""
+    for word in "$@"; do
+        case "$prev $word" in
+            "--device cpu"|"--cuda 0") on=0 ;;
+            "--device cuda"*|"--cuda 1") on=1 ;;
+        esac
+        case $word in --device=cpu) on=0 ;; --device=cuda*) on=1 ;; esac
+        prev=$word
+    done
+    (( on ))
 }
 
-free_slot() {  # sets SLOT to a slot whose job has ended, waiting if all are busy
+# ---- this sweep's bookkeeping: failures, and stopping its runs on INT/TERM or exit
+FAILED_LIST="$RESULTS/logs/failed.txt"
+STARTED=$(date '+%Y-%m-%d %H:%M:%S')
+STATE=""
+INTERRUPTED=""
+if [ "$DRY_RUN" != 1 ]; then
+    mkdir -p "$RESULTS/logs"
+    STATE=$(mktemp -d "${TMPDIR:-/tmp}/kdzoo-sweep.XXXXXX")
+    : > "$STATE/failed"
+fi
+# Each run gets its own process group (its pid), so stopping it stops what it started too.
+if command -v setsid > /dev/null; then NEW_GROUP=(setsid); else
+    NEW_GROUP=("$PYTHON" -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])'); fi
+
+stop_runs() {  # TERM every running run's process group, then KILL what is left after 10 s
+    local pids=() pid i
+    for i in "${!SLOT_PID[@]}"; do
+        if kill -0 "${SLOT_PID[i]}" 2>/dev/null; then
+            pids+=("${SLOT_PID[i]}")
+            echo "stopped: ${SLOT_DIR[i]} (the sweep was interrupted; a rerun continues it)" >> "$STATE/failed"
+        fi
+    done
+    [ -z "${!:-}" ] || pids+=("$!")  # the run started last, in case the signal came before SLOT_PID had it
+    (( ${#pids[@]} )) || return 0
+    for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    for _ in $(seq 100); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
+        (( alive )) || return 0
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+}
+
+on_exit() {
+    local rc=$?
+    trap - EXIT INT TERM
+    [ -n "$STATE" ] || exit "$rc"
+    stop_runs
+    local n
+    n=$(grep -c . "$STATE/failed" || true)
+    (( n == 0 || rc != 0 )) || rc=1
+    {
+        echo "=== sweep started $STARTED, ended $(date '+%Y-%m-%d %H:%M:%S'), exit $rc" \
+             "(TABLE=$TABLE EPOCHS=$EPOCHS):${INTERRUPTED:+ interrupted by SIG$INTERRUPTED,}" \
+             "$( (( n )) && echo "$n runs failed, not started or stopped" || echo "no run failed")"
+        cat "$STATE/failed"
+    } >> "$FAILED_LIST"
+    if (( n )); then
+        echo "$n runs of this sweep failed, were not started or were stopped (history: $FAILED_LIST):" >&2
+        cat "$STATE/failed" >&2
+    fi
+    rm -rf "$STATE"
+    exit "$rc"
+}
+on_signal() {
+    INTERRUPTED=$1
+    echo "sweep interrupted (SIG$1): stopping its runs" >&2
+    exit "$2"
+}
+trap on_exit EXIT
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
+
+not_started() {  # $1: run directory, $2: why
+    echo "# not started: $1: $2"
+    [ -z "$STATE" ] || echo "not started: $1: $2" >> "$STATE/failed"
+}
+
+free_slot() {  # sets SLOT to a slot whose run has ended, waiting if all are busy
     while true; do
         for ((i = 0; i < SLOTS; i++)); do
-            if [ -z "${SLOT_PID[$i]:-}" ] || ! kill -0 "${SLOT_PID[$i]}" 2>/dev/null; then
+            if [ -z "${SLOT_PID[i]:-}" ] || ! kill -0 "${SLOT_PID[i]}" 2>/dev/null; then
                 SLOT=$i
                 return
             fi
@@ -76,7 +269,7 @@ free_slot() {  # sets SLOT to a slot whose job has ended, waiting if all are bus
 }
 
 launch() {  # $1: run directory, then the command
-    local dir=$1 name
+    local dir=$1 name out gpu
     shift
     local cmd=("$@" "${EXTRA[@]}")
     if finished "$dir"; then
@@ -94,28 +287,68 @@ launch() {  # $1: run directory, then the command
         return
     fi
     free_slot
-    local gpu=${GPU_LIST[$(( SLOT % ${#GPU_LIST[@]} ))]}
-    name=$(basename "$dir")
-    mkdir -p "$RESULTS/logs"
-    echo "[gpu $gpu] ${cmd[*]}"
-    (
-        if CUDA_VISIBLE_DEVICES=$gpu "${cmd[@]}" > "$RESULTS/logs/$name.out" 2>&1; then :; else
-            echo "$name (exit $?): $RESULTS/logs/$name.out" >> "$FAILED_LIST"
-        fi
-    ) &
-    SLOT_PID[$SLOT]=$!
+    name=${dir##*/}
+    out="$RESULTS/logs/$name.out"
+    local gpu_env=()
+    if runs_on_gpu "${cmd[@]}"; then
+        gpu=${GPU_LIST[$(( SLOT % ${#GPU_LIST[@]} ))]}
+        gpu_env=("CUDA_VISIBLE_DEVICES=$gpu")
+        echo "[gpu $gpu] ${cmd[*]}"
+    else
+        echo "[cpu] ${cmd[*]}"
+    fi
+    # The run, in its own process group, records its own failure (with the run's error line).
+    env "${gpu_env[@]}" "${NEW_GROUP[@]}" bash -c '
+        out=$1 failed=$2 name=$3
+        shift 3
+        "$@" > "$out" 2>&1 < /dev/null && exit 0
+        rc=$?
+        reason=$(grep "^error: " "$out" | tail -n 1)
+        echo "$name (exit $rc): $out${reason:+: $reason}" >> "$failed"
+        exit "$rc"' run "$out" "$STATE/failed" "$name" "${cmd[@]}" &
+    SLOT_PID[SLOT]=$!
+    SLOT_DIR[SLOT]=$dir
 }
 
 barrier() {  # later runs need these results
     [ "$DRY_RUN" = 1 ] || wait
 }
 
-base_dir() { echo "$RESULTS/base/base-$(short_data "$1")-$(short_net "$2")-s$3"; }
+baselines_ready() {  # $1: run directory, then role:baseline-directory pairs; false (reported) if one is unfinished
+    local dir=$1 spec
+    shift
+    [ "$DRY_RUN" != 1 ] || return 0  # a dry run lists the baselines it would run first
+    for spec in "$@"; do
+        if ! finished "${spec#*:}"; then
+            not_started "$dir" "${spec%%:*} ${spec#*:} is not finished"
+            return 1
+        fi
+    done
+}
 
-[ "$DRY_RUN" = 1 ] || { mkdir -p "$RESULTS/logs"; rm -f "$FAILED_LIST"; }
+# ---- which modes apply to which pair (TABLE=crd: networks of other shapes; built, not trained)
+declare -A APPLIES=() SKIP_LINES=()
+if [ "$TABLE" = crd ] && [ -n "$MODES" ] && [ -n "$PAIRS" ] && [ -n "$SEEDS" ]; then
+    for data in $DATASETS; do
+        nets=()
+        for pair in $PAIRS; do nets+=("${pair%%:*}" "${pair##*:}"); done
+        answer=$("$PYTHON" -m kd_losses --applies "${nets[@]}" --why --data_name "$data" --protocol crd) ||
+            die "python -m kd_losses --applies failed (see above)"
+        i=-1
+        read -r -a pairs <<< "$PAIRS"
+        while IFS= read -r line; do
+            if [[ $line == "# "* ]]; then
+                SKIP_LINES["$data ${pairs[i]}"]+="$line"$'\n'
+            else
+                i=$((i + 1))
+                APPLIES["$data ${pairs[i]}"]=" $line "
+            fi
+        done <<< "$answer"
+    done
+fi
 
 # ---- 0. the data, checked (and fetched if missing) once, before runs read it in parallel
-if [ "$DRY_RUN" != 1 ] && [ -n "$DATASETS" ]; then
+if [ "$DRY_RUN" != 1 ] && [ -n "$DATASETS" ] && [ -n "$SEEDS" ]; then
     fetch=()
     [[ " $EXTRA_ARGS " == *" --no_download "* ]] && fetch+=(--no_download)
     "$PYTHON" dataset.py "$DATA_ROOT" $DATASETS "${fetch[@]}"
@@ -126,10 +359,10 @@ NETS=$(for p in $PAIRS $DML_PAIRS; do echo "${p%%:*}"; echo "${p##*:}"; done | s
 for seed in $SEEDS; do
     for data in $DATASETS; do
         for net in $NETS; do
-            dir=$(base_dir "$data" "$net" "$seed")
-            launch "$dir" "$PYTHON" -u train_base.py --data_name "$data" --net_name "$net" \
-                --img_root "$DATA_ROOT" --save_root "$RESULTS/base" --note "$(basename "$dir")" \
-                --epochs "$EPOCHS" --seed "$seed"
+            base_dir "$data" "$net"
+            launch "$BASE_DIR" "$PYTHON" -u train_base.py --data_name "$data" --net_name "$net" \
+                --img_root "$DATA_ROOT" --save_root "$RESULTS/base" --note "${BASE_DIR##*/}" \
+                "${SCHEDULE[@]}" --seed "$seed"
         done
     done
 done
@@ -141,14 +374,24 @@ for seed in $SEEDS; do
         for pair in $PAIRS; do
             t=${pair%%:*}
             s=${pair##*:}
+            if [ "$TABLE" = crd ] && [ "$seed" = "${SEED_LIST[0]}" ]; then
+                for mode in $MODES; do  # each skipped mode once, with the reason
+                    [[ ${APPLIES["$data $pair"]-} == *" $mode "* ]] ||
+                        grep -F "# skipped: $mode does not apply" <<< "${SKIP_LINES["$data $pair"]}" || true
+                done
+            fi
             for mode in $MODES; do
-                note="$mode-$(short_data "$data")-$(short_net "$t")-$(short_net "$s")-s$seed"
+                [ "$TABLE" != crd ] || [[ ${APPLIES["$data $pair"]-} == *" $mode "* ]] || continue
+                run_id "$data" "$t" "$s"
+                note="$mode-$RUN_ID"
+                base_dir "$data" "$t"; t_dir=$BASE_DIR
+                base_dir "$data" "$s"; s_dir=$BASE_DIR
+                baselines_ready "$RESULTS/$mode/$note" "teacher:$t_dir" "student baseline:$s_dir" || continue
                 launch "$RESULTS/$mode/$note" "$PYTHON" -u train_kd.py --data_name "$data" \
                     --t_name "$t" --s_name "$s" --kd_mode "$mode" \
-                    --t_model "$(base_dir "$data" "$t" "$seed")/model_best.pth.tar" \
-                    --s_init "$(base_dir "$data" "$s" "$seed")/initial_$(short_net "$s").pth.tar" \
+                    --t_model "$t_dir/model_best.pth.tar" --s_init "$s_dir/${INITIAL[$s]}" \
                     --img_root "$DATA_ROOT" --save_root "$RESULTS/$mode" --note "$note" \
-                    --epochs "$EPOCHS" --seed "$seed" "${KD_EXTRA[@]}"
+                    "${SCHEDULE[@]}" --seed "$seed" "${KD_EXTRA[@]}"
             done
         done
     done
@@ -160,22 +403,20 @@ for seed in $SEEDS; do
         for pair in $DML_PAIRS; do
             n1=${pair%%:*}
             n2=${pair##*:}
-            init2="$(base_dir "$data" "$n2" "$seed")/initial_$(short_net "$n2").pth.tar"
+            base_dir "$data" "$n1"; dir1=$BASE_DIR
+            base_dir "$data" "$n2"; dir2=$BASE_DIR
+            init2="$dir2/${INITIAL[$n2]}"
             [ "$n1" = "$n2" ] && init2=random
-            note="dml-$(short_data "$data")-$(short_net "$n1")-$(short_net "$n2")-s$seed"
+            run_id "$data" "$n1" "$n2"
+            note="dml-$RUN_ID"
+            baselines_ready "$RESULTS/dml/$note" "net1 baseline:$dir1" "net2 baseline:$dir2" || continue
             launch "$RESULTS/dml/$note" "$PYTHON" -u train_dml.py --data_name "$data" \
-                --net1_name "$n1" --net2_name "$n2" \
-                --net1_init "$(base_dir "$data" "$n1" "$seed")/initial_$(short_net "$n1").pth.tar" \
+                --net1_name "$n1" --net2_name "$n2" --net1_init "$dir1/${INITIAL[$n1]}" \
                 --net2_init "$init2" --img_root "$DATA_ROOT" --save_root "$RESULTS/dml" \
-                --note "$note" --epochs "$EPOCHS" --seed "$seed"
+                --note "$note" "${SCHEDULE[@]}" --seed "$seed"
         done
     done
 done
 barrier
 
-if [ "$DRY_RUN" != 1 ] && [ -s "$FAILED_LIST" ]; then
-    echo "some runs failed:" >&2
-    cat "$FAILED_LIST" >&2
-    exit 1
-fi
-[ "$DRY_RUN" = 1 ] || echo "all runs done; summary: $PYTHON summarize.py $RESULTS"
+[ "$DRY_RUN" = 1 ] || [ -s "$STATE/failed" ] || echo "all runs done; summary: $PYTHON summarize.py $RESULTS"

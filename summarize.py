@@ -1,62 +1,141 @@
 """Summarise a results root: the comparison tables, a CSV, test-accuracy curves.
 
     python summarize.py ./results                     # Markdown tables + ./results/summary.csv
+    python summarize.py ./results --published         # the benchmark table with its published numbers
     python summarize.py ./results --plot curves.png --runs 'st-*'   # needs matplotlib
 
-Every run directory (args.json + metrics.csv) under the root is read; runs
-that differ only in their seed and result-neutral flags are replicates of
-one experiment and are reported as mean ± sample standard deviation.
+Every run directory (one holding args.json) under the root is read. A run is
+finished when its complete.json exists; one whose log.txt ends in an
+`error: ...` line failed; any other is unfinished, also one killed before its
+first main-schedule epoch. Runs that differ only in their seed, result-neutral
+flags and flags their method does not read are replicates of one experiment,
+reported as mean ± sample standard deviation (two runs of one seed are one
+replicate: the finished one is kept). Runs of the CIFAR-100 benchmark
+(`--protocol crd`) get the benchmark's table: pairs as columns, methods as rows.
+A malformed run directory is skipped with a warning; the summary goes on.
 """
 import argparse
 import csv
 import json
 import math
 import os
+import re
+import sys
 
 from errors import UserError, cli
-from records import RESULT_NEUTRAL_FLAGS
+from kd_losses import METHODS, all_flags
+from records import COMPLETE_FILE, RESULT_NEUTRAL_FLAGS
 
 SEED_ORDER = ['logits', 'st', 'at', 'fitnet', 'nst', 'pkt', 'fsp', 'ft', 'rkd', 'ab', 'sp',
               'sobolev', 'bss', 'cc', 'lwm', 'irg', 'vid', 'ofd', 'afd', 'crd']
-DISPLAY = {'logits': 'Logits', 'fitnet': 'Fitnet', 'sobolev': 'Sobolev', 'lwm': 'LwM'}
+DISPLAY = {'logits': 'Logits', 'fitnet': 'Fitnet', 'sobolev': 'Sobolev', 'lwm': 'LwM',
+           'reviewkd': 'ReviewKD', 'semckd': 'SemCKD', 'simkd': 'SimKD', 'catkd': 'CAT-KD'}
 DATA_COLUMNS = {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100'}
 # Runs that differ only in these flags are replicates of one experiment.
 NOT_RESULT_FLAGS = RESULT_NEUTRAL_FLAGS | {'seed'}
 REPORTING_RULE = ('Top-1 test accuracy (%) as "best / last": the best epoch and the last epoch of '
                   'the main schedule. Where several seeds of the same run exist: mean ± sample '
-                  'standard deviation over them, with n. * marks runs not finished yet.')
+                  'standard deviation over them, with n. * marks runs not finished yet; "failed" '
+                  'runs stopped with an error (their numbers are left out).')
+
+# The CIFAR-100 benchmark of Tian et al., "Contrastive Representation
+# Distillation" (ICLR 2020), as RepDistiller's README publishes it
+# (https://github.com/HobbitLong/RepDistiller): its 13 teacher -> student
+# pairs in the README's order, and the top-1 (%) it reports for each.
+CRD_PAIRS = (('resnet56', 'resnet20'), ('resnet110', 'resnet20'), ('resnet110', 'resnet32'),
+             ('resnet32x4', 'resnet8x4'), ('wrn_40_2', 'wrn_16_2'), ('wrn_40_2', 'wrn_40_1'),
+             ('vgg13', 'vgg8'), ('vgg13', 'MobileNetV2'), ('ResNet50', 'MobileNetV2'),
+             ('ResNet50', 'vgg8'), ('resnet32x4', 'ShuffleV1'), ('resnet32x4', 'ShuffleV2'),
+             ('wrn_40_2', 'ShuffleV1'))
+PUBLISHED = {  # row -> top-1 per pair of CRD_PAIRS (Tian et al., ICLR 2020, RepDistiller README)
+    'Teacher': (72.34, 74.31, 74.31, 79.42, 75.61, 75.61, 74.64, 74.64, 79.34, 79.34, 79.42, 79.42, 75.61),
+    'Student': (69.06, 69.06, 71.14, 72.50, 73.26, 71.98, 70.36, 64.60, 64.60, 70.36, 70.50, 71.82, 70.50),
+    'st': (70.66, 70.67, 73.08, 73.33, 74.92, 73.54, 72.98, 67.37, 67.35, 73.81, 74.07, 74.45, 74.83),
+    'crd': (71.16, 71.46, 73.48, 75.51, 75.48, 74.14, 73.94, 69.73, 69.11, 74.30, 75.11, 75.65, 76.05),
+}
+# The benchmark's row order (RepDistiller's README) after Teacher and Student;
+# modes it lacks follow in name order. Its names for two of the seed's methods:
+CRD_ROW_ORDER = ['st', 'fitnet', 'at', 'sp', 'cc', 'vid', 'rkd', 'pkt', 'ab', 'ft', 'fsp', 'nst', 'crd']
+CRD_DISPLAY = {'st': 'KD', 'fitnet': 'FitNet'}
+CRD_RULE = ('CIFAR-100 benchmark (--protocol crd; Tian et al., ICLR 2020): pairs teacher→student '
+            'as columns; cells as above (best / last, mean ± std over seeds with n).')
+
+
+class MalformedRun(Exception):
+    """A run directory that cannot be read; the message says why."""
+
+
+def warn(message):
+    print(f'warning: {message}', file=sys.stderr)
+
+
+def natural_key(name):
+    """resnet8 < resnet20 < resnet110 (numbers compare as numbers)."""
+    return [(0, int(p), '') if p.isdigit() else (1, 0, p) for p in re.split(r'(\d+)', str(name)) if p]
+
+
+def score_keys(script):
+    return ['net1', 'net2'] if script == 'train_dml.py' else ['net']
+
+
+def last_log_line(run_dir):
+    try:
+        with open(os.path.join(run_dir, 'log.txt'), errors='replace') as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ''
+    return lines[-1] if lines else ''
 
 
 def read_run(run_dir):
-    """A finished or running run directory -> dict, or None if it is not a run."""
+    """A run directory -> dict (scores of the main phase, status); MalformedRun if unreadable."""
     try:
         with open(os.path.join(run_dir, 'args.json')) as f:
             record = json.load(f)
-        with open(os.path.join(run_dir, 'metrics.csv'), newline='') as f:
-            rows = [r for r in csv.DictReader(f) if r['phase'] == 'main']
-    except (OSError, ValueError, KeyError):
-        return None
-    args = record.get('args', {})
-    script = record.get('script', '')
-    keys = ['net1', 'net2'] if script == 'train_dml.py' else ['net']
+    except (OSError, ValueError) as e:
+        raise MalformedRun(f'args.json is not readable JSON ({e})') from None
+    if not isinstance(record, dict) or not isinstance(record.get('args'), dict):
+        raise MalformedRun("args.json holds no 'args' object")
+    args, script = record['args'], str(record.get('script', ''))
+    rows = []
+    metrics = os.path.join(run_dir, 'metrics.csv')
+    if os.path.exists(metrics):  # absent: stopped before its first epoch
+        try:
+            with open(metrics, newline='') as f:
+                rows = [r for r in csv.DictReader(f) if r['phase'] == 'main']
+        except KeyError:
+            raise MalformedRun("metrics.csv has no 'phase' column") from None
+        except (OSError, csv.Error, UnicodeDecodeError) as e:
+            raise MalformedRun(f'metrics.csv is not readable ({e})') from None
     scores = {}
-    for key in keys:
+    for key in score_keys(script):
         col = 'test_top1' if key == 'net' else f'test_{key}_top1'
-        values = [float(r[col]) for r in rows if r.get(col) not in (None, '')]
+        if rows and col not in rows[0]:
+            raise MalformedRun(f"metrics.csv has no '{col}' column")
+        try:
+            values = [float(r[col]) for r in rows if r.get(col) not in (None, '')]
+        except ValueError as e:
+            raise MalformedRun(f'metrics.csv: {col} is not a number ({e})') from None
         if values:
             scores[key] = {'best': max(values), 'last': values[-1]}
+    complete = os.path.isfile(os.path.join(run_dir, COMPLETE_FILE))
+    last_line = '' if complete else last_log_line(run_dir)
+    status = 'complete' if complete else 'failed' if last_line.startswith('error: ') else 'unfinished'
     return {'dir': run_dir, 'script': script, 'args': args, 'scores': scores,
-            'epochs_done': len(rows), 'complete': len(rows) >= int(args.get('epochs', 0) or 0) > 0,
-            'rows': rows}
+            'epochs_done': len(rows), 'complete': complete, 'status': status,
+            'error': last_line if status == 'failed' else '', 'rows': rows}
 
 
 def collect_runs(root):
+    """Every readable run under root; a malformed one is skipped with a warning."""
     runs = []
-    for dirpath, _, files in os.walk(root):
-        if 'args.json' in files and 'metrics.csv' in files:
-            run = read_run(dirpath)
-            if run is not None and run['scores']:
-                runs.append(run)
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        if 'args.json' in files:
+            try:
+                runs.append(read_run(dirpath))
+            except MalformedRun as e:
+                warn(f'skipped {dirpath}: {e}')
     return sorted(runs, key=lambda r: r['dir'])
 
 
@@ -66,40 +145,85 @@ def mean_std(values):
     return m, s
 
 
+def table_of(script, args):
+    """'crd' for runs of the CIFAR-100 benchmark's protocol (the benchmark's layout), else 'seed'."""
+    crd = args.get('data_name') == 'cifar100' and args.get('protocol') == 'crd'
+    return 'crd' if crd and script in ('train_base.py', 'train_kd.py') else 'seed'
+
+
+def result_settings(script, args):
+    """The flags that define a run's result: not the result-neutral ones nor the
+    seed, and for train_kd.py not the flags of other methods (train_kd.py
+    records every method's flag, but the run's method reads only its own)."""
+    ignored = set(NOT_RESULT_FLAGS)
+    method = METHODS.get(args.get('kd_mode')) if script == 'train_kd.py' else None
+    if method is not None:
+        ignored |= set(all_flags()) - set(method.flags)
+    return {k: v for k, v in sorted(args.items()) if k not in ignored}
+
+
+def one_run_per_seed(members):
+    """Two runs of one experiment with the same seed are one replicate: keep the
+    finished one (else the one with more epochs, else the later directory)."""
+    by_seed = {}
+    for run in members:
+        by_seed.setdefault(json.dumps(run['args'].get('seed')), []).append(run)
+    kept = []
+    for seed, same in by_seed.items():
+        best = max(same, key=lambda r: (r['complete'], r['status'] != 'failed', r['epochs_done'], r['dir']))
+        if len(same) > 1:
+            why = 'finished' if best['complete'] else f"{best['epochs_done']} epochs"
+            warn(f"{len(same)} runs of one experiment with seed {seed} ({', '.join(r['dir'] for r in same)}) "
+                 f"are one replicate: kept {best['dir']} ({why})")
+        kept.append(best)
+    return sorted(kept, key=lambda r: r['dir'])
+
+
 def group_runs(runs):
-    """Replicates (runs equal but for the seed and paths) -> one entry each."""
+    """Replicates (runs equal but for the seed, paths and flags their method
+    does not read) -> one entry each, with mean ± std per network."""
     groups = {}
     for run in runs:
-        key = (run['script'], json.dumps({k: v for k, v in sorted(run['args'].items())
-                                          if k not in NOT_RESULT_FLAGS}, default=str))
+        key = (run['script'], json.dumps(result_settings(run['script'], run['args']), default=str))
         groups.setdefault(key, []).append(run)
     out = []
     for (script, _), members in groups.items():
+        members = one_run_per_seed(members)
         a = members[0]['args']
+        scored = [r for r in members if r['status'] != 'failed']
         g = {'script': script, 'args': a, 'runs': members, 'data': a.get('data_name'),
-             'complete': all(r['complete'] for r in members)}
-        for key in members[0]['scores']:
-            vals = [r['scores'][key] for r in members if key in r['scores']]
-            g[key] = {'n': len(vals), 'best': mean_std([v['best'] for v in vals]),
-                      'last': mean_std([v['last'] for v in vals])}
+             'table': table_of(script, a), 'complete': all(r['complete'] for r in members),
+             'unfinished': any(r['status'] == 'unfinished' for r in members),
+             'failed': sum(r['status'] == 'failed' for r in members), 'variant': '',
+             'settings': result_settings(script, a)}
+        for key in score_keys(script):
+            vals = [r['scores'][key] for r in scored if key in r['scores']]
+            if vals:
+                g[key] = {'n': len(vals), 'best': mean_std([v['best'] for v in vals]),
+                          'last': mean_std([v['last'] for v in vals])}
         if script == 'train_base.py':
             g.update(teacher='-', student=a.get('net_name'), name='Baseline', mode='')
         elif script == 'train_kd.py':
-            g.update(teacher=a.get('t_name'), student=a.get('s_name'), mode=a.get('kd_mode'),
-                     name=DISPLAY.get(a.get('kd_mode'), str(a.get('kd_mode')).upper()))
+            mode = a.get('kd_mode')
+            names = {**DISPLAY, **CRD_DISPLAY} if g['table'] == 'crd' else DISPLAY
+            g.update(teacher=a.get('t_name'), student=a.get('s_name'), mode=mode,
+                     name=names.get(mode, str(mode).upper()))
         else:
             g.update(teacher=a.get('net1_name'), student=a.get('net2_name'), name='DML', mode='dml')
         out.append(g)
     # Same method and networks but other settings: say what differs in the name.
     by_label = {}
     for g in out:
-        by_label.setdefault((g['script'], g['teacher'], g['student'], g['name'], g['data']), []).append(g)
+        by_label.setdefault((g['table'], g['script'], g['teacher'], g['student'], g['name'], g['data']),
+                            []).append(g)
     for same in by_label.values():
         if len(same) > 1:
-            differing = [k for k in same[0]['args'] if k not in NOT_RESULT_FLAGS
-                         and len({json.dumps(g['args'].get(k), default=str) for g in same}) > 1]
+            keys = sorted({k for g in same for k in g['settings']})
+            differing = [k for k in keys
+                         if len({json.dumps(g['settings'].get(k), default=str) for g in same}) > 1]
             for g in same:
-                g['name'] += ' (' + ', '.join(f'{k}={g["args"].get(k)}' for k in differing) + ')'
+                g['variant'] = ' (' + ', '.join(f'{k}={g["settings"].get(k)}' for k in differing) + ')'
+                g['name'] += g['variant']
     return out
 
 
@@ -109,33 +233,68 @@ def format_score(entry, complete):
     return text + ('' if complete else ' *')
 
 
+def format_cell(g, key='net'):
+    """A group's cell: its numbers (or '-'), * while a run is unfinished, and its failed runs."""
+    if key not in g:
+        if g['failed'] and not g['unfinished']:
+            return 'failed'
+        text = '- *' if g['unfinished'] else '-'
+    else:
+        text = format_score(g[key], not g['unfinished'])
+    return text + (f' ({g["failed"]} failed)' if g['failed'] else '')
+
+
+def status_of(g):
+    return 'complete' if g['complete'] else 'unfinished' if g['unfinished'] else 'failed'
+
+
+def published_top1(mode, teacher, student):
+    """The benchmark's published number for a row (a mode, or '' for a baseline), or None."""
+    if mode == '':  # a baseline: the number the README gives that network as teacher or student
+        for i, (t, s) in enumerate(CRD_PAIRS):
+            if student in (t, s):
+                return PUBLISHED['Teacher' if student == t else 'Student'][i]
+        return None
+    if (teacher, student) in CRD_PAIRS and mode in PUBLISHED:
+        return PUBLISHED[mode][CRD_PAIRS.index((teacher, student))]
+    return None
+
+
+def csv_row(g, key, dataset):
+    entry = g.get(key)
+    published = published_top1(g['mode'], g['teacher'], g['student']) if g['table'] == 'crd' else None
+    return {'kind': g['name'].split(' ')[0], 'teacher': g['teacher'], 'student': g['student'],
+            'name': g['name'], 'dataset': dataset, 'net': key, 'n': entry['n'] if entry else 0,
+            'best_mean': entry['best'][0] if entry else '', 'best_std': entry['best'][1] if entry else '',
+            'last_mean': entry['last'][0] if entry else '', 'last_std': entry['last'][1] if entry else '',
+            'complete': g['complete'], 'status': status_of(g), 'failed': g['failed'], 'table': g['table'],
+            'published': '' if published is None else published,
+            'runs': ' '.join(r['dir'] for r in g['runs'])}
+
+
+def markdown_table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+
+
 def summary_tables(groups):
     """Markdown tables as the seed's README has them, and CSV rows of the same data."""
+    groups = [g for g in groups if g['table'] == 'seed']
     datasets = [d for d in DATA_COLUMNS if any(g['data'] == d for g in groups)]
     order = {m: i for i, m in enumerate(SEED_ORDER)}
     single = [g for g in groups if g['script'] != 'train_dml.py']
     dml = [g for g in groups if g['script'] == 'train_dml.py']
     baselines = [g for g in single if g['script'] == 'train_base.py']
     pairs = sorted({(g['teacher'], g['student']) for g in single if g['script'] == 'train_kd.py'},
-                   key=lambda p: (int(p[0][6:]), int(p[1][6:])) if all(x.startswith('resnet') for x in p) else p)
+                   key=lambda p: (natural_key(p[0]), natural_key(p[1])))
     tables, csv_rows = [], []
-
-    def table(header, rows):
-        lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-        return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
 
     def line(label_cols, matching, key='net'):
         cells = []
         for d in datasets:
             found = [g for g in matching if g['data'] == d]
-            cells.append(format_score(found[0][key], found[0]['complete']) if found else '')
-            for g in found:
-                csv_rows.append({'kind': g['name'].split(' ')[0], 'teacher': g['teacher'],
-                                 'student': g['student'], 'name': g['name'], 'dataset': d, 'net': key,
-                                 'n': g[key]['n'], 'best_mean': g[key]['best'][0],
-                                 'best_std': g[key]['best'][1], 'last_mean': g[key]['last'][0],
-                                 'last_std': g[key]['last'][1], 'complete': g['complete'],
-                                 'runs': ' '.join(r['dir'] for r in g['runs'])})
+            cells.append(format_cell(found[0], key) if found else '')
+            csv_rows.extend(csv_row(g, key, d) for g in found)
         return label_cols + cells
 
     def label_groups(candidates):
@@ -144,9 +303,9 @@ def summary_tables(groups):
         return [(n, [g for g in candidates if g['name'] == n]) for n in names]
 
     if not pairs and baselines:  # baselines only: one table of them
-        rows = [line(['-', net, name], gs) for net in sorted({g['student'] for g in baselines})
+        rows = [line(['-', net, name], gs) for net in sorted({g['student'] for g in baselines}, key=natural_key)
                 for name, gs in label_groups([g for g in baselines if g['student'] == net])]
-        tables.append(table(['Teacher', 'Student', 'Name'] + [DATA_COLUMNS[d] for d in datasets], rows))
+        tables.append(markdown_table(['Teacher', 'Student', 'Name'] + [DATA_COLUMNS[d] for d in datasets], rows))
     for t, s in pairs:
         rows = []
         for net in sorted({s, t}, key=lambda n: (n != s, n)):  # the student's baseline first
@@ -155,28 +314,74 @@ def summary_tables(groups):
         kd = [g for g in single if g['script'] == 'train_kd.py' and (g['teacher'], g['student']) == (t, s)]
         for name, gs in label_groups(kd):
             rows.append(line([t, s, name], gs))
-        tables.append(table(['Teacher', 'Student', 'Name'] + [DATA_COLUMNS[d] for d in datasets], rows))
+        tables.append(markdown_table(['Teacher', 'Student', 'Name'] + [DATA_COLUMNS[d] for d in datasets], rows))
     if dml:
         rows = []
-        for net in sorted({g['teacher'] for g in dml} | {g['student'] for g in dml}):
+        for net in sorted({g['teacher'] for g in dml} | {g['student'] for g in dml}, key=natural_key):
             for name, gs in label_groups([g for g in baselines if g['student'] == net]):
                 rows.append(line(['-', net, name, net], gs))
         for n1, n2 in sorted({(g['teacher'], g['student']) for g in dml}):
             for name, gs in label_groups([g for g in dml if (g['teacher'], g['student']) == (n1, n2)]):
                 rows.append(line([n1, n2, name, f'net1 ({n1})'], gs, 'net1'))
                 rows.append(line([n1, n2, name, f'net2 ({n2})'], gs, 'net2'))
-        tables.append(table(['Net1', 'Net2', 'Name', 'Net'] + [DATA_COLUMNS[d] for d in datasets], rows))
+        tables.append(markdown_table(['Net1', 'Net2', 'Name', 'Net'] + [DATA_COLUMNS[d] for d in datasets], rows))
     unique = {tuple(r[k] for k in ('teacher', 'student', 'name', 'dataset', 'net')): r for r in csv_rows}
     return tables, list(unique.values())
 
 
+def crd_table(groups, published=False):
+    """The CIFAR-100 benchmark's layout (RepDistiller's README): one column per
+    teacher→student pair, rows Teacher and Student (the baselines), KD, then the
+    other methods; with `published`, the published rows first. Returns
+    (Markdown table or None, CSV rows)."""
+    groups = [g for g in groups if g['table'] == 'crd']
+    baselines = [g for g in groups if g['script'] == 'train_base.py']
+    kd = [g for g in groups if g['script'] == 'train_kd.py']
+    base_nets = {g['student'] for g in baselines}
+    pairs = {(g['teacher'], g['student']) for g in kd}
+    pairs |= {p for p in CRD_PAIRS if p[0] in base_nets and p[1] in base_nets}  # baselines done, KD to come
+    pairs = sorted(pairs, key=lambda p: (CRD_PAIRS.index(p) if p in CRD_PAIRS else len(CRD_PAIRS),
+                                         natural_key(p[0]), natural_key(p[1])))
+    csv_rows = [csv_row(g, 'net', 'cifar100') for g in baselines + kd]
+    # baselines of networks in no column (no pair of theirs has runs yet): listed after the table
+    others = [g for g in sorted(baselines, key=lambda g: (natural_key(g['student']), g['name']))
+              if not any(g['student'] in p for p in pairs)]
+    others = markdown_table(['Network', 'Baseline (--protocol crd)'],
+                            [[g['student'] + g['variant'], format_cell(g)] for g in others]) if others else ''
+    if not pairs:
+        return (others or None), csv_rows
+    header = ['Method'] + [f'{t}→{s}' for t, s in pairs]
+    rows = []
+    if published:
+        for row, label in (('Teacher', 'Teacher'), ('Student', 'Student'), ('st', 'KD'), ('crd', 'CRD')):
+            cells = [f'{PUBLISHED[row][CRD_PAIRS.index(p)]:.2f}' if p in CRD_PAIRS else '' for p in pairs]
+            rows.append([f'{label} (published)'] + cells)
+
+    def add_rows(cell_groups):  # {(row label, column index): group} -> rows, in first-seen label order
+        labels = list(dict.fromkeys(label for label, _ in cell_groups))
+        for label in labels:
+            rows.append([label] + [format_cell(cell_groups[(label, i)]) if (label, i) in cell_groups else ''
+                                   for i in range(len(pairs))])
+
+    for role, net_of in (('Teacher', lambda p: p[0]), ('Student', lambda p: p[1])):
+        add_rows({(role + g['variant'], i): g for i, p in enumerate(pairs)
+                  for g in baselines if g['student'] == net_of(p)})
+    order = {m: i for i, m in enumerate(CRD_ROW_ORDER)}
+    add_rows({(g['name'], pairs.index((g['teacher'], g['student']))): g
+              for g in sorted(kd, key=lambda g: (order.get(g['mode'], len(order)), g['name']))})
+    return markdown_table(header, rows) + ('\n\n' + others if others else ''), csv_rows
+
+
 def summary(argv=None):
     """The summary command; a UserError for a root without runs (see `main`)."""
-    parser = argparse.ArgumentParser(prog='python summarize.py', 
+    parser = argparse.ArgumentParser(prog='python summarize.py',
         description='Walk a results root and print the comparison tables (Markdown), writing '
                     'the same data as CSV; optionally draw test-accuracy curves.')
     parser.add_argument('root', nargs='?', default='./results')
     parser.add_argument('--csv', default=None, help='CSV path (default: ROOT/summary.csv)')
+    parser.add_argument('--published', action='store_true',
+                        help='add the published numbers of the CIFAR-100 benchmark (Tian et al., '
+                             'ICLR 2020, RepDistiller README) above its table, for comparison')
     parser.add_argument('--plot', default=None, metavar='PNG',
                         help='draw test top-1 per epoch of the runs matching --runs (needs matplotlib)')
     parser.add_argument('--runs', nargs='+', default=['*'], metavar='PATTERN',
@@ -186,10 +391,19 @@ def summary(argv=None):
         raise UserError(f'{args.root} is not a directory')
     runs = collect_runs(args.root)
     if not runs:
-        raise UserError(f'no runs under {args.root} (a run directory holds args.json and metrics.csv)')
-    tables, rows = summary_tables(group_runs(runs))
-    print(REPORTING_RULE + '\n')
-    print('\n\n'.join(tables))
+        raise UserError(f'no runs under {args.root} (a run directory holds args.json)')
+    groups = group_runs(runs)
+    tables, rows = summary_tables(groups)
+    crd, crd_rows = crd_table(groups, args.published)
+    if args.published and crd is None:
+        warn(f'--published: no runs of the CIFAR-100 benchmark (--protocol crd) under {args.root}')
+    print(REPORTING_RULE)
+    for table in tables:
+        print('\n' + table)
+    if crd is not None:
+        published = ' Published: Tian et al., ICLR 2020, RepDistiller README.' if args.published else ''
+        print(f'\n{CRD_RULE}{published}\n\n{crd}')
+    rows += crd_rows
     path = args.csv or os.path.join(args.root, 'summary.csv')
     with open(path, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ['table'])
@@ -208,16 +422,18 @@ def plot_curves(runs, patterns, path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError('--plot needs matplotlib (pip install matplotlib); the tables above do not')
-    chosen = [r for r in runs if any(fnmatch.fnmatch(os.path.basename(r['dir']), p) for p in patterns)]
+    chosen = [r for r in runs if r['scores']
+              and any(fnmatch.fnmatch(os.path.basename(r['dir']), p) for p in patterns)]
     if not chosen:
-        raise UserError(f'no run matches {" ".join(patterns)}')
+        raise UserError(f'no run matches {" ".join(patterns)} (among the runs with test accuracies)')
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in chosen:
         name = os.path.basename(r['dir'])
-        cols = ['test_top1'] if 'test_top1' in r['rows'][0] else ['test_net1_top1', 'test_net2_top1']
-        for col in cols:
-            ax.plot([int(x['epoch']) for x in r['rows']], [float(x[col]) for x in r['rows']],
-                    label=name if col == 'test_top1' else f'{name} {col[5:9]}')
+        for key in r['scores']:
+            col = 'test_top1' if key == 'net' else f'test_{key}_top1'
+            points = [(int(x['epoch']), float(x[col])) for x in r['rows'] if x.get(col) not in (None, '')]
+            ax.plot([e for e, _ in points], [v for _, v in points],
+                    label=name if key == 'net' else f'{name} {key}')
     ax.set_xlabel('epoch')
     ax.set_ylabel('test top-1 (%)')
     ax.grid(alpha=0.3)

@@ -1,9 +1,28 @@
-"""`python -m kd_losses` prints the method table of the README from the
-registry; `python -m kd_losses --names` prints the --kd_mode names, one line
-(the sweep script reads its default mode list from it)."""
-import sys
+"""The registry from the command line: what the README and the sweep script read.
 
-from . import METHODS
+    python -m kd_losses                        # the README's method table
+    python -m kd_losses --names                # the --kd_mode names, one line
+    python -m kd_losses --applies resnet32x4 ShuffleV1 [TEACHER STUDENT ...] [--why]
+
+`--applies` says, without training, which methods can distil TEACHER into
+STUDENT: it builds each method as train_kd.py does (the flags train_kd.py
+resolves, a `Context` with the two networks and their feature shapes) and
+prints, one line per pair, the modes that build without a ConfigError.
+`--why` adds a `# skipped: MODE does not apply to T->S: REASON` line for each
+of the others (the sweep script prints these). The networks are built on the
+meta device, so no weights are allocated; the data is the full CIFAR train
+split (50000 images, equal classes), as a real run sees it.
+"""
+import argparse
+import functools
+import sys
+import tempfile
+
+from . import METHODS, ConfigError, Context
+
+# Both CIFAR train splits: 50000 images, the same number per class. Methods
+# that sample negatives (CRD) check their counts against this.
+CIFAR_TRAIN_SIZE = 50000
 
 
 def cell(text):
@@ -25,11 +44,112 @@ def method_table():
     return '\n'.join(rows)
 
 
-if __name__ == '__main__':
-    if sys.argv[1:] == ['--names']:
-        print(' '.join(sorted(METHODS)))
-    elif sys.argv[1:]:
-        print('usage: python -m kd_losses [--names]', file=sys.stderr)
-        raise SystemExit(2)
+def mode_names():
+    """The registered --kd_mode names, sorted (the sweep's default MODES)."""
+    return sorted(METHODS)
+
+
+@functools.lru_cache(maxsize=None)
+def meta_network(name, num_class):
+    """The network on the meta device: its modules and shapes, no weights (built
+    once per name: a network's modules take a while to build even there)."""
+    import torch
+    from network import build_network
+    with torch.device('meta'):
+        return build_network(name, num_class)
+
+
+def applicability(teacher_name, student_name, data_name='cifar100', protocol='crd', modes=None):
+    """{mode: None if it builds for teacher -> student, else the reason it does not}."""
+    import torch
+    import train_kd  # the flags as a run resolves them (protocol and dataset defaults, scaling)
+    from network import build_network
+    from dataset import DATASETS
+
+    num_class = DATASETS[data_name].num_class
+    labels = torch.arange(CIFAR_TRAIN_SIZE) % num_class
+    meta_nets = meta_network(student_name, num_class), meta_network(teacher_name, num_class)
+    result = {}
+    for mode in modes or mode_names():
+        args, _, _ = train_kd.parse_args([
+            '--data_name', data_name, '--protocol', protocol, '--t_name', teacher_name,
+            '--s_name', student_name, '--kd_mode', mode, '--s_init', '-', '--t_model', '-',
+            '--device', 'cpu', '--save_root', tempfile.gettempdir()])
+        result[mode] = None
+        # The method's own modules on the meta device too (CRD's memory banks are
+        # large); a method that reads tensor values while building fails there
+        # with an error other than ConfigError, so it is built again on the CPU.
+        for device in ('meta', 'cpu'):
+            try:
+                with torch.device(device):
+                    nets = meta_nets if device == 'meta' else (
+                        build_network(student_name, num_class), build_network(teacher_name, num_class))
+                    ctx = Context(args=args, student_shapes=nets[0].feature_shapes,
+                                  teacher_shapes=nets[1].feature_shapes, num_class=num_class,
+                                  n_data=CIFAR_TRAIN_SIZE, train_labels=labels,
+                                  device=torch.device('cpu'), student=nets[0], teacher=nets[1])
+                    distiller = METHODS[mode].build(ctx)  # the calls of train_kd.build_distillation
+                    distiller.pretrain_phases(ctx)
+                    distiller.wrap_student(nets[0])
+                break
+            except ConfigError as e:
+                reason = str(e)
+                result[mode] = reason[len(mode) + 2:] if reason.startswith(f'{mode}: ') else reason
+                break
+            except Exception as e:  # noqa: BLE001 - not a ConfigError: the meta device, or a bug
+                if device == 'cpu':  # on the CPU as well: a bug in the method, given as the reason
+                    result[mode] = f'building it failed ({type(e).__name__}: {e})'.splitlines()[0]
+    return result
+
+
+def parse_args(argv):
+    from errors import ArgumentParser  # a mistake is one line, `error: ...`, exit code 2
+    parser = ArgumentParser(prog='python -m kd_losses', description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument('--names', action='store_true', help='print the --kd_mode names on one line')
+    what.add_argument('--applies', nargs='+', metavar='NET',
+                      help='TEACHER STUDENT [TEACHER STUDENT ...]: print, one line per pair, the '
+                           'modes that can distil TEACHER into STUDENT')
+    parser.add_argument('--why', action='store_true',
+                        help='with --applies: a "# skipped: ..." line for each mode that does not apply')
+    parser.add_argument('--data_name', default='cifar100', help='with --applies [cifar100]')
+    parser.add_argument('--protocol', default='crd', help='with --applies [crd: the CIFAR-100 benchmark]')
+    args = parser.parse_args(argv)
+    if args.applies is None:
+        if args.why or '--data_name' in argv or '--protocol' in argv:
+            parser.error('--why, --data_name and --protocol go with --applies')
+        return args
+    from network import NETWORKS
+    if len(args.applies) % 2:
+        parser.error(f'--applies takes TEACHER STUDENT pairs, got {len(args.applies)} names')
+    unknown = [n for n in args.applies if n not in NETWORKS]
+    if unknown:
+        parser.error(f'--applies: unknown network {unknown[0]!r}; networks: {" ".join(NETWORKS)}')
+    import train_kd  # its own choices, wherever they are defined
+    choices = {a.dest: a.choices for a in train_kd.build_parser()._actions}
+    for name in ('data_name', 'protocol'):
+        if getattr(args, name) not in choices[name]:
+            parser.error(f'--{name} {getattr(args, name)!r} is unknown; choose from {" ".join(choices[name])}')
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.names:
+        print(' '.join(mode_names()))
+    elif args.applies:
+        for teacher, student in zip(args.applies[::2], args.applies[1::2]):
+            result = applicability(teacher, student, args.data_name, args.protocol)
+            print(' '.join(m for m, reason in result.items() if reason is None))
+            if args.why:
+                for mode, reason in result.items():
+                    if reason is not None:
+                        print(f'# skipped: {mode} does not apply to {teacher}->{student}: {reason}')
     else:
         print(method_table())
+
+
+if __name__ == '__main__':
+    main()

@@ -1,7 +1,9 @@
 """The summary's numbers (python summarize.py ROOT) against hand computations:
 mean and sample standard deviation over seeds, best / last by the reporting
 rule (best = max over the main phase's epochs, last = its last epoch), the
-mark of unfinished runs, and what counts as one experiment."""
+mark of unfinished runs, and what counts as one experiment (seeds, paths and
+flags the method does not read do not split it; two runs of one seed are one
+replicate; a failed run's numbers are left out)."""
 import csv
 import json
 import math
@@ -16,11 +18,22 @@ KD = {**COMMON, 't_name': 'resnet110', 's_name': 'resnet20', 'kd_mode': 'st', 'l
       'T': 4.0, 'p': None}
 
 
-def fake_run(root, note, args, main_top1, pre_rows=(), script='train_kd.py'):
+def fake_run(root, note, args, main_top1, pre_rows=(), script='train_kd.py', complete=None,
+             error=None):
     """A run directory as the training scripts write it: args.json and metrics.csv,
-    optionally after pre-training rows (phase 'init') that carry a test accuracy."""
+    optionally after pre-training rows (phase 'init') that carry a test accuracy;
+    complete.json once every epoch is done (or as `complete` says), and a log.txt
+    ending in `error: <error>` for a run that failed."""
     d = os.path.join(root, note)
     os.makedirs(d)
+    if complete is None:
+        complete = len(main_top1) == args['epochs']
+    if complete:
+        with open(os.path.join(d, 'complete.json'), 'w') as f:
+            json.dump({'epochs': args['epochs']}, f)
+    if error:
+        with open(os.path.join(d, 'log.txt'), 'w') as f:
+            f.write(f'command: python train_kd.py\nepoch 1 ...\nerror: {error}\n')
     with open(os.path.join(d, 'args.json'), 'w') as f:
         json.dump({'script': script, 'args': {**args, 'note': note, 'save_root': root}}, f)
     with open(os.path.join(d, 'metrics.csv'), 'w', newline='') as f:
@@ -133,27 +146,68 @@ def test_a_group_with_an_unfinished_seed_is_marked(tmp_path, capsys):
 
 def test_seeds_and_paths_do_not_split_a_group_but_a_setting_does(tmp_path, capsys):
     root = str(tmp_path)
-    fake_run(root, 'a', {**KD, 'seed': 1, 'device': 'cuda', 'img_root': '/data'}, [60])
-    fake_run(root, 'b', {**KD, 'seed': 2, 'device': 'cpu', 'img_root': '/other'}, [62])
-    fake_run(root, 'c', {**KD, 'seed': 1, 'lambda_kd': 0.5}, [70])
-    for note in 'abc':  # one-epoch runs
-        with open(os.path.join(root, note, 'args.json')) as f:
-            record = json.load(f)
-        record['args']['epochs'] = 1
-        with open(os.path.join(root, note, 'args.json'), 'w') as f:
-            json.dump(record, f)
+    one_epoch = {**KD, 'epochs': 1}
+    fake_run(root, 'a', {**one_epoch, 'seed': 1, 'device': 'cuda', 'img_root': '/data'}, [60])
+    fake_run(root, 'b', {**one_epoch, 'seed': 2, 'device': 'cpu', 'img_root': '/other'}, [62])
+    fake_run(root, 'c', {**one_epoch, 'seed': 1, 'lambda_kd': 0.5}, [70])
     lines, rows = run_summary(root, capsys)
     assert sorted(kd_lines(lines)) == [
         '| resnet110 | resnet20 | ST (lambda_kd=0.1) | 61.00 ± 1.41 / 61.00 ± 1.41 (n=2) |',
         '| resnet110 | resnet20 | ST (lambda_kd=0.5) | 70.00 / 70.00 |']
 
 
-@pytest.mark.xfail(strict=True, reason='summarize.group_runs keys a group on every flag in '
-                   'args.json, including flags the method does not read (e.g. --p given to st, '
-                   'which train_kd.py logs as ignored), so such replicates split into two groups')
 def test_flags_the_method_ignores_do_not_split_a_group(tmp_path, capsys):
     root = str(tmp_path)
     fake_run(root, 'st-s1', {**KD, 'epochs': 1, 'seed': 1}, [60])
     fake_run(root, 'st-s2', {**KD, 'epochs': 1, 'seed': 2, 'p': 3.0}, [62])  # --p: not read by st
     lines, rows = run_summary(root, capsys)
     assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 61.00 ± 1.41 / 61.00 ± 1.41 (n=2) |']
+
+
+def test_a_flag_the_method_reads_still_splits_a_group(tmp_path, capsys):
+    root = str(tmp_path)
+    fake_run(root, 'st-s1', {**KD, 'epochs': 1, 'seed': 1}, [60])
+    fake_run(root, 'st-s2', {**KD, 'epochs': 1, 'seed': 2, 'T': 2.0}, [62])  # --T: read by st
+    lines, _ = run_summary(root, capsys)
+    assert sorted(kd_lines(lines)) == ['| resnet110 | resnet20 | ST (T=2.0) | 62.00 / 62.00 |',
+                                       '| resnet110 | resnet20 | ST (T=4.0) | 60.00 / 60.00 |']
+
+
+# ----------------------------------------------------------------------------- one replicate per seed
+
+def test_two_runs_of_one_seed_are_one_replicate_the_finished_one(tmp_path, capsys):
+    root = str(tmp_path)
+    # the same experiment twice with seed 2 (e.g. two save roots): n must stay 1 per seed
+    fake_run(root, 'st-s2-old', {**KD, 'seed': 2}, [90, 91])                 # 2 of 4 epochs
+    fake_run(root, 'st-s2-new', {**KD, 'seed': 2}, [50, 60, 57, 55])         # finished
+    fake_run(root, 'st-s3', {**KD, 'seed': 3}, [62, 61, 59, 58])
+    summarize.summary([root, '--csv', os.path.join(root, 'summary.csv')])
+    captured = capsys.readouterr()
+    # kept: the finished seed-2 run (best 60, last 55) and seed 3 (62, 58): 61 ± 1.41 / 56.5 ± 2.12
+    assert kd_lines(captured.out.splitlines()) == [
+        '| resnet110 | resnet20 | ST | 61.00 ± 1.41 / 56.50 ± 2.12 (n=2) |']
+    (warning,) = [line for line in captured.err.splitlines() if 'seed 2' in line]
+    assert warning.startswith('warning: ') and 'kept ' + os.path.join(root, 'st-s2-new') in warning
+
+
+def test_of_two_unfinished_runs_of_one_seed_the_longer_is_kept(tmp_path, capsys):
+    root = str(tmp_path)
+    fake_run(root, 'st-a', {**KD, 'seed': 2}, [40, 45, 70])   # 3 epochs: kept
+    fake_run(root, 'st-b', {**KD, 'seed': 2}, [80])           # 1 epoch
+    lines, rows = run_summary(root, capsys)
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 70.00 / 70.00 * |']
+    assert rows[0]['n'] == '1' and rows[0]['runs'] == os.path.join(root, 'st-a')
+
+
+# ----------------------------------------------------------------------------- failed runs
+
+def test_a_failed_seed_is_left_out_of_the_numbers_and_counted(tmp_path, capsys):
+    root = str(tmp_path)
+    fake_run(root, 'st-s1', {**KD, 'seed': 1}, [50, 60, 57, 55])
+    fake_run(root, 'st-s2', {**KD, 'seed': 2}, [62, 61, 59, 58])
+    fake_run(root, 'st-s3', {**KD, 'seed': 3}, [99, 99], error='loss is NaN at epoch 3')
+    lines, rows = run_summary(root, capsys)
+    # seeds 1 and 2 only: best 60, 62 -> 61 ± 1.41; last 55, 58 -> 56.5 ± 2.12
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 61.00 ± 1.41 / 56.50 ± 2.12 (n=2) (1 failed) |']
+    assert rows[0]['n'] == '2' and rows[0]['failed'] == '1' and rows[0]['status'] == 'failed'
+    assert float(rows[0]['best_mean']) == pytest.approx(61.0)

@@ -1,4 +1,8 @@
-"""The sweep script (dry run, subsets, a real tiny sweep) and the summary command."""
+"""The sweep script (dry run, subsets, a real tiny sweep) and the summary command:
+what a run's status is (complete.json, a failed run's log, a run killed in a
+pre-training phase), malformed run directories, and the CIFAR-100 benchmark's
+layout. (The sweep's checks, its bookkeeping and its benchmark table have
+their own files: tests/test_sweep_*.py.)"""
 import csv
 import json
 import os
@@ -17,6 +21,7 @@ SCRIPT = os.path.join(ROOT, 'example_train_script.sh')
 
 
 def sweep(env, check=True):
+    """Run the sweep script with `env` over the environment; asserts it succeeded unless check=False."""
     p = subprocess.run(['bash', SCRIPT], env={**os.environ, **env}, capture_output=True, text=True,
                        timeout=900)
     if check:
@@ -41,7 +46,7 @@ def test_dry_run_lists_the_seed_table_once_with_the_right_flags(tmp_path):
     cmds = dry_run(RESULTS=str(tmp_path))
     scripts = [c[2] for c in cmds]
     assert scripts.count('train_base.py') == 4
-    assert scripts.count('train_kd.py') == len(METHODS) * 3 * 2 == 120
+    assert scripts.count('train_kd.py') == len(METHODS) * 3 * 2  # every registered mode, 3 pairs, 2 datasets
     assert scripts.count('train_dml.py') == 6
     notes = [flag(c, '--note') for c in cmds]
     assert len(set(notes)) == len(notes)  # every run exactly once
@@ -76,6 +81,9 @@ def test_subsets(tmp_path):
     assert {flag(c, '--data_name') for c in cmds} == {'cifar10'}
     assert [flag(c, '--kd_mode') for c in cmds[2:]] == ['st', 'at']
     assert {flag(c, '--epochs') for c in cmds} == {'7'}
+    # another length than the schedule's 200 epochs: its runs are named apart
+    assert [flag(c, '--note') for c in cmds] == ['base-c10-r110-s2-e7', 'base-c10-r20-s2-e7',
+                                                 'st-c10-r110-r20-s2-e7', 'at-c10-r110-r20-s2-e7']
     assert len(dry_run(RESULTS=str(tmp_path), SEEDS='1 2 3', MODES='', DML_PAIRS='',
                        DATASETS='cifar100', PAIRS='resnet20:resnet20')) == 3
 
@@ -85,25 +93,37 @@ def test_a_real_tiny_sweep_resumes_skips_and_summarises(cifar10_root, tmp_path):
            'PAIRS': 'resnet20:resnet20', 'MODES': 'st', 'EPOCHS': '1', 'PYTHON': sys.executable,
            'EXTRA_ARGS': '--device cpu --no_download --batch_size 50', 'JOBS_PER_GPU': '2'}
     out = sweep(env).stdout
-    assert out.count('[gpu 0]') == 3  # baseline, st, dml
-    for run in ('base/base-c10-r20-s2', 'st/st-c10-r20-r20-s2', 'dml/dml-c10-r20-r20-s2'):
+    assert out.count('[cpu] ') == 3 and '[gpu' not in out  # baseline, st, dml: all on the CPU
+    runs = ('base/base-c10-r20-s2-e1', 'st/st-c10-r20-r20-s2-e1', 'dml/dml-c10-r20-r20-s2-e1')
+    for run in runs:
         assert os.path.isfile(tmp_path / 'res' / run / 'model_best.pth.tar' if 'dml' not in run
                               else tmp_path / 'res' / run / 'model_best_net1.pth.tar'), run
-    # A second sweep skips what is done, resumes a run with a checkpoint that
-    # did not reach its last epoch, and restarts one killed before its first.
-    base_metrics = tmp_path / 'res' / 'base' / 'base-c10-r20-s2' / 'metrics.csv'
-    kept = base_metrics.read_text()
-    base_metrics.write_text(kept.splitlines()[0] + '\n')
+        assert os.path.isfile(tmp_path / 'res' / run / 'complete.json'), run
+    # Finished means complete.json, not a full metrics.csv: a run whose last
+    # epoch is logged but not marked complete (killed while saving) is resumed.
+    base_dir = tmp_path / 'res' / 'base' / 'base-c10-r20-s2-e1'
+    marker = (base_dir / 'complete.json').read_text()
+    (base_dir / 'complete.json').unlink()
     again = dry_run(**env)
     assert [c[2] for c in again] == ['train_base.py'] and '--resume' in again[0]
-    base_metrics.write_text(kept)
-    st_dir = tmp_path / 'res' / 'st' / 'st-c10-r20-r20-s2'
-    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
+    (base_dir / 'complete.json').write_text(marker)
+    # Another EPOCHS: new runs beside the finished ones (no --resume that would
+    # fail on "--epochs 2 (was 1)", no log overwritten).
+    longer = dry_run(**{**env, 'EPOCHS': '2'})
+    assert len(longer) == 3 and all('--resume' not in c and '--overwrite' not in c for c in longer)
+    assert [flag(c, '--note') for c in longer] == [r.split('/')[1][:-3] + '-e2' for r in runs]
+    # A second sweep skips what is done and restarts a run killed before its first checkpoint.
+    st_dir = tmp_path / 'res' / 'st' / 'st-c10-r20-r20-s2-e1'
+    header = (st_dir / 'metrics.csv').read_text().splitlines()[0]
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar', 'complete.json'):
         (st_dir / name).unlink()
-    (st_dir / 'metrics.csv').write_text(kept.splitlines()[0] + '\n')
+    (st_dir / 'metrics.csv').write_text(header + '\n')
     out = sweep(env).stdout
-    assert out.count('done, skipped') == 2 and out.count('[gpu 0]') == 1 and '--overwrite' in out
+    assert out.count('done, skipped') == 2 and out.count('[cpu] ') == 1 and '--overwrite' in out
     assert len((st_dir / 'metrics.csv').read_text().splitlines()) == 2
+    history = (tmp_path / 'res' / 'logs' / 'failed.txt').read_text().splitlines()
+    assert len(history) == 2 and all(line.startswith('=== sweep started ') and line.endswith('no run failed')
+                                     for line in history)
     # the summary of this root
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'summarize.py'), env['RESULTS']],
                        capture_output=True, text=True)
@@ -114,9 +134,17 @@ def test_a_real_tiny_sweep_resumes_skips_and_summarises(cifar10_root, tmp_path):
     assert os.path.isfile(os.path.join(env['RESULTS'], 'summary.csv'))
 
 
-def fake_run(root, kind, note, args, top1s, script=None, dml=False):
+def fake_run(root, kind, note, args, top1s, script=None, dml=False, complete=None, log=None):
+    """A run directory as the scripts write it; complete.json once every epoch
+    is done (or as `complete` says), log.txt with the lines `log` if given."""
     d = os.path.join(root, kind, note)
     os.makedirs(d)
+    if complete if complete is not None else len(top1s) == args['epochs']:
+        with open(os.path.join(d, 'complete.json'), 'w') as f:
+            json.dump({'epochs': args['epochs']}, f)
+    if log is not None:
+        with open(os.path.join(d, 'log.txt'), 'w') as f:
+            f.write('\n'.join(log) + '\n')
     script = script or {'base': 'train_base.py', 'dml': 'train_dml.py'}.get(kind, 'train_kd.py')
     with open(os.path.join(d, 'args.json'), 'w') as f:
         json.dump({'script': script, 'args': args}, f)
@@ -165,3 +193,159 @@ def test_summary_tables_follow_the_reporting_rule(tmp_path, capsys):
 def test_summary_of_an_empty_root_is_a_message(tmp_path):
     with pytest.raises(summarize.UserError, match='no runs'):
         summarize.summary([str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- a run's status
+
+KD = {'data_name': 'cifar10', 'epochs': 3, 'lr': 0.1, 't_name': 'resnet110', 's_name': 'resnet20',
+      'kd_mode': 'st', 'lambda_kd': 0.1, 'seed': 1}
+
+
+def summary_of(root, capsys, *extra):
+    summarize.summary([root, *extra])
+    captured = capsys.readouterr()
+    with open(os.path.join(root, 'summary.csv')) as f:
+        return captured.out.splitlines(), list(csv.DictReader(f)), captured.err
+
+
+def test_finished_means_complete_json_not_the_last_metrics_row(tmp_path, capsys):
+    root = str(tmp_path)
+    # every epoch logged, but killed before complete.json (while saving the last checkpoint)
+    fake_run(root, 'st', 'st-s1', KD, [61, 70, 69], complete=False)
+    lines, rows, _ = summary_of(root, capsys)
+    assert '| resnet110 | resnet20 | ST | 70.00 / 69.00 * |' in lines
+    assert rows[0]['complete'] == 'False' and rows[0]['status'] == 'unfinished'
+    assert summarize.read_run(os.path.join(root, 'st', 'st-s1'))['complete'] is False
+
+
+def test_a_run_killed_before_its_main_schedule_is_listed_as_unfinished(tmp_path, capsys):
+    root = str(tmp_path)
+    fake_run(root, 'st', 'st-s1', KD, [61, 70, 69])
+    d = fake_run(root, 'ab', 'ab-s1', {**KD, 'kd_mode': 'ab'}, [])  # killed in its init phase
+    with open(os.path.join(d, 'metrics.csv'), 'a', newline='') as f:
+        csv.writer(f).writerow(['init', 0, 1, ''])
+    d = os.path.join(root, 'at', 'at-s1')  # killed before its first epoch: args.json only
+    os.makedirs(d)
+    with open(os.path.join(d, 'args.json'), 'w') as f:
+        json.dump({'script': 'train_kd.py', 'args': {**KD, 'kd_mode': 'at'}}, f)
+    lines, rows, _ = summary_of(root, capsys)
+    assert '| resnet110 | resnet20 | AB | - * |' in lines
+    assert '| resnet110 | resnet20 | AT | - * |' in lines
+    status = {r['name']: (r['status'], r['n'], r['best_mean']) for r in rows}
+    assert status['AB'] == status['AT'] == ('unfinished', '0', '')
+
+
+def test_a_failed_run_is_listed_as_failed(tmp_path, capsys):
+    root = str(tmp_path)
+    fake_run(root, 'st', 'st-s1', KD, [61, 70], log=['command: ...', 'error: loss is NaN at epoch 2'])
+    fake_run(root, 'at', 'at-s1', {**KD, 'kd_mode': 'at'}, [50], log=['command: ...', 'epoch 1 ...'])
+    fake_run(root, 'crd', 'crd-s1', {**KD, 'kd_mode': 'crd'}, [],
+             log=['error: --nce_n 16384 exceeds the 90 negatives available'])
+    lines, rows, _ = summary_of(root, capsys)
+    assert '| resnet110 | resnet20 | ST | failed |' in lines
+    assert '| resnet110 | resnet20 | AT | 50.00 / 50.00 * |' in lines  # no error line: unfinished
+    assert '| resnet110 | resnet20 | CRD | failed |' in lines
+    status = {r['name']: r['status'] for r in rows}
+    assert status == {'ST': 'failed', 'AT': 'unfinished', 'CRD': 'failed'}
+    run = summarize.read_run(os.path.join(root, 'st', 'st-s1'))
+    assert run['status'] == 'failed' and run['error'] == 'error: loss is NaN at epoch 2'
+
+
+def test_a_malformed_run_directory_is_skipped_with_a_warning(tmp_path, capsys):
+    root = str(tmp_path)
+    fake_run(root, 'st', 'st-s1', KD, [61, 70, 69])
+    garbage = fake_run(root, 'at', 'at-s1', {**KD, 'kd_mode': 'at'}, [1, 2, 3])
+    with open(os.path.join(garbage, 'args.json'), 'w') as f:
+        f.write('{"script": "train_kd.py", "args": {')
+    no_column = fake_run(root, 'sp', 'sp-s1', {**KD, 'kd_mode': 'sp'}, [1, 2, 3])
+    with open(os.path.join(no_column, 'metrics.csv'), 'w') as f:
+        f.write('phase,phase_index,epoch,test_loss\nmain,0,1,2.0\n')
+    no_phase = fake_run(root, 'pkt', 'pkt-s1', {**KD, 'kd_mode': 'pkt'}, [1, 2, 3])
+    with open(os.path.join(no_phase, 'metrics.csv'), 'w') as f:
+        f.write('epoch,test_top1\n1,50\n')
+    not_a_number = fake_run(root, 'nst', 'nst-s1', {**KD, 'kd_mode': 'nst'}, [1, 2, 3])
+    with open(os.path.join(not_a_number, 'metrics.csv'), 'w') as f:
+        f.write('phase,phase_index,epoch,test_top1\nmain,0,1,abc\n')
+    not_an_object = fake_run(root, 'cc', 'cc-s1', {**KD, 'kd_mode': 'cc'}, [1, 2, 3])
+    with open(os.path.join(not_an_object, 'args.json'), 'w') as f:
+        json.dump([1, 2], f)
+    lines, rows, err = summary_of(root, capsys)
+    assert '| resnet110 | resnet20 | ST | 70.00 / 69.00 |' in lines  # the summary goes on
+    assert [r['name'] for r in rows] == ['ST']
+    warnings = err.splitlines()
+    assert len(warnings) == 5 and all(w.startswith('warning: skipped ') for w in warnings)
+    for d in (garbage, no_column, no_phase, not_a_number, not_an_object):
+        assert sum(d + ':' in w for w in warnings) == 1, d
+
+
+# ----------------------------------------------------------------------------- the benchmark's layout
+
+CRD_COMMON = {'data_name': 'cifar100', 'protocol': 'crd', 'epochs': 2, 'lr': 0.05, 'batch_size': 64}
+
+
+def crd_runs(root):
+    """Two seeds of the baselines, KD and CRD for two benchmark pairs, one unfinished AT run."""
+    for seed, bump in ((1, 0.0), (2, 2.0)):
+        for net, top1 in (('resnet56', 72.0), ('resnet20', 69.0), ('wrn_40_2', 75.0), ('ShuffleV1', 70.0)):
+            fake_run(root, 'base', f'base-{net}-s{seed}', {**CRD_COMMON, 'net_name': net, 'seed': seed},
+                     [top1 - 10, top1 + bump])
+        for mode, gain in (('st', 1.0), ('crd', 2.0)):
+            for t, s, top1 in (('resnet56', 'resnet20', 69.0), ('wrn_40_2', 'ShuffleV1', 70.0)):
+                fake_run(root, mode, f'{mode}-{t}-{s}-s{seed}',
+                         {**CRD_COMMON, 't_name': t, 's_name': s, 'kd_mode': mode, 'seed': seed},
+                         [top1 + gain + bump, top1 + gain + bump - 1])
+    fake_run(root, 'at', 'at-resnet56-resnet20-s1',
+             {**CRD_COMMON, 't_name': 'resnet56', 's_name': 'resnet20', 'kd_mode': 'at', 'seed': 1}, [60])
+    # a seed-protocol CIFAR-100 run stays in the seed's layout
+    fake_run(root, 'base', 'base-seed-r20', {'data_name': 'cifar100', 'epochs': 1, 'net_name': 'resnet20',
+                                             'seed': 1}, [40])
+
+
+def test_the_benchmark_runs_get_its_layout(tmp_path, capsys):
+    root = str(tmp_path)
+    crd_runs(root)
+    # a benchmark-protocol baseline of a network in no pair with runs: listed below the table
+    fake_run(root, 'base', 'base-resnet44-s1', {**CRD_COMMON, 'net_name': 'resnet44', 'seed': 1}, [50])
+    lines, rows, _ = summary_of(root, capsys)
+    start = lines.index('| Method | resnet56→resnet20 | wrn_40_2→ShuffleV1 |')
+    assert lines.index('| resnet44 | 50.00 / 50.00 * |') > start
+    table = lines[start + 2:start + 7]
+    # best over the two seeds: (72, 74) -> 73 ± 1.41, last the same epoch here
+    assert table == [
+        '| Teacher | 73.00 ± 1.41 / 73.00 ± 1.41 (n=2) | 76.00 ± 1.41 / 76.00 ± 1.41 (n=2) |',
+        '| Student | 70.00 ± 1.41 / 70.00 ± 1.41 (n=2) | 71.00 ± 1.41 / 71.00 ± 1.41 (n=2) |',
+        '| KD | 71.00 ± 1.41 / 70.00 ± 1.41 (n=2) | 72.00 ± 1.41 / 71.00 ± 1.41 (n=2) |',
+        '| AT | 60.00 / 60.00 * |  |',   # the benchmark's order: KD, then FitNet, AT, ..., CRD
+        '| CRD | 72.00 ± 1.41 / 71.00 ± 1.41 (n=2) | 73.00 ± 1.41 / 72.00 ± 1.41 (n=2) |']
+    assert 'CIFAR-100 benchmark' in '\n'.join(lines[:start])
+    assert '| - | resnet20 | Baseline | 40.00 / 40.00 |' in lines  # the seed-protocol run
+    assert not any('resnet56' in line for line in lines[:start])  # benchmark runs: its table only
+    crd_rows = [r for r in rows if r['table'] == 'crd']
+    assert {(r['kind'], r['teacher'], r['student']) for r in crd_rows} >= {
+        ('Baseline', '-', 'resnet56'), ('KD', 'resnet56', 'resnet20'), ('CRD', 'wrn_40_2', 'ShuffleV1')}
+    kd = next(r for r in crd_rows if r['name'] == 'KD' and r['teacher'] == 'resnet56')
+    assert kd['n'] == '2' and float(kd['best_mean']) == 71.0 and float(kd['published']) == 70.66
+    assert [r['table'] for r in rows if r['student'] == 'resnet20' and r['kind'] == 'Baseline'] \
+        .count('seed') == 1
+
+
+def test_published_numbers_come_first(tmp_path, capsys):
+    root = str(tmp_path)
+    crd_runs(root)
+    lines, _, _ = summary_of(root, capsys, '--published')
+    start = lines.index('| Method | resnet56→resnet20 | wrn_40_2→ShuffleV1 |')
+    assert lines[start + 2:start + 7] == [
+        '| Teacher (published) | 72.34 | 75.61 |', '| Student (published) | 69.06 | 70.50 |',
+        '| KD (published) | 70.66 | 74.83 |', '| CRD (published) | 71.16 | 76.05 |',
+        '| Teacher | 73.00 ± 1.41 / 73.00 ± 1.41 (n=2) | 76.00 ± 1.41 / 76.00 ± 1.41 (n=2) |']
+    assert any('Tian et al., ICLR 2020, RepDistiller README' in line for line in lines[:start])
+
+
+def test_the_published_table_is_the_benchmark_readme():
+    # 13 pairs, four rows, the README's numbers (a few spot checks against the transcription)
+    assert len(summarize.CRD_PAIRS) == 13 and all(len(v) == 13 for v in summarize.PUBLISHED.values())
+    assert summarize.published_top1('crd', 'resnet32x4', 'resnet8x4') == 75.51
+    assert summarize.published_top1('st', 'ResNet50', 'MobileNetV2') == 67.35
+    assert summarize.published_top1('', '-', 'MobileNetV2') == 64.60   # as a student
+    assert summarize.published_top1('', '-', 'ResNet50') == 79.34      # as a teacher
+    assert summarize.published_top1('at', 'resnet56', 'resnet20') is None
