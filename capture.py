@@ -28,7 +28,6 @@ time and handles `autograd.grad` inside the step; inductor is there for
 whoever measures it faster on their GPU (bench.py compares them).
 """
 import torch
-import torch._dynamo
 
 from distributed import WORLD, average_gradients_of
 
@@ -136,7 +135,9 @@ def grads_of(loss, params):
 def configure_dynamo():
     """What tracing a whole step needs: autograd calls inside the traced
     function (the backward pass, input gradients) and one compiled graph per
-    step variant and batch size."""
+    step variant and batch size. (torch._dynamo is imported here, not at the
+    top: it costs seconds at every start of a script that never compiles.)"""
+    import torch._dynamo
     torch._dynamo.config.trace_autograd_ops = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
 

@@ -107,23 +107,12 @@ for pair in $DML_PAIRS; do
     [[ $pair =~ ^[^:]+:[^:]+$ ]] || die "DML_PAIRS: '$pair' is not NET1:NET2 (e.g. resnet110:resnet20)"
 done
 
-# The schedule: every command gets --epochs; under the benchmark's protocol a
-# shorter schedule keeps its lr decays at the same fractions (150, 180, 210 of 240).
+# The schedule: every command gets --epochs (under the benchmark's protocol a
+# shorter schedule keeps its lr decays at the same fractions of 150, 180, 210 of 240).
 SCHEDULE=(--epochs "$EPOCHS")
 SUFFIX=""
 [ "$EPOCHS" = "$DEFAULT_EPOCHS" ] || SUFFIX="-e$EPOCHS"  # runs of another length stay apart
-if [ "$TABLE" = crd ]; then
-    SCHEDULE+=(--protocol crd)
-    if [ "$EPOCHS" != 240 ]; then
-        decays=""
-        for m in 150 180 210; do
-            e=$(( (m * EPOCHS + 120) / 240 ))
-            (( e >= 1 && e < EPOCHS )) && [[ ",$decays," != *",$e,"* ]] && decays+="${decays:+,}$e"
-        done
-        [ -n "$decays" ] || die "EPOCHS=$EPOCHS is too short for TABLE=crd: its lr decays must come before the last epoch (EPOCHS >= 2)"
-        SCHEDULE+=(--lr_decay_epochs "$decays")
-    fi
-fi
+[ "$TABLE" = crd ] && SCHEDULE+=(--protocol crd)
 
 # The registered modes, networks and datasets come from the code, so a new
 # method file joins the sweep with no change here. One python start reads all.

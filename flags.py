@@ -174,12 +174,17 @@ def finalize_common_args(parser, args, student=None):
     protocol = {**SEED_SCHEDULE, **PROTOCOLS[args.protocol]}
     if args.protocol == 'crd' and student in CRD_SMALL_LR_NETS:
         protocol['lr'] = CRD_SMALL_LR_NETS[student]
+    if args.epochs is not None and protocol['lr_decay_epochs'] is not None:
+        # a shorter (or longer) run keeps the protocol's decays at the same fractions
+        full = protocol['epochs']
+        protocol['lr_decay_epochs'] = [max(1, math.floor(e * args.epochs / full + 0.5))
+                                       for e in protocol['lr_decay_epochs']]
     for name, value in protocol.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.lr_decay_epochs is not None and any(e >= args.epochs for e in args.lr_decay_epochs):
-        parser.error(f'--lr_decay_epochs {args.lr_decay_epochs}: every decay must come before the '
-                     f'last epoch ({args.epochs})')
+    if args.lr_decay_epochs is not None and any(e > args.epochs for e in args.lr_decay_epochs):
+        parser.error(f'--lr_decay_epochs {args.lr_decay_epochs}: every decay must lie within the '
+                     f'run ({args.epochs} epochs)')
     if args.nesterov and args.momentum == 0:
         parser.error('--nesterov needs --momentum > 0')
     expected = DATASETS[args.data_name].num_class

@@ -64,9 +64,11 @@ def assert_same(one_dir, two_dir, inits):
     """Each network tensor of the two runs differs by at most 15% of how far
     training moved it from its initial value (rounding gives up to ~6% here;
     a real difference, e.g. per-process BatchNorm, gives ~100%); method state
-    by 1% of its size; logged training losses by 0.2%, test losses (through
-    the BatchNorm running statistics) by 1%, accuracies by at most one sample
-    of the tiny splits (a near tie may flip)."""
+    by 1% of its size; logged training losses by 0.5%, test losses (through
+    the BatchNorm running statistics, in the tiny runs' early, steep regime)
+    by 3%, accuracies by at most one sample of the tiny splits, two for
+    top-5 (a near tie may flip). A batch split wrongly (per-process relations
+    or BatchNorm) moves the weights by ~100% of their change instead."""
     a = torch.load(os.path.join(one_dir, 'checkpoint.pth.tar'), weights_only=True)
     b = torch.load(os.path.join(two_dir, 'checkpoint.pth.tar'), weights_only=True)
     for key, init in inits.items():
@@ -89,10 +91,11 @@ def assert_same(one_dir, two_dir, inits):
             except ValueError:
                 assert v == rb[k]
                 continue
-            if 'top' in k:
-                assert abs(x - y) <= 100 / 40 + 1e-6, (k, ra, rb)  # 40 test, 100 training images
+            if 'top' in k:  # 40 test, 100 training images; near chance, top-5 has many near ties
+                samples = 2 if 'top5' in k else 1
+                assert abs(x - y) <= samples * 100 / 40 + 1e-6, (k, ra, rb)
             else:
-                rel = 1e-2 if k.startswith('test_') else 2e-3
+                rel = 3e-2 if k.startswith('test_') else 5e-3
                 assert x == pytest.approx(y, rel=rel, abs=1e-3), (k, ra, rb)
 
 
@@ -114,7 +117,13 @@ def test_train_base_two_processes_equal_one(cifar10_root, tmp_path):
 
 @pytest.mark.parametrize('mode, extra', [
     ('crd', ['--nce_n', '16', '--feat_dim', '16']),  # memory banks updated from every process
-    ('sp', []),                                       # a loss relating the samples of the batch
+    ('sp', []),                                       # losses relating the samples of the batch
+    ('pkt', []),
+    ('rkd', []),
+    ('cc', []),
+    ('irg', []),
+    ('dist', []),                                     # relations across the batch's classes too
+    ('sobolev', []),                                  # an input-gradient method
 ])
 def test_train_kd_two_processes_equal_one(base_run, tmp_path, mode, extra):
     def args(note):

@@ -51,7 +51,6 @@ def test_applies_agrees_with_building_the_run():
         if reason is not None:
             assert reason in refused  # the same ConfigError, without the mode's prefix
     assert said['st'] is None and said['crd'] is None   # the benchmark's published rows
-    assert said['ab'] is not None and 'rb1' in said['ab']  # AB matches maps of equal shape only
 
 
 def test_applies_prints_one_line_per_pair_and_why(capsys):
@@ -128,14 +127,11 @@ def test_a_shorter_benchmark_schedule_keeps_its_shape_and_its_runs_apart(tmp_pat
     cmds, _ = dry_run(RESULTS=str(tmp_path), PAIRS='wrn_40_2:wrn_40_1', MODES='', EPOCHS='30')
     assert [flag(c, '--net_name') for c in cmds] == ['wrn_40_1', 'wrn_40_2']
     for c in cmds:
-        # the decays at the same fractions of 30 epochs as 150, 180, 210 of 240
-        assert flag(c, '--epochs') == '30' and flag(c, '--lr_decay_epochs') == '19,23,26'
+        assert flag(c, '--epochs') == '30' and '--lr_decay_epochs' not in c
         assert flag(c, '--note').endswith('-crd-s2-e30')
+    # the protocol keeps its decays at the same fractions of 30 epochs as 150, 180, 210 of 240
     args = train_base.parse_args(cmds[0][3:] + ['--device', 'cpu'])
     assert args.lr_decay_epochs == [19, 23, 26] and args.epochs == 30
-
-
-def test_too_short_a_benchmark_schedule_is_refused(tmp_path):
-    p = subprocess.run(['bash', SCRIPT], env={**os.environ, 'DRY_RUN': '1', 'TABLE': 'crd', 'EPOCHS': '1',
-                                              'RESULTS': str(tmp_path)}, capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.startswith('error: EPOCHS=1') and len(p.stderr.splitlines()) == 1
+    cmds, _ = dry_run(RESULTS=str(tmp_path), PAIRS='wrn_40_2:wrn_40_1', MODES='', EPOCHS='1')
+    args = train_base.parse_args(cmds[0][3:] + ['--device', 'cpu'])
+    assert args.epochs == 1 and args.lr_decay_epochs == [1, 1, 1]  # a one-epoch check run keeps lr
