@@ -131,3 +131,51 @@ def make_context(mode, overrides=None, n_data=100, num_class=10, student=None, t
     return Context(args=args, student_shapes=shapes, teacher_shapes=shapes, num_class=num_class,
                    n_data=n_data, train_labels=labels, device=torch.device('cpu'),
                    student=student, teacher=teacher)
+
+
+# ----------------------------------------------------------------------------- a run stopped and resumed
+
+class StopRun(BaseException):
+    """Raised to stop a run in-process right after a checkpoint, as a kill would."""
+
+
+def stop_after_first_epoch_then_resume(monkeypatch, argv):
+    """train_kd.main(argv) stopped right after its first epoch's checkpoint,
+    then the same command with --resume, to the end."""
+    import records
+    import train_kd
+    save = records.Checkpointer.__call__
+
+    def save_then_stop(self, *a, **k):
+        save(self, *a, **k)
+        raise StopRun
+    monkeypatch.setattr(records.Checkpointer, '__call__', save_then_stop)
+    with pytest.raises(StopRun):
+        train_kd.main(argv)
+    monkeypatch.setattr(records.Checkpointer, '__call__', save)
+    train_kd.main(argv + ['--resume'])
+
+
+def run_capturing_distiller(monkeypatch, mode, argv):
+    """train_kd.main(argv); returns the distiller's state right after it was built."""
+    import dataclasses
+    import train_kd
+    from kd_losses import METHODS
+    built, method = {}, METHODS[mode]
+
+    def build(ctx):
+        distiller = method.build(ctx)
+        built.update({k: v.detach().clone() for k, v in distiller.state_dict().items()})
+        return distiller
+    monkeypatch.setitem(METHODS, mode, dataclasses.replace(method, build=build))
+    train_kd.main(argv)
+    monkeypatch.setitem(METHODS, mode, method)
+    return built
+
+
+def metrics_rows(run_dir):
+    """metrics.csv's rows without the timing columns (which differ between equal runs)."""
+    import csv
+    with open(os.path.join(run_dir, 'metrics.csv')) as f:
+        return [{k: v for k, v in r.items() if k not in ('seconds', 'img_per_s')}
+                for r in csv.DictReader(f)]

@@ -64,11 +64,12 @@ def assert_same(one_dir, two_dir, inits):
     """Each network tensor of the two runs differs by at most 15% of how far
     training moved it from its initial value (rounding gives up to ~6% here;
     a real difference, e.g. per-process BatchNorm, gives ~100%); method state
-    by 1% of its size; logged training losses by 0.5%, test losses (through
-    the BatchNorm running statistics, in the tiny runs' early, steep regime)
-    by 3%, accuracies by at most one sample of the tiny splits, two for
-    top-5 (a near tie may flip). A batch split wrongly (per-process relations
-    or BatchNorm) moves the weights by ~100% of their change instead."""
+    by 1% of its size; logged training losses by 0.2%, test losses by 3%
+    (after a few steps they come from BatchNorm running statistics barely
+    started, and reach 10-100 for some losses), accuracies by at most one sample
+    of the tiny splits, two for top-5 (a near tie may flip). A batch split
+    wrongly (per-process relations or BatchNorm) moves the weights by ~100%
+    of their change instead."""
     a = torch.load(os.path.join(one_dir, 'checkpoint.pth.tar'), weights_only=True)
     b = torch.load(os.path.join(two_dir, 'checkpoint.pth.tar'), weights_only=True)
     for key, init in inits.items():
@@ -95,7 +96,7 @@ def assert_same(one_dir, two_dir, inits):
                 samples = 2 if 'top5' in k else 1
                 assert abs(x - y) <= samples * 100 / 40 + 1e-6, (k, ra, rb)
             else:
-                rel = 3e-2 if k.startswith('test_') else 5e-3
+                rel = 3e-2 if k.startswith('test_') else 2e-3
                 assert x == pytest.approx(y, rel=rel, abs=1e-3), (k, ra, rb)
 
 
@@ -115,22 +116,24 @@ def test_train_base_two_processes_equal_one(cifar10_root, tmp_path):
                 {'net': load(tmp_path / 'one' / 'initial_r20.pth.tar')})
 
 
-@pytest.mark.parametrize('mode, extra', [
-    ('crd', ['--nce_n', '16', '--feat_dim', '16']),  # memory banks updated from every process
-    ('sp', []),                                       # losses relating the samples of the batch
-    ('pkt', []),
-    ('rkd', []),
-    ('cc', []),
-    ('irg', []),
-    ('dist', []),                                     # relations across the batch's classes too
-    ('sobolev', []),                                  # an input-gradient method
+# Losses with large gradients (RKD, DIST, ...) amplify the rounding between one
+# process and two faster: those are compared over one epoch (two steps).
+@pytest.mark.parametrize('mode, epochs, extra', [
+    ('crd', 2, ['--nce_n', '16', '--feat_dim', '16']),  # memory banks updated from every process
+    ('sp', 2, []),                                       # losses relating the samples of the batch
+    ('pkt', 1, []),
+    ('rkd', 1, []),
+    ('cc', 1, []),
+    ('irg', 1, []),
+    ('dist', 1, []),                                     # relations across the batch's classes too
+    ('sobolev', 1, []),                                  # an input-gradient method
 ])
-def test_train_kd_two_processes_equal_one(base_run, tmp_path, mode, extra):
+def test_train_kd_two_processes_equal_one(base_run, tmp_path, mode, epochs, extra):
     def args(note):
         return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root',
                 str(tmp_path), '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20',
                 '--s_init', base_run['initial'], '--t_model', base_run['best'], '--kd_mode', mode,
-                '--epochs', '2', '--batch_size', BATCH, '--device', 'cpu', '--no_download',
+                '--epochs', str(epochs), '--batch_size', BATCH, '--device', 'cpu', '--no_download',
                 '--seed', '4', '--lr', LR, *extra]
     run('train_kd.py', args('one'), 1)
     run('train_kd.py', args('two'), 2)

@@ -2,8 +2,6 @@
 classifier weights, average-pooled, optionally normalised, MSE) against a
 float64 numpy computation in the paper's order (CAMs first, then pooling);
 shapes across families; a train_kd run that resumes bitwise."""
-import csv
-import os
 
 import numpy as np
 import pytest
@@ -11,29 +9,14 @@ import torch
 import torch._dynamo
 import torch.nn as nn
 
-import records
 import train_kd
-from conftest import make_context
+from conftest import make_context, metrics_rows, stop_after_first_epoch_then_resume
 from kd_losses import CATKD, METHODS, ConfigError
 from network import Features, Features4, build_network
+from reference import np_, avg_pool
 
 MODE = 'catkd'
 COMPILE_FLAGS = {}
-
-
-def np_(t):
-    return t.detach().double().numpy()
-
-
-def avg_pool(x, size):
-    h, w = x.shape[2:]
-    out = np.zeros(x.shape[:2] + (size, size))
-    for i in range(size):
-        for j in range(size):
-            r0, r1 = i * h // size, -(-(i + 1) * h // size)
-            c0, c1 = j * w // size, -(-(j + 1) * w // size)
-            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
-    return out
 
 
 def cat_reference(fm_s, w_s, fm_t, w_t, resolution, normalize):
@@ -173,42 +156,19 @@ def kd_argv(base_run, root, note, epochs):
             '--cat_normalize']
 
 
-class Stop(BaseException):
-    pass
-
-
-def stop_after_first_epoch_then_resume(monkeypatch, argv):
-    save = records.Checkpointer.__call__
-
-    def save_then_stop(self, *a, **k):
-        save(self, *a, **k)
-        raise Stop
-    monkeypatch.setattr(records.Checkpointer, '__call__', save_then_stop)
-    with pytest.raises(Stop):
-        train_kd.main(argv)
-    monkeypatch.setattr(records.Checkpointer, '__call__', save)
-    train_kd.main(argv + ['--resume'])
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, 'metrics.csv')) as f:
-        return [{k: v for k, v in r.items() if k not in ('seconds', 'img_per_s')}
-                for r in csv.DictReader(f)]
-
-
 def test_train_kd_runs_and_resumes(base_run, tmp_path, monkeypatch):
     train_kd.main(kd_argv(base_run, tmp_path, 'straight', 2))
     ckpt = torch.load(tmp_path / 'straight' / 'checkpoint.pth.tar', weights_only=True)
     assert ckpt['distiller'] == {}
     log = (tmp_path / 'straight' / 'log.txt').read_text()
     assert 'cat_normalize = True (command line)' in log and 'cat_resolution = 2 (default' in log
-    rows = metrics(tmp_path / 'straight')
+    rows = metrics_rows(tmp_path / 'straight')
     assert all(float(r['train_kd']) > 0 for r in rows)
     stop_after_first_epoch_then_resume(monkeypatch, kd_argv(base_run, tmp_path, 'resumed', 2))
     resumed = torch.load(tmp_path / 'resumed' / 'checkpoint.pth.tar', weights_only=True)
     for name, value in ckpt['net'].items():
         assert torch.equal(value, resumed['net'][name]), f'net.{name} differs after resume'
-    assert metrics(tmp_path / 'resumed') == rows
+    assert metrics_rows(tmp_path / 'resumed') == rows
 
 
 def test_one_graph_under_torch_compile():

@@ -2,29 +2,22 @@
 map and the teacher map, squared error / (C B)) against float64 loops;
 shapes across families; a train_kd run: the embedding trains, is
 checkpointed and resumes bitwise."""
-import csv
-import dataclasses
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch._dynamo
 
-import records
-import train_kd
-from conftest import make_context
+from conftest import (make_context, metrics_rows,
+                      run_capturing_distiller, stop_after_first_epoch_then_resume)
 from kd_losses import ICKD, METHODS
 from kd_losses.ickd import channel_correlation
 from network import Features, Features4, build_network
+from reference import np_
 
 MODE = 'ickd'
 COMPILE_FLAGS = {}
-
-
-def np_(t):
-    return t.detach().double().numpy()
 
 
 def ickd_reference(ickd, fm_s, fm_t, eps=1e-5):
@@ -132,57 +125,20 @@ def kd_argv(base_run, root, note, epochs):
             str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', '--seed', '3']
 
 
-class Stop(BaseException):
-    pass
-
-
-def run_capturing_distiller(monkeypatch, argv):
-    """train_kd.main(argv); returns the distiller's state right after build."""
-    built, method = {}, METHODS[MODE]
-
-    def build(ctx):
-        distiller = method.build(ctx)
-        built.update({k: v.detach().clone() for k, v in distiller.state_dict().items()})
-        return distiller
-    monkeypatch.setitem(METHODS, MODE, dataclasses.replace(method, build=build))
-    train_kd.main(argv)
-    monkeypatch.setitem(METHODS, MODE, method)
-    return built
-
-
-def stop_after_first_epoch_then_resume(monkeypatch, argv):
-    save = records.Checkpointer.__call__
-
-    def save_then_stop(self, *a, **k):
-        save(self, *a, **k)
-        raise Stop
-    monkeypatch.setattr(records.Checkpointer, '__call__', save_then_stop)
-    with pytest.raises(Stop):
-        train_kd.main(argv)
-    monkeypatch.setattr(records.Checkpointer, '__call__', save)
-    train_kd.main(argv + ['--resume'])
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, 'metrics.csv')) as f:
-        return [{k: v for k, v in r.items() if k not in ('seconds', 'img_per_s')}
-                for r in csv.DictReader(f)]
-
-
 def test_train_kd_trains_saves_and_resumes_the_embedding(base_run, tmp_path, monkeypatch):
-    initial = run_capturing_distiller(monkeypatch, kd_argv(base_run, tmp_path, 'straight', 2))
+    initial = run_capturing_distiller(monkeypatch, MODE, kd_argv(base_run, tmp_path, 'straight', 2))
     ckpt = torch.load(tmp_path / 'straight' / 'checkpoint.pth.tar', weights_only=True)
     assert set(ckpt['distiller']) == set(initial)
     for name in ('ickd.embed.0.weight', 'ickd.embed.1.weight', 'ickd.embed.1.bias'):
         assert not torch.equal(ckpt['distiller'][name], initial[name]), f'{name} did not train'
-    rows = metrics(tmp_path / 'straight')
+    rows = metrics_rows(tmp_path / 'straight')
     stop_after_first_epoch_then_resume(monkeypatch, kd_argv(base_run, tmp_path, 'resumed', 2))
     resumed = torch.load(tmp_path / 'resumed' / 'checkpoint.pth.tar', weights_only=True)
     for key in ('net', 'distiller'):
         assert set(resumed[key]) == set(ckpt[key])
         for name, value in ckpt[key].items():
             assert torch.equal(value, resumed[key][name]), f'{key}.{name} differs after resume'
-    assert metrics(tmp_path / 'resumed') == rows
+    assert metrics_rows(tmp_path / 'resumed') == rows
 
 
 def test_one_graph_under_torch_compile():

@@ -2,58 +2,23 @@
 queries and keys, per-pair regressors, attention-weighted MSE) against
 explicit float64 loops; different stage counts and sizes; a train_kd run:
 the attention and regressors train, are checkpointed and resume bitwise."""
-import csv
-import dataclasses
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch._dynamo
 
-import records
-import train_kd
-from conftest import make_context
+from conftest import (make_context, metrics_rows,
+                      run_capturing_distiller, stop_after_first_epoch_then_resume)
 from kd_losses import METHODS, ConfigError, SemCKD
 from network import Features, Features4, build_network
+from reference import np_, conv1x1, conv3x3, batchnorm, avg_pool
 
 MODE = 'semckd'
 COMPILE_FLAGS = {'batch_size': 4}
 
 
 # ----------------------------------------------------------------------------- numpy reference
-
-def np_(t):
-    return t.detach().double().numpy()
-
-
-def conv1x1(conv, x):
-    return np.einsum('oc,bchw->bohw', np_(conv.weight)[:, :, 0, 0], x)
-
-
-def conv3x3(conv, x):
-    w, (h, wd) = np_(conv.weight), x.shape[2:]
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    return sum(np.einsum('oc,bchw->bohw', w[:, :, i, j], xp[:, :, i:i + h, j:j + wd])
-               for i in range(3) for j in range(3))
-
-
-def batchnorm(bn, x, eps=1e-5):  # train mode: batch statistics, biased variance
-    mean, var = x.mean(axis=(0, 2, 3), keepdims=True), x.var(axis=(0, 2, 3), keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * np_(bn.weight).reshape(1, -1, 1, 1) \
-        + np_(bn.bias).reshape(1, -1, 1, 1)
-
-
-def avg_pool(x, size):
-    h, w = x.shape[2:]
-    out = np.zeros(x.shape[:2] + tuple(size))
-    for i in range(size[0]):
-        for j in range(size[1]):
-            r0, r1 = i * h // size[0], -(-(i + 1) * h // size[0])
-            c0, c1 = j * w // size[1], -(-(j + 1) * w // size[1])
-            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
-    return out
-
 
 def mlp(m, g):
     """The query/key MLP on a [B, B] similarity matrix: only the first B input
@@ -215,45 +180,8 @@ def kd_argv(base_run, root, note, epochs):
             '--lambda_kd', '1']
 
 
-class Stop(BaseException):
-    pass
-
-
-def run_capturing_distiller(monkeypatch, argv):
-    """train_kd.main(argv); returns the distiller's state right after build."""
-    built, method = {}, METHODS[MODE]
-
-    def build(ctx):
-        distiller = method.build(ctx)
-        built.update({k: v.detach().clone() for k, v in distiller.state_dict().items()})
-        return distiller
-    monkeypatch.setitem(METHODS, MODE, dataclasses.replace(method, build=build))
-    train_kd.main(argv)
-    monkeypatch.setitem(METHODS, MODE, method)
-    return built
-
-
-def stop_after_first_epoch_then_resume(monkeypatch, argv):
-    save = records.Checkpointer.__call__
-
-    def save_then_stop(self, *a, **k):
-        save(self, *a, **k)
-        raise Stop
-    monkeypatch.setattr(records.Checkpointer, '__call__', save_then_stop)
-    with pytest.raises(Stop):
-        train_kd.main(argv)
-    monkeypatch.setattr(records.Checkpointer, '__call__', save)
-    train_kd.main(argv + ['--resume'])
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, 'metrics.csv')) as f:
-        return [{k: v for k, v in r.items() if k not in ('seconds', 'img_per_s')}
-                for r in csv.DictReader(f)]
-
-
 def test_train_kd_trains_saves_and_resumes_attention_and_regressors(base_run, tmp_path, monkeypatch):
-    initial = run_capturing_distiller(monkeypatch, kd_argv(base_run, tmp_path, 'straight', 2))
+    initial = run_capturing_distiller(monkeypatch, MODE, kd_argv(base_run, tmp_path, 'straight', 2))
     ckpt = torch.load(tmp_path / 'straight' / 'checkpoint.pth.tar', weights_only=True)
     saved = ckpt['distiller']
     assert set(saved) == set(initial)
@@ -261,7 +189,7 @@ def test_train_kd_trains_saves_and_resumes_attention_and_regressors(base_run, tm
     for name, value in initial.items():
         if name.endswith('weight'):
             assert not torch.equal(saved[name], value), f'{name} did not train'
-    rows = metrics(tmp_path / 'straight')
+    rows = metrics_rows(tmp_path / 'straight')
     assert all(float(r['train_kd']) > 0 for r in rows)
 
     stop_after_first_epoch_then_resume(monkeypatch, kd_argv(base_run, tmp_path, 'resumed', 2))
@@ -270,7 +198,7 @@ def test_train_kd_trains_saves_and_resumes_attention_and_regressors(base_run, tm
         assert set(resumed[key]) == set(ckpt[key])
         for name, value in ckpt[key].items():
             assert torch.equal(value, resumed[key][name]), f'{key}.{name} differs after resume'
-    assert metrics(tmp_path / 'resumed') == rows
+    assert metrics_rows(tmp_path / 'resumed') == rows
 
 
 def test_one_graph_under_torch_compile():

@@ -4,9 +4,6 @@ state dict, evaluation, model_best reload); shapes across families; a
 train_kd run: the projector trains, is saved with the student and resumes
 bitwise."""
 import argparse
-import csv
-import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -15,13 +12,13 @@ import torch._dynamo
 import torch.nn as nn
 import torch.nn.functional as F
 
-import records
-import train_kd
 from checkpoints import strip_prefixes
-from conftest import make_context
+from conftest import (make_context, metrics_rows,
+                      run_capturing_distiller, stop_after_first_epoch_then_resume)
 from dataset import Batch, make_loaders
 from kd_losses import METHODS, ConfigError, SimKD, SimKDStudent
 from network import Features, Features4, build_network
+from reference import np_, conv1x1, conv3x3, batchnorm, avg_pool
 from utils import evaluate
 
 MODE = 'simkd'
@@ -29,38 +26,6 @@ COMPILE_FLAGS = {}
 
 
 # ----------------------------------------------------------------------------- numpy reference
-
-def np_(t):
-    return t.detach().double().numpy()
-
-
-def conv1x1(conv, x):
-    return np.einsum('oc,bchw->bohw', np_(conv.weight)[:, :, 0, 0], x)
-
-
-def conv3x3(conv, x):
-    w, (h, wd) = np_(conv.weight), x.shape[2:]
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    return sum(np.einsum('oc,bchw->bohw', w[:, :, i, j], xp[:, :, i:i + h, j:j + wd])
-               for i in range(3) for j in range(3))
-
-
-def batchnorm(bn, x, eps=1e-5):  # train mode: batch statistics, biased variance
-    mean, var = x.mean(axis=(0, 2, 3), keepdims=True), x.var(axis=(0, 2, 3), keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * np_(bn.weight).reshape(1, -1, 1, 1) \
-        + np_(bn.bias).reshape(1, -1, 1, 1)
-
-
-def avg_pool(x, size):
-    h, w = x.shape[2:]
-    out = np.zeros(x.shape[:2] + tuple(size))
-    for i in range(size[0]):
-        for j in range(size[1]):
-            r0, r1 = i * h // size[0], -(-(i + 1) * h // size[0])
-            c0, c1 = j * w // size[1], -(-(j + 1) * w // size[1])
-            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
-    return out
-
 
 def projector_reference(proj, x):
     relu = lambda v: np.maximum(v, 0)  # noqa: E731
@@ -275,45 +240,8 @@ def kd_argv(base_run, root, note, epochs):
             str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', '--seed', '3']
 
 
-class Stop(BaseException):
-    pass
-
-
-def run_capturing_distiller(monkeypatch, argv):
-    """train_kd.main(argv); returns the distiller's state right after build."""
-    built, method = {}, METHODS[MODE]
-
-    def build(ctx):
-        distiller = method.build(ctx)
-        built.update({k: v.detach().clone() for k, v in distiller.state_dict().items()})
-        return distiller
-    monkeypatch.setitem(METHODS, MODE, dataclasses.replace(method, build=build))
-    train_kd.main(argv)
-    monkeypatch.setitem(METHODS, MODE, method)
-    return built
-
-
-def stop_after_first_epoch_then_resume(monkeypatch, argv):
-    save = records.Checkpointer.__call__
-
-    def save_then_stop(self, *a, **k):
-        save(self, *a, **k)
-        raise Stop
-    monkeypatch.setattr(records.Checkpointer, '__call__', save_then_stop)
-    with pytest.raises(Stop):
-        train_kd.main(argv)
-    monkeypatch.setattr(records.Checkpointer, '__call__', save)
-    train_kd.main(argv + ['--resume'])
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, 'metrics.csv')) as f:
-        return [{k: v for k, v in r.items() if k not in ('seconds', 'img_per_s')}
-                for r in csv.DictReader(f)]
-
-
 def test_train_kd_trains_saves_and_resumes_the_wrapper(base_run, tmp_path, monkeypatch):
-    initial = run_capturing_distiller(monkeypatch, kd_argv(base_run, tmp_path, 'straight', 2))
+    initial = run_capturing_distiller(monkeypatch, MODE, kd_argv(base_run, tmp_path, 'straight', 2))
     run_dir = tmp_path / 'straight'
     ckpt = torch.load(run_dir / 'checkpoint.pth.tar', weights_only=True)
     net = strip_prefixes(ckpt['net'])
@@ -327,7 +255,7 @@ def test_train_kd_trains_saves_and_resumes_the_wrapper(base_run, tmp_path, monke
             assert not torch.equal(net['simkd_' + name], value), f'{name} did not train'
     log = (run_dir / 'log.txt').read_text()
     assert 'ce_weight = 0.0 (default for simkd on cifar10)' in log
-    rows = metrics(run_dir)
+    rows = metrics_rows(run_dir)
 
     # model_best.pth.tar loads into a fresh wrapper, whose evaluation is the logged one
     best = torch.load(run_dir / 'model_best.pth.tar', weights_only=True)
@@ -346,7 +274,7 @@ def test_train_kd_trains_saves_and_resumes_the_wrapper(base_run, tmp_path, monke
     assert set(resumed['net']) == set(ckpt['net'])
     for name, value in ckpt['net'].items():
         assert torch.equal(value, resumed['net'][name]), f'net.{name} differs after resume'
-    assert metrics(tmp_path / 'resumed') == rows
+    assert metrics_rows(tmp_path / 'resumed') == rows
 
 
 def fresh_resnet20_wrapper():
