@@ -14,7 +14,6 @@ replicate: the finished one is kept). Runs of the CIFAR-100 benchmark
 (`--protocol crd`) get the benchmark's table: pairs as columns, methods as rows.
 A malformed run directory is skipped with a warning; the summary goes on.
 """
-import argparse
 import csv
 import json
 import math
@@ -22,7 +21,7 @@ import os
 import re
 import sys
 
-from errors import UserError, cli
+from errors import ArgumentParser, UserError, cli
 from kd_losses import METHODS, all_flags
 from records import COMPLETE_FILE, RESULT_NEUTRAL_FLAGS
 
@@ -374,7 +373,8 @@ def crd_table(groups, published=False):
 
 def summary(argv=None):
     """The summary command; a UserError for a root without runs (see `main`)."""
-    parser = argparse.ArgumentParser(prog='python summarize.py',
+    parser = ArgumentParser(
+        prog='python summarize.py',
         description='Walk a results root and print the comparison tables (Markdown), writing '
                     'the same data as CSV; optionally draw test-accuracy curves.')
     parser.add_argument('root', nargs='?', default='./results')
