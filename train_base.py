@@ -62,6 +62,7 @@ def make_step(net, optimizer, args, stats=None):
         if stats is not None:
             stats.add(sums)
         return sums
+    step.optimizer = optimizer  # whoever runs the step can reach its learning rate
     return step
 
 

@@ -75,6 +75,7 @@ def make_step(net1, net2, optimizer, args, stats=None):
         if stats is not None:
             stats.add(sums)
         return sums
+    step.optimizer = optimizer  # whoever runs the step can reach its learning rate
     return step
 
 
