@@ -50,8 +50,10 @@ def fails(main, argv, capsys, *fragments):
 def test_a_blown_up_epoch_is_never_saved(cifar10_root, tmp_path, capsys):
     """An lr that wrecks the weights in the epoch's last update: the test loss
     is NaN, and nothing of that epoch (model_best, checkpoint) is written."""
-    err = fails(train_base.main, base(cifar10_root, tmp_path, 'huge', '--lr', '1e30'), capsys,
-                'became non-finite', 'no checkpoint was saved yet')
+    # one step per epoch: its training loss is finite, only the update after it blows up
+    err = fails(train_base.main, base(cifar10_root, tmp_path, 'huge', '--lr', '1e30',
+                                      '--batch_size', '100'), capsys,
+                'test loss', 'became non-finite', 'no checkpoint was saved yet')
     assert 'epoch 1/1' in err
     run = tmp_path / 'huge'
     assert not (run / 'model_best.pth.tar').exists() and not (run / 'checkpoint.pth.tar').exists()

@@ -34,3 +34,16 @@ def test_topk_correct_counts():
     # sample 0: top-1 right; sample 1: its class ranks 2nd (tie with 3rd); sample 2: 3rd
     c1, c2 = topk_correct(logits, target, ks=(1, 3)).tolist()
     assert c1 == 1 and c2 == 3
+
+
+def test_a_new_epoch_starts_from_zero_in_the_same_tensors():
+    """A captured step keeps writing the tensors it was captured with: reset
+    clears them in place for the next epoch, the non-finite record included."""
+    stats = EpochStats(['ce', 'n'], ['ce'], 'cpu')
+    tensors = (stats.total, stats.first_bad, stats.step)
+    stats.add(torch.tensor([float('nan'), 4.0]))
+    stats.reset()
+    assert (stats.total, stats.first_bad, stats.step) == tensors  # the same objects
+    assert stats.non_finite() is None and stats.step.item() == 0
+    stats.add(torch.tensor([3.0 * 2, 2.0]))
+    assert stats.values() == {'ce': 3.0, 'n': 2}
