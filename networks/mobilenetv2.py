@@ -20,7 +20,7 @@ Parameter names are RepDistiller's (`conv1.{0,1}`, `blocks.g.i.conv.k`,
 import torch.nn as nn
 import torch.nn.functional as F
 
-from network import Features4, ZooNetwork
+from networks.base import Features4, ZooNetwork
 
 # (expansion, channels, blocks, first stride) per group; expansion None = the network's.
 GROUPS = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),

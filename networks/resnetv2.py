@@ -18,7 +18,7 @@ bn1..3, shortcut.{0,1}}, linear`).
 import torch.nn as nn
 import torch.nn.functional as F
 
-from network import Features4, ResStage, ZooNetwork
+from networks.base import Features4, ResStage, ZooNetwork
 
 
 class Bottleneck(nn.Module):

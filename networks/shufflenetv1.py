@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from network import Features, ResStage, ZooNetwork
+from networks.base import Features, ResStage, ZooNetwork
 
 
 def channel_shuffle(x, groups):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from network import Features, ZooNetwork
+from networks.base import Features, ZooNetwork
 from networks.shufflenetv1 import channel_shuffle
 
 

@@ -21,7 +21,7 @@ Parameter names are RepDistiller's (`block0..4.<index in the block>`,
 import torch.nn as nn
 import torch.nn.functional as F
 
-from network import Features4, ZooNetwork
+from networks.base import Features4, ZooNetwork
 
 # Output channels of the convs of blocks 0..4.
 CONFIGS = {

@@ -21,7 +21,7 @@ bn2, conv2, convShortcut}, bn1, fc`).
 import torch.nn as nn
 import torch.nn.functional as F
 
-from network import Features, ZooNetwork
+from networks.base import Features, ZooNetwork
 
 
 class WideBlock(nn.Module):
