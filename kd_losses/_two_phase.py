@@ -6,6 +6,11 @@ first 60% of its epochs, 0.01·lr for the next 20% and 0.001·lr for the rest
 (30/10/10 of the seed's 50). The main schedule then trains with
 cross-entropy only: the KD weight is 0 in every main epoch.
 
+A KD loss with learnable connectors (AB between maps of different shapes)
+trains them in the 'init' phase with the student; the main phase, which does
+not use the KD loss, leaves them as that phase left them (they are saved
+with the distiller).
+
 This module starts with '_', so the package does not import it as a method.
 """
 from functools import partial
@@ -46,10 +51,14 @@ class InitThenCE(Distiller):
         def init_loss(s, t, batch):  # no cross-entropy in this phase
             return lambda_kd * self(s, t, batch)
 
+        connectors = [p for p in self.kd.parameters() if p.requires_grad]
         return [PretrainPhase(name='init', epochs=epochs,
                          lr_scale=partial(init_lr_scale, init_epochs=epochs),
-                         params=list(ctx.student.parameters()), loss=init_loss,
-                         train_modules=(ctx.student,))]
+                         params=list(ctx.student.parameters()) + connectors, loss=init_loss,
+                         train_modules=(ctx.student, self.kd))]
+
+    def learnable_parameters(self):
+        return []  # the main phase is cross-entropy alone: its optimiser leaves the connectors be
 
     def kd_weight(self, epoch, epochs):
         return 0.0

@@ -8,9 +8,18 @@ Per-channel weights ρ come from the teacher's map through an SE-style block
 to 1 over channels. Both maps are L2-normalised over the spatial positions
 of each channel (1e-6 added to the norm); the loss is
 Σ_c ρ_c · mean_{H,W} (ŝ_c − t̂_c)², averaged over the batch. The seed's
-variant: one module per stage rb1..3 (post-activation), mid channels =
-int(att_f · channels), the three losses averaged; student and teacher
-maps must have the same shape.
+variant: one module per stage (every stage both networks have,
+`ctx.stage_keys`; post-activation), mid channels = int(att_f · channels),
+the stage losses averaged.
+
+Student and teacher maps must have the same shape: the paper transfers
+between networks of one architecture (a pre-trained source and its
+fine-tuned copy) and its attention weighs the teacher's channels one for one
+against the student's, with no connector in the paper or its code. Pairs
+whose maps differ (channels or size) raise ConfigError naming both shapes.
+
+Under --protocol crd: the CIFAR-100 benchmark (RepDistiller, mdistiller) has
+no AFD, so its weights are the seed's (CE weight 1, lambda 500).
 """
 import torch
 import torch.nn as nn
@@ -18,8 +27,6 @@ import torch.nn as nn
 from .registry import ConfigError, FeatureDistiller, Flag, Method, register
 
 __all__ = ['AFD']
-
-STAGES = ('rb1', 'rb2', 'rb3')
 
 
 class AFD(nn.Module):
@@ -52,24 +59,27 @@ class AFD(nn.Module):
 
 def build(ctx):
     att_f = ctx.args.att_f
+    keys = ctx.stage_keys('afd')
     modules = []
-    for key in STAGES:
-        s_shape, t_shape = ctx.student_shapes[key], ctx.teacher_shapes[key]
+    for key in keys:
+        s_shape, t_shape = tuple(ctx.student_shapes[key]), tuple(ctx.teacher_shapes[key])
         if s_shape != t_shape:
             raise ConfigError(f'afd: student and teacher {key} shapes differ '
-                              f'({s_shape} vs {t_shape}); AFD compares the maps channel by channel')
+                              f'({s_shape} vs {t_shape}); AFD compares the maps channel by '
+                              'channel, with no connector')
         if int(t_shape[0] * att_f) < 1:
             raise ConfigError(f'afd: --att_f {att_f} leaves the {key} attention block no channels')
         modules.append(AFD(t_shape[0], att_f))
-    return FeatureDistiller(modules, STAGES, act='post')
+    return FeatureDistiller(modules, keys, act='post')
 
 
 register(Method(
     name='afd', title='attentive feature distillation', paper='https://openreview.net/forum?id=ryxyCeHtPB',
-    transfers='rb1..3 post-activation, one attention block per stage, mean',
+    transfers='every stage post-activation, one attention block per stage, mean (equal shapes only)',
     variant='attention from an SE block, which the seed found more stable than the original',
     build=build,
     defaults={'lambda_kd': 500.0, 'att_f': 1.0},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 500.0}},
     flags={'att_f': Flag(float, 'AFD attention width: mid channels = int(att_f × channels)',
                          positive=True)},
 ))

@@ -28,6 +28,13 @@ The seed's student sees only the qualifying samples, so its BatchNorm batch
 statistics differ from ours in the (rare) steps where padding is needed.
 Under torchrun each process attacks up to attack_size / processes samples of
 its own slice: close to one process's choice, not identical.
+
+Only logits are compared, so any teacher and student with the same classes
+pair (no connector; shapes of the features play no part).
+
+Under --protocol crd: the CIFAR-100 benchmark (RepDistiller, mdistiller) has
+no BSS, so its settings are the seed's (CE weight 1, lambda 2, T 3, attack
+size 32, 10 warm-up epochs of 200, scaled with --epochs).
 """
 import torch
 import torch.nn as nn
@@ -153,6 +160,8 @@ register(Method(
     variant='KL without the T^2 factor; 10 warm-up epochs; CE only in the last 20% of epochs',
     build=build,
     defaults={'lambda_kd': 2.0, 'T': 3.0, 'attack_size': 32, 'warmup_epochs': 10},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 2.0, 'T': 3.0, 'attack_size': 32,
+                               'warmup_epochs': 10}},
     flags={'T': Flag(float, 'softmax temperature', positive=True),
            'attack_size': Flag(int, 'bss: most samples attacked per batch', positive=True),
            'warmup_epochs': Flag(int, 'bss: first epochs without the KD term', epochs_of=200)},

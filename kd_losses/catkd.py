@@ -26,6 +26,10 @@ wrn_40_2 -> ShuffleV1 80 and resnet32x4 -> ShuffleV1/ShuffleV2 600
 MobileNetV2 40 (resolution 2, normalised). The official runs use 240 epochs,
 lr 0.05 (0.01 for ShuffleNet/MobileNet students), batch 64.
 
+Under --protocol crd (the CIFAR-100 benchmark's schedule): the same official
+resnet56 -> resnet20 setting (CE weight 1, beta 0.7, resolution 2, no
+normalisation); the other pairs' settings above are given on the command line.
+
 Departures: the official student's classifier is a bias-free 1x1 conv; ours
 keeps its Linear head with bias (the bias is not part of the CAM). Needs
 networks whose head reads the global average of the last stage: not
@@ -97,6 +101,8 @@ register(Method(
     variant="official resnet56->resnet20 settings (beta 0.7); the student's head keeps its bias",
     build=build,
     defaults={'lambda_kd': 0.7, 'cat_resolution': 2, 'cat_normalize': False},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 0.7, 'cat_resolution': 2,
+                               'cat_normalize': False}},
     flags={'cat_resolution': Flag(int, 'catkd: CAMs are average-pooled to this size (square)',
                                   positive=True),
            'cat_normalize': Flag(bool, 'catkd: L2-normalise each CAM over its positions')},

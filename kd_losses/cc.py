@@ -8,7 +8,18 @@ through the Gaussian RBF exp(-2 gamma (1 - S)) = exp(-2 gamma) exp(2 gamma S),
 approximated by its order-P Taylor expansion
 sum_{p=0..P} exp(-2 gamma) (2 gamma)^p / p! S^p. The loss is the MSE between
 the student's and the teacher's correlation matrices. As in the seed it is
-applied to `feat` of ordinary (not class-balanced) batches.
+applied to `feat` of ordinary (not class-balanced) batches. The correlation
+is B x B whatever the feature's width, so student and teacher `feat` of any
+sizes pair without a connector.
+
+Under --protocol crd: CE weight 1 and the seed's CC weight 100, not the
+benchmark's 0.02 (RepDistiller scripts/run_cifar_distill.sh
+`--distill correlation -a 0 -b 0.02`): that weight multiplies another loss,
+RepDistiller's distiller_zoo/CC.py, the mean over consecutive samples of
+sum_d |f_s - f_t|_i,d |f_s - f_t|_i+1,d on 128-d linear embeddings (models/util.py
+LinearEmbed): a sum over 128 dimensions, orders of magnitude larger than the
+MSE between correlation matrices here, on which 0.02 would leave
+cross-entropy nearly alone.
 """
 import math
 
@@ -57,6 +68,7 @@ register(Method(
     variant='Gaussian RBF kernel by its P=2 Taylor expansion; no instance congruence, no special sampling',
     build=build,
     defaults={'lambda_kd': 100.0, 'gamma': 0.4, 'P_order': 2},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 100.0}},
     flags={'gamma': Flag(float, 'gamma of the Gaussian RBF in CC', positive=True),
            'P_order': Flag(int, 'order of the Taylor expansion of the RBF in CC')},
 ))

@@ -19,6 +19,15 @@ momentum * old + (1 - momentum) * new, re-normalised.
 other columns its negatives: nce_n distinct samples of the other classes,
 drawn uniformly without replacement as in the seed, on the device, from
 per-class index tables.
+
+The embeddings start from each network's own `feat` width, so any student
+and teacher pair.
+
+Under --protocol crd (the CIFAR-100 benchmark): CE weight 1, CRD weight 0.8,
+temperature 0.07, 16384 negatives, 128-d embeddings, momentum 0.5, 'exact'
+positives (RepDistiller scripts/run_cifar_distill.sh `--distill crd -a 0
+-b 0.8` and train_student.py's defaults `--nce_t 0.07 --nce_k 16384
+--feat_dim 128 --nce_m 0.5 --mode exact`; mdistiller engine/cfg.py CRD).
 """
 import math
 
@@ -153,6 +162,8 @@ register(Method(
     defaults={'lambda_kd': 0.2, 'feat_dim': 128, 'nce_n': 16384, 'nce_t': 0.1, 'nce_mom': 0.5,
               'mode': 'exact'},
     dataset_defaults={'cifar100': {'lambda_kd': 0.8}},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 0.8, 'nce_t': 0.07, 'nce_n': 16384,
+                               'feat_dim': 128, 'nce_mom': 0.5, 'mode': 'exact'}},
     flags={'feat_dim': Flag(int, 'dimension of the embedding space', positive=True),
            'nce_n': Flag(int, 'negatives per positive', positive=True),
            'nce_t': Flag(float, 'temperature of the scores', positive=True),

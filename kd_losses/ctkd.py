@@ -33,6 +33,10 @@ With --logit_stand (kd_losses/_logit_stand.py) both logits are z-scored per
 sample before the learned temperature divides them, as in the logit
 standardisation authors' CTKD code, and their CIFAR-100 setting for it, KD
 weight 9 with CE weight 0.1, becomes the default (`--lambda_kd 9`).
+
+Under --protocol crd (the CIFAR-100 benchmark): the same official CIFAR-100
+script's settings (CE weight 0.1, KD weight 0.9, T in (1, 21), cosine ramp
+over 10 of its 240 epochs up to 1).
 """
 import math
 
@@ -123,6 +127,9 @@ register(Method(
     build=build,
     defaults={'lambda_kd': 0.9, 'ce_weight': 0.1, 'ctkd_t_min': 1.0, 'ctkd_t_range': 20.0,
               'ctkd_ramp_epochs': 10, 'ctkd_lambda_max': 1.0, 'logit_stand': False},
+    protocol_defaults={'crd': {'ce_weight': 0.1, 'lambda_kd': 0.9, 'ctkd_t_min': 1.0,
+                               'ctkd_t_range': 20.0, 'ctkd_ramp_epochs': 10,
+                               'ctkd_lambda_max': 1.0}},
     flags={'ctkd_t_min': Flag(float, 'ctkd: lowest temperature (T = t_min + t_range * '
                                      'sigmoid(theta))'),
            'ctkd_t_range': Flag(float, 'ctkd: span of the learned temperature above '

@@ -21,6 +21,9 @@ Defaults: the official CIFAR-100 configuration
 (configs/strategies/distill/dist_cifar.yaml: kd dist_t4, i.e. beta 1,
 gamma 1, tau 4; KD loss weight 2, CE weight 1). The paper gives no CIFAR-10
 setting. The temperature is the shared --T flag.
+
+Under --protocol crd (the CIFAR-100 benchmark): the same official CIFAR-100
+configuration (CE weight 1, KD weight 2, beta 1, gamma 1, tau 4).
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,6 +88,8 @@ register(Method(
     transfers='logits at temperature T; Pearson correlation per sample and per class (global batch)',
     build=build,
     defaults={'lambda_kd': 2.0, 'dist_beta': 1.0, 'dist_gamma': 1.0, 'T': 4.0},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 2.0, 'dist_beta': 1.0,
+                               'dist_gamma': 1.0, 'T': 4.0}},
     flags={'dist_beta': Flag(float, 'dist: weight of the inter-class (per-sample) relation'),
            'dist_gamma': Flag(float, 'dist: weight of the intra-class (per-class) relation'),
            'T': Flag(float, 'softmax temperature', positive=True)},

@@ -36,6 +36,11 @@ With --logit_stand (kd_losses/_logit_stand.py) both logits are z-scored per
 sample before the temperature, as the authors of logit standardisation do for
 DKD; their setting with it is T 2 and the loss scaled about 9-fold
 (`--T 2 --lambda_kd 9`), given on the command line.
+
+Under --protocol crd (the CIFAR-100 benchmark): the official configuration
+above (mdistiller engine/cfg.py DKD and configs/cifar100/dkd/res32x4_res8x4.yaml:
+CE weight 1, alpha 1, beta 8, T 4, warm-up 20 of its 240 epochs); the
+per-pair betas are given on the command line.
 """
 import torch
 import torch.nn as nn
@@ -121,6 +126,8 @@ register(Method(
     build=build,
     defaults={'lambda_kd': 1.0, 'dkd_alpha': 1.0, 'dkd_beta': 8.0, 'T': 4.0, 'dkd_warmup': 20,
               'logit_stand': False},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'dkd_alpha': 1.0,
+                               'dkd_beta': 8.0, 'T': 4.0, 'dkd_warmup': 20}},
     flags={'dkd_alpha': Flag(float, 'dkd: weight of the target-class term (TCKD)'),
            'dkd_beta': Flag(float, 'dkd: weight of the non-target-class term (NCKD)'),
            'T': Flag(float, 'softmax temperature', positive=True),

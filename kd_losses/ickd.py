@@ -17,6 +17,9 @@ Cifar100/README.md and scripts/run_cifar_distill.sh, ICKD without KL:
 lr 0.05, batch 64. Departures: the official code also builds a teacher-side
 embedding that the loss never uses (left out); Gram matrices in float32 with
 the usual 1e-12 floor in the normalisation.
+
+Under --protocol crd (the CIFAR-100 benchmark's schedule, the official one):
+the same official weights (CE weight 1, lambda 2.5).
 """
 import torch
 import torch.nn as nn
@@ -66,4 +69,5 @@ register(Method(
     variant='ICKD without the KL term, as the official CIFAR-100 "ICKD-C (w/o KL)"',
     build=ICKDDistiller,
     defaults={'lambda_kd': 2.5},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 2.5}},
 ))

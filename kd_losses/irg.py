@@ -4,16 +4,30 @@ Liu, Cao, Li, Yuan, Hu, Li, Duan: "Knowledge Distillation via Instance
 Relationship Graph", CVPR 2019,
 https://openaccess.thecvf.com/content_CVPR_2019/papers/Liu_Knowledge_Distillation_via_Instance_Relationship_Graph_CVPR_2019_paper.pdf
 
-The seed's variant, on [rb2 post, rb3 post, feat, out] of each network:
+The seed's variant, on [penultimate stage post, last stage post, feat, out]
+of each network (the last two of `ctx.stage_keys`: rb2 and rb3, or rb3 and
+rb4 for four-stage networks):
 - vertex: MSE between the logits;
 - edges: squared pairwise distances of the batch's samples (diagonal zeroed,
-  divided by their max) for feat, rb2 and rb3; MSE, mean of the three;
-- transformation: per sample, the squared distance between rb2 (average-pooled
-  to rb3's size) and rb3 (adjacent channels averaged in pairs down to rb2's
-  channel count), divided by the batch max; MSE.
+  divided by their max) for feat and the two stages; MSE, mean of the three;
+- transformation: per sample, the squared distance between the penultimate
+  stage (average-pooled to the last one's size) and the last stage (adjacent
+  channels averaged in groups, pairs for the resnets, down to the
+  penultimate's channel count), divided by the batch max; MSE.
 Loss = w_vert * vertex + w_edge * edge + w_tran * transformation (the paper's
 fixed weights, without its loss-dependent weighting); the three weighted
 terms are logged on their own.
+
+Across networks: the edges are B x B and the transformation is one number
+per sample, each computed within one network, so student and teacher shapes
+need not match (the logits share the classes). Within each network the last
+stage's channels must be a whole multiple of the penultimate's for the
+grouped average; a network where they are not (MobileNetV2: 48 and 160)
+raises ConfigError naming both shapes.
+
+Under --protocol crd: the CIFAR-100 benchmark (RepDistiller, mdistiller) has
+no IRG, so its weights are the seed's (CE weight 1, lambda 1, vertex 0.1,
+edge 5, transformation 5).
 """
 import torch
 import torch.nn as nn
@@ -79,20 +93,21 @@ class IRG(nn.Module):
 
 
 class IRGDistiller(Distiller):
-    """Feeds IRG the lists [rb2 post, rb3 post, feat, out]; teacher parts
+    """Feeds IRG the lists [penultimate stage post, last stage post, feat,
+    out] (rb2, rb3 for the resnets); teacher parts
     detached. Its graph relates the samples of a batch, so under torchrun it
     is built on the global batch. Returns the three weighted terms, each
     logged (train_kd_vertex, train_kd_edge, train_kd_transformation)."""
 
     loss_terms = ('vertex', 'edge', 'transformation')
 
-    def __init__(self, loss):
+    def __init__(self, loss, keys=('rb2', 'rb3')):
         super().__init__()
         self.irg = loss
+        self.early, self.late = keys  # the penultimate and the last stage
 
-    @staticmethod
-    def graph_inputs(features):
-        return [pick(features, 'rb2', 'post'), pick(features, 'rb3', 'post'),
+    def graph_inputs(self, features):
+        return [pick(features, self.early, 'post'), pick(features, self.late, 'post'),
                 features.feat, features.out]
 
     def forward(self, s, t, batch):
@@ -104,21 +119,24 @@ def build(ctx):
     a = ctx.args
     if min(a.w_irg_vert, a.w_irg_edge, a.w_irg_tran) < 0:
         raise ConfigError('irg: --w_irg_vert, --w_irg_edge and --w_irg_tran must be >= 0')
+    early, late = ctx.stage_keys('irg')[-2:]
     for who, shapes in (('student', ctx.student_shapes), ('teacher', ctx.teacher_shapes)):
-        c2, c3 = shapes['rb2'][0], shapes['rb3'][0]
-        if c3 % c2:
-            raise ConfigError(f'irg: the {who} rb3 ({c3} channels) cannot be averaged down '
-                              f'to rb2 ({c2} channels) for the transformation term')
-    return IRGDistiller(IRG(a.w_irg_vert, a.w_irg_edge, a.w_irg_tran))
+        if shapes[late][0] % shapes[early][0]:
+            raise ConfigError(f'irg: the {who} {late} {tuple(shapes[late])} cannot be averaged down '
+                              f'to {early} {tuple(shapes[early])} channels for the transformation '
+                              'term')
+    return IRGDistiller(IRG(a.w_irg_vert, a.w_irg_edge, a.w_irg_tran), (early, late))
 
 
 register(Method(
     name='irg', title='instance relationship graph',
     paper='https://openaccess.thecvf.com/content_CVPR_2019/papers/Liu_Knowledge_Distillation_via_Instance_Relationship_Graph_CVPR_2019_paper.pdf',
-    transfers='rb2, rb3 post-activation, feat and logits; vertices, edges, transformation',
+    transfers='last two stages post-activation, feat and logits; vertices, edges, transformation',
     variant='one-to-one mode only',
     build=build,
     defaults={'lambda_kd': 1.0, 'w_irg_vert': 0.1, 'w_irg_edge': 5.0, 'w_irg_tran': 5.0},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'w_irg_vert': 0.1,
+                               'w_irg_edge': 5.0, 'w_irg_tran': 5.0}},
     flags={'w_irg_vert': Flag(float, 'weight of the IRG vertex (logit) term'),
            'w_irg_edge': Flag(float, 'weight of the IRG edge term'),
            'w_irg_tran': Flag(float, 'weight of the IRG transformation term')},

@@ -25,6 +25,9 @@ Defaults: the official CIFAR-100 configuration
 (configs/distillers/cifar100/res34_distill_res18_cifar.py: temp 3, gamma 3.5,
 loss weight 1 next to the CE weight 1). The paper gives no CIFAR-10 setting.
 The temperature is the shared --T flag.
+
+Under --protocol crd (the CIFAR-100 benchmark): the same official CIFAR-100
+configuration (CE weight 1, loss weight 1, T 3, gamma 3.5).
 """
 import torch
 import torch.nn as nn
@@ -84,6 +87,7 @@ register(Method(
     transfers='logits: target probability (T = 1) and renormalised non-target softmax at T',
     build=build,
     defaults={'lambda_kd': 1.0, 'T': 3.0, 'nkd_gamma': 3.5},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'T': 3.0, 'nkd_gamma': 3.5}},
     flags={'T': Flag(float, 'softmax temperature', positive=True),
            'nkd_gamma': Flag(float, 'nkd: weight of the normalised non-target term')},
 ))

@@ -38,6 +38,11 @@ resnet32. The official runs use 240 epochs, lr 0.1 (0.02 for ShuffleNet and
 MobileNet students), batch 128 and weight decay 5e-4; here the zoo's schedule.
 Departures: the level shapes come from the networks instead of per-family
 tables (the same values for the official pairs); HCL runs in float32.
+
+Under --protocol crd (the CIFAR-100 benchmark): CE weight 1, weight 5,
+warm-up 20 (mdistiller configs/cifar100/reviewkd.yaml REVIEWKD_WEIGHT 5 and
+engine/cfg.py REVIEWKD CE_WEIGHT 1, WARMUP_EPOCHS 20); the per-pair weights
+above are given on the command line.
 """
 import torch
 import torch.nn as nn
@@ -137,6 +142,7 @@ register(Method(
     variant='linear KD warm-up from 1/warmup in the first epoch (mdistiller); lambda 5 for every pair',
     build=build,
     defaults={'lambda_kd': 5.0, 'reviewkd_warmup': 20},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 5.0, 'reviewkd_warmup': 20}},
     flags={'reviewkd_warmup': Flag(int, 'reviewkd: epochs over which the KD weight rises '
                                         'linearly to lambda_kd (0: none)')},
 ))

@@ -8,7 +8,13 @@ mean of the positive (off-diagonal) distances, compared with smooth-L1.
 Angle term: for every triplet (i, j, k) the cosine of the angle at i between
 f_j - f_i and f_k - f_i, compared with smooth-L1. Loss = w_dist * distance +
 w_angle * angle, applied to `feat` as in the seed; the two weighted terms are
-logged on their own.
+logged on their own. Distances and angles are taken within each network,
+so student and teacher `feat` of any widths pair without a connector.
+
+Under --protocol crd (the CIFAR-100 benchmark): CE weight 1, RKD weight 1,
+distance weight 25, angle weight 50 (RepDistiller scripts/run_cifar_distill.sh
+`--distill rkd -a 0 -b 1` and distiller_zoo/RKD.py's weights, on the pooled
+feature as here; mdistiller engine/cfg.py RKD).
 """
 import torch
 import torch.nn as nn
@@ -85,6 +91,8 @@ register(Method(
     variant='distance and angle terms on feat',
     build=build,
     defaults={'lambda_kd': 1.0, 'w_dist': 25.0, 'w_angle': 50.0},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'w_dist': 25.0,
+                               'w_angle': 50.0}},
     flags={'w_dist': Flag(float, 'weight of the RKD distance term'),
            'w_angle': Flag(float, 'weight of the RKD angle term')},
 ))

@@ -28,6 +28,9 @@ toolbox, `-b 400`). Departures: the official runs add Hinton's KD (T 4,
 weight 1; `-a 1`), not part of this mode (it is `st`); 240 epochs, lr 0.05,
 batch 64 there, the zoo's schedule here; similarities, attention and loss in
 float32; the L2 normalisation has the usual 1e-12 floor.
+
+Under --protocol crd (the CIFAR-100 benchmark's schedule, whose batch of 64
+is the official one): the same official weights (CE weight 1, lambda 400).
 """
 import torch
 import torch.nn as nn
@@ -142,4 +145,5 @@ register(Method(
     variant='no logit KD added; a smaller last batch is zero-padded for the attention, not skipped',
     build=SemCKDDistiller,
     defaults={'lambda_kd': 400.0},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 400.0}},
 ))

@@ -32,6 +32,9 @@ Needs a teacher whose classifier reads the global average of its last stage
 as teacher (their head reads an extra 1x1 conv after the last stage), which
 raises ConfigError. Departures: the student's own classifier is still
 computed (and unused); the MSE runs in float32.
+
+Under --protocol crd (the CIFAR-100 benchmark's schedule): the same official
+CIFAR-100 weights (CE weight 0, MSE weight 1, factor 2).
 """
 import torch
 import torch.nn as nn
@@ -199,6 +202,7 @@ register(Method(
     variant='official CIFAR-100 weights (CE 0, MSE 1, factor 2) on the zoo schedule',
     build=build,
     defaults={'lambda_kd': 1.0, 'ce_weight': 0.0, 'simkd_factor': 2},
+    protocol_defaults={'crd': {'ce_weight': 0.0, 'lambda_kd': 1.0, 'simkd_factor': 2}},
     flags={'simkd_factor': Flag(int, 'simkd: projector bottleneck, mid channels = teacher '
                                      'channels // factor', positive=True)},
 ))

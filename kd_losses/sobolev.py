@@ -8,7 +8,12 @@ Jacobian Matching", ICML 2018, https://arxiv.org/abs/1803.00443)
 The seed's variant matches one Jacobian row only: the gradient of the
 target-class logit with respect to the input image, for the student (kept
 differentiable, create_graph) and the teacher (detached). Both are flattened
-and L2-normalised per sample; the loss is their MSE.
+and L2-normalised per sample; the loss is their MSE. Both gradients have the
+input image's shape, so any student and teacher pair.
+
+Under --protocol crd: the CIFAR-100 benchmark (RepDistiller, mdistiller) has
+no Sobolev/Jacobian matching, so its weights are the seed's (CE weight 1,
+lambda 20).
 """
 import torch
 import torch.nn as nn
@@ -59,4 +64,5 @@ register(Method(
     variant='gradient of the target-class logit only, L2-normalised',
     build=lambda ctx: SobolevDistiller(),
     defaults={'lambda_kd': 20.0},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 20.0}},
 ))

@@ -6,7 +6,15 @@ https://arxiv.org/abs/1907.09682
 G = f f^T over the batch's flattened feature maps (B x B), each row
 L2-normalised; the loss is the MSE between the student's and the teacher's
 normalised G, i.e. the paper's ||G_s - G_t||_F^2 / B^2. As in the seed it is
-applied to the post-activations of the three stages and averaged.
+applied to the post-activations of the stages and averaged (every stage both
+networks have, `ctx.stage_keys`). G is B x B whatever the maps' shapes, so
+student and teacher maps of any channels and sizes pair without a connector.
+
+Under --protocol crd (the CIFAR-100 benchmark): CE weight 1, SP weight 3000
+(RepDistiller scripts/run_cifar_distill.sh `--distill similarity -a 0 -b
+3000`; mdistiller engine/cfg.py SP.LOSS CE_WEIGHT 1, FEAT_WEIGHT 3000). The
+benchmark applies it to the last stage only; this mode, as the seed,
+averages it over the stages.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,9 +36,9 @@ class SP(nn.Module):
 
 register(Method(
     name='sp', title='similarity preserving', paper='https://arxiv.org/abs/1907.09682',
-    transfers='rb1..3 post-activation batch similarity, mean',
-    variant='applied to the three stages and averaged',
-    build=lambda ctx: FeatureDistiller(SP(), ['rb1', 'rb2', 'rb3'], act='post',
-                                      relational=True),
+    transfers='every stage post-activation batch similarity, mean',
+    variant='applied to every stage and averaged',
+    build=lambda ctx: FeatureDistiller(SP(), ctx.stage_keys('sp'), act='post', relational=True),
     defaults={'lambda_kd': 3000.0},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 3000.0}},
 ))

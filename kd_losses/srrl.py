@@ -26,6 +26,9 @@ pooled vector, which works for every pair, including students and teachers
 whose head reads an extra conv after the last stage (MobileNetV2, ShuffleV2).
 The toolbox's runs also add Hinton's KD (T 4, weight 1) and CE weight 1;
 this mode is SRRL alone (the logit KD is the `st` mode). Losses in float32.
+
+Under --protocol crd (the CIFAR-100 benchmark's schedule): the same weights
+(CE weight 1, loss weight 1, alpha 1, beta 1; the toolbox's CIFAR-100 script).
 """
 import torch
 import torch.nn as nn
@@ -93,6 +96,8 @@ register(Method(
     variant='connector on the pooled feature (CIFAR toolbox), not the map; no logit KD added',
     build=build,
     defaults={'lambda_kd': 1.0, 'srrl_alpha': 1.0, 'srrl_beta': 1.0},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'srrl_alpha': 1.0,
+                               'srrl_beta': 1.0}},
     flags={'srrl_alpha': Flag(float, 'srrl: weight of the feature-matching term'),
            'srrl_beta': Flag(float, 'srrl: weight of the softmax-regression term')},
 ))

@@ -10,7 +10,14 @@ With --logit_stand (Sun et al., CVPR 2024; kd_losses/_logit_stand.py) both
 logits are z-scored per sample before the temperature, and the authors'
 CIFAR-100 setting for it becomes the default (--T 2 --lambda_kd 9, CE weight 1;
 flags given on the command line win). Off (the default), the loss is exactly
-the one above.
+the one above. Only the logits are read: any student and teacher with the
+same classes pair.
+
+Under --protocol crd (the CIFAR-100 benchmark's KD): CE weight 0.1, KD weight
+0.9, T 4 (RepDistiller scripts/run_cifar_distill.sh `--distill kd -r 0.1
+-a 0.9 -b 0`, `--kd_T 4`; mdistiller engine/cfg.py KD: CE_WEIGHT 0.1,
+KD_WEIGHT 0.9, TEMPERATURE 4). With --logit_stand the authors' setting above
+applies instead (T 2, lambda 9, CE weight 1).
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,7 +47,9 @@ register(Method(
     variant='--logit_stand: z-scored logits, with the authors\' --T 2 --lambda_kd 9 (Sun et al., CVPR 2024)',
     build=lambda ctx: FeatureDistiller(SoftTarget(ctx.args.T, ctx.args.logit_stand), ['out']),
     defaults={'lambda_kd': 0.1, 'T': 4.0, 'logit_stand': False},
+    protocol_defaults={'crd': {'ce_weight': 0.1, 'lambda_kd': 0.9, 'T': 4.0}},
     flags={'T': Flag(float, 'softmax temperature', positive=True),
            'logit_stand': LOGIT_STAND},
-    switch_defaults={'logit_stand': {'T': 2.0, 'lambda_kd': 9.0}},
+    # CE weight 1 with the switch: the authors' setting, also under --protocol crd (0.1 there)
+    switch_defaults={'logit_stand': {'T': 2.0, 'lambda_kd': 9.0, 'ce_weight': 1.0}},
 ))

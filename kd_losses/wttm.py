@@ -21,6 +21,9 @@ CIFAR-100 example (vgg13 -> vgg8, WTTM next to CRD: --ttm_l 0.2 with weight
 4); gamma 0.2 and loss weight 4 (CE weight 1, the code's default) are used
 here. The paper's per-pair table of (T, beta) is not reproduced; tune
 --wttm_gamma and --lambda_kd per pair. No CIFAR-10 setting is given.
+
+Under --protocol crd (the CIFAR-100 benchmark): the same official CIFAR-100
+example (CE weight 1, weight 4, gamma 0.2).
 """
 import torch
 import torch.nn as nn
@@ -58,6 +61,7 @@ register(Method(
     variant="gamma 0.2 and weight 4 for every pair (the official README's example)",
     build=build,
     defaults={'lambda_kd': 4.0, 'wttm_gamma': 0.2},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 4.0, 'wttm_gamma': 0.2}},
     flags={'wttm_gamma': Flag(float, 'wttm: exponent of the power transform of the teacher '
                                      '(1 / its temperature)', positive=True)},
 ))

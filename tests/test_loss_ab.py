@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_context, make_features
+from test_loss_logits_fitnet_nst import features_with, regressor_reference
 from kd_losses import AB, METHODS, ConfigError, Distiller
 from network import resnet20
 
@@ -79,10 +80,55 @@ def test_distiller_forward_matches_reference_and_gradients():
 def test_config_errors():
     with pytest.raises(ConfigError, match='--m'):
         METHODS['ab'].build(make_context('ab', {'m': -1.0}))
+    # a student map a quarter of the teacher's size: no connector maps it (RepDistiller's neither)
     ctx = make_context('ab')
-    ctx.student_shapes = {**ctx.student_shapes, 'rb2': (16, 16, 16)}
-    with pytest.raises(ConfigError, match='rb2'):
+    ctx.student_shapes = {**ctx.student_shapes, 'rb2': (32, 4, 4)}
+    with pytest.raises(ConfigError, match=r'ab: .*rb2 \(32, 4, 4\).*rb2 \(32, 16, 16\)'):
         METHODS['ab'].build(ctx)
+
+
+# ----------------------------------------------------------------------------- across shapes
+
+def test_equal_shapes_have_no_connector():
+    distiller = METHODS['ab'].build(make_context('ab'))
+    assert list(distiller.parameters()) == [] and distiller.state_dict() == {}
+    assert all(isinstance(m.connector, torch.nn.Identity) for m in distiller.kd.per_key)
+
+
+@pytest.mark.parametrize('s_rb2, kind', [((16, 16, 16), torch.nn.Conv2d),           # channels only
+                                         ((32, 8, 8), torch.nn.ConvTranspose2d)])  # half the size
+def test_connector_where_a_stage_differs(s_rb2, kind):
+    """rb2 passes a connector (conv, BN, no ReLU: the targets are pre-activations);
+    rb1 and rb3 are compared as they are. The connector trains in the init phase."""
+    student = resnet20()
+    ctx = make_context('ab', student=student)
+    ctx.student_shapes = {**ctx.student_shapes, 'rb2': s_rb2}
+    distiller = METHODS['ab'].build(ctx)
+    connectors = [m.connector for m in distiller.kd.per_key]
+    assert isinstance(connectors[0], torch.nn.Identity) and isinstance(connectors[2], torch.nn.Identity)
+    connector = connectors[1]
+    assert type(connector[0]) is kind and len(connector) == 2  # conv, BN
+    distiller.train()
+    s, s_leaves = features_with(ctx.student_shapes, batch=3, seed=0, requires_grad=True)
+    t, _ = features_with(ctx.teacher_shapes, batch=3, seed=1)
+    loss = distiller(s, t, None)
+    rb2 = regressor_reference(connector, s.rb2[0])  # the pre-activation, connected
+    assert rb2.shape == (3, 32, 16, 16)
+    expected = np.mean([ab_reference(s.rb1[0], t.rb1[0], 2.0),
+                        ab_reference(torch.from_numpy(rb2), t.rb2[0], 2.0),
+                        ab_reference(s.rb3[0], t.rb3[0], 2.0)])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+    # trained with the student in the init phase, saved with the distiller, idle afterwards
+    phase = distiller.pretrain_phases(ctx)[0]
+    params = list(connector.parameters())
+    assert [id(p) for p in phase.params] == [id(p) for p in [*student.parameters(), *params]]
+    assert distiller.kd in list(phase.train_modules)
+    phase.loss(s, t, None).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert s_leaves['rb2'].grad.abs().sum() > 0
+    assert distiller.learnable_parameters() == []
+    assert 'kd.per_key.1.connector.0.weight' in distiller.state_dict()
 
 
 # ----------------------------------------------------------------------------- two phases

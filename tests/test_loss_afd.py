@@ -1,5 +1,7 @@
 """AFD (teacher-driven channel attention weighting spatially normalised L2
 distances) against loops over samples and channels."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,8 @@ def test_config_errors():
     ctx.student_shapes = {**ctx.student_shapes, 'rb2': (16, 16, 16)}
     with pytest.raises(ConfigError, match='rb2'):
         METHODS['afd'].build(ctx)
+    # no connector in the paper or its code: any difference is refused, naming both shapes
+    for student_rb2 in ((64, 16, 16), (32, 8, 8)):
+        ctx.student_shapes = {**ctx.student_shapes, 'rb2': student_rb2}
+        with pytest.raises(ConfigError, match=re.escape(f'{student_rb2} vs (32, 16, 16)')):
+            METHODS['afd'].build(ctx)

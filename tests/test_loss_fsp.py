@@ -92,3 +92,30 @@ def test_config_error_on_channel_mismatch():
     ctx.teacher_shapes = {**ctx.teacher_shapes, 'rb3': (128, 8, 8)}
     with pytest.raises(ConfigError, match='rb3'):
         METHODS['fsp'].build(ctx)
+    # the message names both shapes
+    with pytest.raises(ConfigError, match=r'rb3 channels differ \(\(64, 8, 8\) vs \(128, 8, 8\)\)'):
+        METHODS['fsp'].build(ctx)
+
+
+def test_four_stages_give_four_pairs_and_sizes_may_differ():
+    """vgg-like networks: (stem, rb1), ..., (rb3, rb4); the teacher's maps may be
+    larger in space (each network's matrices are its own), not wider."""
+    from network import Features4
+    s_shapes = {'stem': (3, 8, 8), 'rb1': (4, 4, 4), 'rb2': (5, 2, 2), 'rb3': (6, 2, 2),
+                'rb4': (6, 1, 1), 'feat': (6,), 'out': (10,)}
+    t_shapes = {**s_shapes, 'rb1': (4, 8, 8), 'rb4': (6, 2, 2)}
+    ctx = make_context('fsp')
+    ctx.student_shapes, ctx.teacher_shapes = s_shapes, t_shapes
+    distiller = METHODS['fsp'].build(ctx)
+    keys = ('stem', 'rb1', 'rb2', 'rb3', 'rb4')
+    assert distiller.kd.pairs == tuple(zip(keys[:-1], keys[1:]))
+    g = torch.Generator().manual_seed(7)
+
+    def features(shapes):
+        maps = [torch.relu(torch.randn(2, *shapes[k], generator=g)) for k in keys]
+        return Features4(*[(m, m) for m in maps], torch.randn(2, 6), torch.randn(2, 10))
+
+    s, t = features(s_shapes), features(t_shapes)
+    expected = np.mean([fsp_reference(getattr(s, a)[1], getattr(s, b)[1], getattr(t, a)[1],
+                                      getattr(t, b)[1]) for a, b in zip(keys[:-1], keys[1:])])
+    assert distiller(s, t, None).item() == pytest.approx(expected, rel=1e-5)

@@ -160,3 +160,40 @@ def test_forward_matches_reference_and_gradients():
     assert all(p.grad is not None for p in d.translator.parameters())
     assert sum(p.grad.abs().sum() for p in d.translator.parameters()) > 0
     assert all(p.grad is None for p in d.paraphraser.parameters())
+
+
+# ----- across shapes -----
+
+def test_ft_pools_the_larger_factor_map():
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    pooled = s.view(3, 4, 4, 2, 4, 2).mean(dim=(3, 5))
+    assert FT()(s, t).item() == pytest.approx(ft_reference(pooled, t), rel=1e-5)
+    assert FT()(t, s).item() == pytest.approx(ft_reference(t, pooled), rel=1e-5)
+
+
+def test_translator_to_the_teachers_factors_across_shapes():
+    """Student last stage (24, 4, 4), teacher (64, 8, 8): the translator maps 24
+    channels to the teacher's 32 factor channels; the teacher's factor map is pooled."""
+    ctx = make_context('ft', data_name='cifar100')
+    ctx.student_shapes = {**ctx.student_shapes, 'rb3': (24, 4, 4)}
+    torch.manual_seed(0)
+    d = METHODS['ft'].build(ctx)
+    assert d.key == 'rb3' and d.translator[0].in_channels == 24
+    d.train()
+    g = torch.Generator().manual_seed(6)
+    fm_s = torch.relu(torch.randn(2, 24, 4, 4, generator=g)).requires_grad_()
+    fm_t = torch.relu(torch.randn(2, 64, 8, 8, generator=g))
+    s, _ = make_features(2, seed=0)
+    t, _ = make_features(2, seed=1)
+    s = s._replace(rb3=(fm_s, fm_s))
+    t = t._replace(rb3=(fm_t, fm_t))
+    loss = d(s, t, batch_of(2))
+    with torch.no_grad():
+        factor_s, factor_t = d.translator(fm_s), d.paraphraser.encoder(fm_t)
+    assert factor_s.shape == (2, 32, 4, 4) and factor_t.shape == (2, 32, 8, 8)
+    pooled_t = factor_t.view(2, 32, 4, 2, 4, 2).mean(dim=(3, 5))
+    assert loss.item() == pytest.approx(ft_reference(factor_s, pooled_t), rel=1e-5)
+    loss.backward()
+    assert fm_s.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in d.translator.parameters())

@@ -140,3 +140,29 @@ def test_distiller_feeds_rb2_rb3_post_feat_out_and_detaches_the_teacher():
         assert s_leaves[name].grad.abs().sum() > 0
     assert s_leaves['rb1'].grad is None and s_leaves['stem'].grad is None
     assert all(leaf.grad is None for leaf in t_leaves.values())
+
+
+def test_the_last_two_of_four_stages_and_the_refusal_names_both_shapes():
+    from network import Features4
+    four = {'stem': (4, 8, 8), 'rb1': (4, 8, 8), 'rb2': (6, 4, 4), 'rb3': (8, 4, 4),
+            'rb4': (16, 2, 2), 'feat': (16,), 'out': (10,)}
+    ctx = make_context('irg')
+    ctx.student_shapes, ctx.teacher_shapes = four, {**four, 'rb3': (12, 4, 4), 'rb4': (24, 2, 2)}
+    distiller = METHODS['irg'].build(ctx)
+    assert (distiller.early, distiller.late) == ('rb3', 'rb4')
+    g = torch.Generator().manual_seed(3)
+
+    def features(shapes):
+        maps = {k: torch.randn(4, *shapes[k], generator=g) for k in ('stem', 'rb1', 'rb2', 'rb3', 'rb4')}
+        return Features4(*[(m, torch.relu(m)) for m in maps.values()],
+                         torch.randn(4, shapes['feat'][0], generator=g), torch.randn(4, 10, generator=g))
+
+    s, t = features(ctx.student_shapes), features(ctx.teacher_shapes)
+    loss = sum(distiller(s, t, None).values())
+    expected = irg_reference([s.rb3[1], s.rb4[1], s.feat, s.out], [t.rb3[1], t.rb4[1], t.feat, t.out],
+                             0.1, 5.0, 5.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    # MobileNetV2's last two stages: 160 channels do not average down to 48
+    ctx.student_shapes = {**four, 'rb3': (48, 4, 4), 'rb4': (160, 2, 2)}
+    with pytest.raises(ConfigError, match=r'student rb4 \(160, 2, 2\).*rb3 \(48, 4, 4\)'):
+        METHODS['irg'].build(ctx)

@@ -127,3 +127,34 @@ def test_registry_entry_and_distiller_on_resnets():
     grads = [p.grad for p in student.res3.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+# ----------------------------------------------------------------------------- across shapes
+
+def test_the_larger_cam_is_pooled_to_the_smaller_before_normalising():
+    """Student map 4x4 (linear head: gradient A[y]), teacher map 2x2: the
+    student's ReLU'd CAM is averaged over 2x2 blocks, then normalised."""
+    g = torch.Generator().manual_seed(14)
+    fm_s = torch.randn(B, 5, 4, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    a_s = torch.randn(K, 5, 4, 4, generator=g, dtype=torch.float64)
+    fm_t = torch.randn(B, CH, 2, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    a_t = torch.randn(K, CH, 2, 2, generator=g, dtype=torch.float64)
+    target = torch.tensor([0, 1, 4, 2])
+    loss = LwM()(linear(fm_s, a_s), fm_s, linear(fm_t, a_t), fm_t, target)
+    y = target.numpy()
+    grads_s, grads_t = a_s.numpy()[y], a_t.numpy()[y]
+    diffs = []
+    for gs, gt in zip(grads_s, grads_t):
+        raw = np.maximum((gs.mean(axis=(1, 2))[:, None, None] * gs).sum(axis=0), 0.0)  # [4, 4]
+        pooled = raw.reshape(2, 2, 2, 2).mean(axis=(1, 3)).ravel()
+        diffs.append(np.abs(pooled / max(np.linalg.norm(pooled), 1e-12) - cam(gt)))
+    assert loss.item() == pytest.approx(np.concatenate(diffs).mean(), rel=1e-6)
+
+
+def test_distiller_reads_the_penultimate_stage_of_four():
+    ctx = make_context('lwm')
+    four = {'stem': (4, 8, 8), 'rb1': (4, 8, 8), 'rb2': (6, 4, 4), 'rb3': (8, 2, 2),
+            'rb4': (8, 2, 2), 'feat': (8,), 'out': (10,)}
+    ctx.student_shapes = ctx.teacher_shapes = four
+    assert METHODS['lwm'].build(ctx).key == 'rb3'
+    assert METHODS['lwm'].build(make_context('lwm')).key == 'rb2'  # the seed's, of three

@@ -121,3 +121,35 @@ def test_config_error_on_spatial_mismatch():
     ctx.teacher_shapes = {**ctx.teacher_shapes, 'rb3': (64, 4, 4)}
     with pytest.raises(ConfigError, match='rb3'):
         METHODS['ofd'].build(ctx)
+    # the message names both shapes
+    with pytest.raises(ConfigError, match=r'student rb3 \(64, 8, 8\).*teacher rb3 \(64, 4, 4\)'):
+        METHODS['ofd'].build(ctx)
+
+
+def test_a_larger_teacher_map_is_pooled_after_its_margin():
+    """The teacher's map, larger in space, meets the student's size: margin from
+    the map as it is, 2x2 block means, then the clipping; channels through the connector."""
+    ctx = make_context('ofd')
+    ctx.student_shapes = {**ctx.student_shapes, 'rb2': (8, 8, 8)}
+    distiller = METHODS['ofd'].build(ctx)
+    ofd = distiller.per_key[1].train()
+    assert ofd.connector[0].weight.shape == (32, 8, 1, 1)
+    g = torch.Generator().manual_seed(3)
+    fm_s = torch.randn(2, 8, 8, 8, generator=g).requires_grad_()
+    fm_t = torch.randn(2, 32, 16, 16, generator=g)
+    loss = ofd(fm_s, fm_t)
+    margin = margin_reference(fm_t).reshape(1, -1, 1, 1)
+    pooled = fm_t.double().numpy().reshape(2, 32, 8, 2, 8, 2).mean(axis=(3, 5))
+    x = fm_s.detach().double().numpy()
+    w = ofd.connector[0].weight.detach().double().numpy()[:, :, 0, 0]
+    y = np.einsum('oc,bchw->bohw', w, x)
+    bn = ofd.connector[1]
+    s = ((y - y.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(y.var(axis=(0, 2, 3), keepdims=True) + bn.eps)
+         * bn.weight.detach().double().numpy().reshape(1, -1, 1, 1)
+         + bn.bias.detach().double().numpy().reshape(1, -1, 1, 1))
+    t = np.maximum(pooled, margin)
+    expected = np.mean(np.where((s <= t) & (t <= 0), 0.0, (s - t) ** 2))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert fm_s.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ofd.parameters())

@@ -172,3 +172,25 @@ def test_distiller_matches_reference_and_detaches_the_teacher(mode):
     for name in used:
         assert s_leaves[name].grad is not None and s_leaves[name].grad.abs().sum() > 0
     assert all(leaf.grad is None for leaf in t_leaves.values())
+
+
+def test_sp_averages_every_stage_of_four_networks_of_any_widths():
+    from network import Features4
+    keys = ('stem', 'rb1', 'rb2', 'rb3', 'rb4')
+    s_shapes = {'stem': (4, 8, 8), 'rb1': (4, 8, 8), 'rb2': (6, 4, 4), 'rb3': (8, 2, 2),
+                'rb4': (8, 2, 2), 'feat': (8,), 'out': (10,)}
+    t_shapes = {'stem': (4, 16, 16), 'rb1': (16, 16, 16), 'rb2': (32, 8, 8), 'rb3': (64, 4, 4),
+                'rb4': (128, 2, 2), 'feat': (128,), 'out': (10,)}
+    ctx = make_context('sp')
+    ctx.student_shapes, ctx.teacher_shapes = s_shapes, t_shapes
+    distiller = METHODS['sp'].build(ctx)
+    assert distiller.keys == keys[1:]
+    g = torch.Generator().manual_seed(11)
+
+    def features(shapes):
+        maps = [torch.relu(torch.randn(5, *shapes[k], generator=g)) for k in keys]
+        return Features4(*[(m, m) for m in maps], torch.randn(5, shapes['feat'][0]), torch.randn(5, 10))
+
+    s, t = features(s_shapes), features(t_shapes)
+    expected = np.mean([sp_reference(getattr(s, k)[1], getattr(t, k)[1]) for k in keys[1:]])
+    assert distiller(s, t, None).item() == pytest.approx(expected, rel=1e-4)

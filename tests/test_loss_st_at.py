@@ -239,3 +239,48 @@ def test_at_through_the_registry_averages_rb1_to_rb3_post_activations():
     for name in ('stem', 'feat', 'out'):
         assert s_leaves[name].grad is None
     assert all(leaf.grad is None for leaf in t_leaves.values())
+
+
+# ----------------------------------------------------------------------------- AT across shapes
+
+def block_mean(x, size):
+    b, c, h, w = x.shape
+    return x.reshape(b, c, size[0], h // size[0], size[1], w // size[1]).mean(axis=(3, 5))
+
+
+@pytest.mark.parametrize('s_shape, t_shape', [((6, 8, 8), (3, 4, 4)), ((6, 2, 2), (3, 8, 8))])
+def test_at_pools_the_larger_map_before_its_attention(s_shape, t_shape):
+    """As RepDistiller: the feature map (not its attention map) is average-pooled."""
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(3, *s_shape, generator=g, dtype=torch.float64)
+    t = torch.randn(3, *t_shape, generator=g, dtype=torch.float64)
+    size = tuple(min(a, b) for a, b in zip(s_shape[1:], t_shape[1:]))
+    pooled = [torch.from_numpy(block_mean(x.numpy(), size)) if x.shape[2:] != size else x
+              for x in (s, t)]
+    assert AT(2.0)(s, t).item() == pytest.approx(at_reference(*pooled, 2.0), rel=1e-6)
+
+
+def test_at_through_the_registry_averages_every_stage_of_four():
+    shapes = {'stem': (4, 8, 8), 'rb1': (4, 8, 8), 'rb2': (6, 4, 4), 'rb3': (8, 2, 2),
+              'rb4': (8, 2, 2), 'feat': (8,), 'out': (10,)}
+    t_shapes = {**shapes, 'rb1': (5, 16, 16), 'rb4': (3, 4, 4)}
+    ctx = make_context('at')
+    ctx.student_shapes, ctx.teacher_shapes = shapes, t_shapes
+    distiller = METHODS['at'].build(ctx)
+    assert distiller.keys == ('rb1', 'rb2', 'rb3', 'rb4')
+    from network import Features4
+    g = torch.Generator().manual_seed(10)
+
+    def features(sh):
+        maps = [torch.relu(torch.randn(2, *sh[k], generator=g)) for k in ('stem', 'rb1', 'rb2', 'rb3', 'rb4')]
+        return Features4(*[(m, m) for m in maps], torch.randn(2, 8), torch.randn(2, 10))
+
+    s, t = features(shapes), features(t_shapes)
+    expected = []
+    for k in distiller.keys:
+        fs, ft = getattr(s, k)[1].double(), getattr(t, k)[1].double()
+        size = tuple(min(a, b) for a, b in zip(fs.shape[2:], ft.shape[2:]))
+        fs, ft = [torch.from_numpy(block_mean(x.numpy(), size)) if x.shape[2:] != size else x
+                  for x in (fs, ft)]
+        expected.append(at_reference(fs, ft, 2.0))
+    assert distiller(s, t, None).item() == pytest.approx(np.mean(expected), rel=1e-5)

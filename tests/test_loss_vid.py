@@ -110,7 +110,33 @@ def test_config_errors():
         METHODS['vid'].build(make_context('vid', {'sf': 0.01}))
     with pytest.raises(ConfigError, match='--init_var'):
         METHODS['vid'].build(make_context('vid', {'init_var': 1e-7}))
+
+
+# ----------------------------------------------------------------------------- across shapes
+
+def block_mean(x, size):
+    """Average over equal blocks down to `size` (what adaptive pooling does for divisible sizes)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, size[0], h // size[0], size[1], w // size[1]).mean(axis=(3, 5))
+
+
+@pytest.mark.parametrize('s_rb1, t_rb1', [((8, 16, 16), (16, 32, 32)),   # the teacher's map pooled
+                                          ((24, 32, 32), (16, 8, 8))])   # the student's, before the regressor
+def test_the_larger_map_is_pooled_to_the_smaller(s_rb1, t_rb1):
     ctx = make_context('vid')
-    ctx.student_shapes = {**ctx.student_shapes, 'rb1': (16, 16, 16)}
-    with pytest.raises(ConfigError, match='rb1'):
-        METHODS['vid'].build(ctx)
+    ctx.student_shapes = {**ctx.student_shapes, 'rb1': s_rb1}
+    ctx.teacher_shapes = {**ctx.teacher_shapes, 'rb1': t_rb1}
+    distiller = METHODS['vid'].build(ctx)
+    vid = distiller.per_key[0]
+    assert vid.regressor[0].weight.shape[1] == s_rb1[0] and vid.regressor[-1].weight.shape[0] == t_rb1[0]
+    g = torch.Generator().manual_seed(4)
+    fm_s = torch.randn(2, *s_rb1, generator=g).requires_grad_()
+    fm_t = torch.randn(2, *t_rb1, generator=g)
+    loss = vid(fm_s, fm_t)
+    size = tuple(min(a, b) for a, b in zip(s_rb1[1:], t_rb1[1:]))
+    pooled_s = torch.from_numpy(block_mean(fm_s.detach().double().numpy(), size))
+    pooled_t = torch.from_numpy(block_mean(fm_t.double().numpy(), size))
+    assert loss.item() == pytest.approx(vid_reference(vid, pooled_s, pooled_t), rel=1e-5)
+    loss.backward()
+    assert fm_s.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vid.parameters())
