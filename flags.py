@@ -99,6 +99,11 @@ SEED_SCHEDULE = {'epochs': 200, 'batch_size': 128, 'lr': 0.1, 'weight_decay': 1e
                  'momentum': 0.9, 'nesterov': True, 'lr_decay_epochs': None, 'lr_decay_rate': 0.1}
 
 
+def protocol_epochs(protocol):
+    """The length of `protocol`'s schedule, in epochs."""
+    return {**SEED_SCHEDULE, **PROTOCOLS[protocol]}['epochs']
+
+
 def add_common_args(parser):
     """Flags every training script shares (names as in the original zoo)."""
     g = parser.add_argument_group('paths and run')

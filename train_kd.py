@@ -21,7 +21,8 @@ from checkpoints import load_network_weights
 from dataset import make_loaders
 from distributed import sync_batchnorm
 from errors import ArgumentParser, cli, UserError
-from flags import add_common_args, finalize_common_args, finite, non_negative, positive
+from flags import (add_common_args, finalize_common_args, finite, non_negative, positive,
+                   protocol_epochs)
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from network import NETWORKS, build_network
 from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cast_frozen_weights,
@@ -68,16 +69,21 @@ def parse_args(argv=None):
     sources = {}
     given = {name for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}
+    from_protocol = method.protocol_defaults.get(args.protocol, {})
     for name, value in method.defaults_for(args.data_name, args.protocol).items():
         if name in given:
             sources[name] = 'command line'
             continue
-        sources[name] = f'default for {args.kd_mode} on {args.data_name}' + (
-            f' under --protocol {args.protocol}' if name in method.protocol_defaults.get(args.protocol, {}) else '')
+        sources[name] = f'default for {args.kd_mode} on {args.data_name}'
+        reference = None  # the schedule a default number of epochs is meant for
+        if name in from_protocol:
+            sources[name] += f' under --protocol {args.protocol}'
+            reference = protocol_epochs(args.protocol)
         flag = method.flags.get(name)
-        if flag is not None and flag.scaled(value, args.epochs) != value:
-            sources[name] += f', {value} of {flag.epochs_of} epochs scaled to {args.epochs}'
-            value = flag.scaled(value, args.epochs)
+        if flag is not None and flag.scaled(value, args.epochs, reference) != value:
+            sources[name] += (f', {value} of {reference or flag.epochs_of} epochs scaled to '
+                              f'{args.epochs}')
+            value = flag.scaled(value, args.epochs, reference)
         setattr(args, name, value)
     for switch, settings in method.switch_defaults.items():  # the paper's settings for a switch
         if getattr(args, switch):

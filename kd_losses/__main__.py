@@ -30,7 +30,7 @@ def cell(text):
 
 
 def method_table():
-    rows = ['| `--kd_mode` | method | transfers | variant | defaults (CIFAR-10) |',
+    rows = ['| `--kd_mode` | method | transfers | variant | defaults |',
             '|---|---|---|---|---|']
     for name in sorted(METHODS):
         m = METHODS[name]

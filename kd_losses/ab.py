@@ -23,8 +23,7 @@ the main phase does not use them. A size ratio no connector handles raises
 ConfigError.
 
 Under --protocol crd (the CIFAR-100 benchmark, RepDistiller): margin 1
-(its ABLoss default), 30 init epochs of its 240 (`--init_epochs 30`; given
-here as 25 of a 200-epoch schedule, which --epochs 240 scales to 30), CE
+(its ABLoss default), 30 init epochs of its 240 (`--init_epochs 30`), CE
 weight 1 in the main phase and KD weight 1 on the init loss (its
 `--distill abound -a 0 -b 1`: the init phase's loss is unweighted, the
 main phase cross-entropy alone). Its init loss sums the stages with weights
@@ -78,7 +77,6 @@ register(Method(
     variant='two phases: 50 epochs of initialisation with the AB loss alone, then CE only (no soft targets)',
     build=build,
     defaults={'lambda_kd': 10.0, 'm': 2.0, **INIT_DEFAULTS},
-    # init_epochs 25 of 200 epochs: the benchmark's 30 of 240 once scaled to its --epochs
-    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'm': 1.0, 'init_epochs': 25}},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'm': 1.0, 'init_epochs': 30}},
     flags={'m': Flag(float, 'margin of the activation boundary loss (AB)'), **INIT_FLAGS},
 ))

@@ -21,8 +21,7 @@ CIFAR-100 benchmark's code, which refuses such pairs too (RepDistiller
 distiller_zoo/FSP.py): ConfigError naming both shapes.
 
 Under --protocol crd (the benchmark, RepDistiller): 30 init epochs of its 240
-(`--init_epochs 30`; given here as 25 of a 200-epoch schedule, which
---epochs 240 scales to 30), KD weight 1 on the init loss and CE weight 1 in
+(`--init_epochs 30`), KD weight 1 on the init loss and CE weight 1 in
 the main phase. Its script's `--distill fsp -a 0 -b 50` weight multiplies a
 main-phase term it sets to 0 (helper/loops.py); the init phase takes the sum
 of the pairs' losses unweighted (helper/pretrain.py), which this mode
@@ -87,7 +86,6 @@ register(Method(
     variant='two phases as AB: initialisation with the FSP loss alone, then CE only',
     build=build,
     defaults={'lambda_kd': 1.0, **INIT_DEFAULTS},
-    # init_epochs 25 of 200 epochs: the benchmark's 30 of 240 once scaled to its --epochs
-    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'init_epochs': 25}},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'init_epochs': 30}},
     flags=dict(INIT_FLAGS),
 ))

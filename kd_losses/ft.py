@@ -21,8 +21,7 @@ smaller's before the comparison, as the CIFAR-100 benchmark's code does
 
 Under --protocol crd (the benchmark, RepDistiller): CE weight 1, FT weight
 200 (scripts/run_cifar_distill.sh `--distill factor -a 0 -b 200`), k 0.5,
-30 paraphraser epochs of its 240 (`--init_epochs 30`; given here as 25 of a
-200-epoch schedule, which --epochs 240 scales to 30). Departures from it:
+30 paraphraser epochs of its 240 (`--init_epochs 30`). Departures from it:
 its paraphraser trains at a constant lr of 0.01 for resnet and wrn students,
 else the main lr (here 0.1 * lr), and its factor is the normalised
 channel-mean of the squared factor map (an attention map) rather than the
@@ -136,8 +135,7 @@ register(Method(
     variant='paraphraser pre-trained for 30 epochs at 0.1 lr; BN in paraphraser and translator on CIFAR-10 only',
     build=FTDistiller,
     defaults={'lambda_kd': 200.0, 'k': 0.5, 'para_epochs': 30},
-    # para_epochs 25 of 200 epochs: the benchmark's 30 of 240 once scaled to its --epochs
-    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 200.0, 'k': 0.5, 'para_epochs': 25}},
+    protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 200.0, 'k': 0.5, 'para_epochs': 30}},
     flags={'k': Flag(float, 'factor channels = int(k * teacher last-stage channels)', positive=True),
            'para_epochs': Flag(int, 'epochs of the paraphraser phase', positive=True, epochs_of=200)},
 ))

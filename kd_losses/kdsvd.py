@@ -179,7 +179,8 @@ def build(ctx):
         c_s, c_t = ctx.student_shapes[key][0], ctx.teacher_shapes[key][0]
         if c_s != c_t:
             raise ConfigError(f'kdsvd compares singular vectors channel by channel, but the '
-                              f'student {key} has {c_s} channels and the teacher {c_t}')
+                              f'student {key} is {ctx.student_shapes[key]} and the teacher\'s '
+                              f'{ctx.teacher_shapes[key]}')
     if ctx.args.svd_k < 1:
         raise ConfigError(f'kdsvd: --svd_k must be >= 1, got {ctx.args.svd_k}')
     return KDSVDDistiller(KDSVD(ctx.args.svd_k), keys)

@@ -44,14 +44,16 @@ class Flag:
     choices: Optional[Tuple] = None
     positive: bool = False  # reject values <= 0
     # A number of epochs whose default is meant for a schedule of `epochs_of`
-    # epochs: left out, it scales with --epochs (rounded, at least 1 unless 0).
+    # epochs (a protocol's own default: for that protocol's schedule): left
+    # out, it scales with --epochs (rounded, at least 1 unless 0).
     epochs_of: Optional[int] = None
 
-    def scaled(self, default, epochs):
-        """The default for a run of `epochs` epochs."""
+    def scaled(self, default, epochs, reference=None):
+        """The default for a run of `epochs` epochs, the default being meant
+        for `reference` epochs (`epochs_of` unless given)."""
         if self.epochs_of is None or default == 0:
             return default
-        return max(1, round(default * epochs / self.epochs_of))
+        return max(1, round(default * epochs / (reference or self.epochs_of)))
 
 
 @dataclass(frozen=True)

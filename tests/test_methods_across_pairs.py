@@ -41,9 +41,6 @@ BENCHMARK_PAIRS = [
 # teacher's classifier on the student's map): random features cannot stand in.
 RUN_NETWORKS = ('bss', 'lwm', 'simkd', 'sobolev')
 SMALL_PAIR = ('ShuffleV1', 'resnet8')  # teacher, student
-# Refusals that name the stage and its channel counts rather than the shapes
-# (kd_losses/kdsvd.py, outside this change): known, expected to fail the check.
-TERSE_REFUSALS = ('kdsvd',)
 # A batch of 3: relations within a batch of 2 are degenerate (RKD's one
 # distance, divided by the mean distance, is always 1: no gradient).
 BATCH, NUM_CLASS, N_DATA = 3, 100, 1000
@@ -167,8 +164,6 @@ def test_builds_and_steps_or_refuses_with_the_shapes(mode, teacher_name, student
     built, refusal = build_or_refusal(mode, ctx, 'meta')  # first without memory
     if refusal is not None:
         assert '\n' not in refusal, refusal
-        if mode in TERSE_REFUSALS and len(shapes_named(refusal, ctx)) < 2:
-            pytest.xfail(f'{mode} names channel counts, not shapes: {refusal}')
         assert len(shapes_named(refusal, ctx)) >= 2, refusal
         return
     if mode in RUN_NETWORKS:  # run on real networks: test_network_running_methods_on_a_small_pair
@@ -341,7 +336,7 @@ def test_protocol_crd_resolves_the_benchmarks_weights(mode):
 
 
 def test_pretraining_epochs_scale_with_a_shorter_benchmark_run():
-    """30 of the benchmark's 240 epochs: 15 of 120 (given as 25 of a 200-epoch schedule)."""
+    """30 of the benchmark's 240 epochs: 15 of 120."""
     for mode, name in (('ab', 'init_epochs'), ('fsp', 'init_epochs'), ('ft', 'para_epochs')):
         assert getattr(crd_args(mode, '--epochs', '120'), name) == 15
 

@@ -51,6 +51,7 @@ def test_applies_agrees_with_building_the_run():
         if reason is not None:
             assert reason in refused  # the same ConfigError, without the mode's prefix
     assert said['st'] is None and said['crd'] is None   # the benchmark's published rows
+    assert said['fsp'] is not None and 'rb1' in said['fsp']  # FSP needs equal channels
 
 
 def test_applies_prints_one_line_per_pair_and_why(capsys):
