@@ -190,6 +190,9 @@ def finalize_common_args(parser, args, student=None):
     if args.lr_decay_epochs is not None and any(e > args.epochs for e in args.lr_decay_epochs):
         parser.error(f'--lr_decay_epochs {args.lr_decay_epochs}: every decay must lie within the '
                      f'run ({args.epochs} epochs)')
+    if args.lr > torch.finfo(torch.float32).max:  # the step keeps lr in a float32 tensor
+        parser.error(f'--lr {args.lr} does not fit a float32 (at most '
+                     f'{torch.finfo(torch.float32).max:.3g})')
     if args.nesterov and args.momentum == 0:
         parser.error('--nesterov needs --momentum > 0')
     expected = DATASETS[args.data_name].num_class

@@ -56,6 +56,9 @@ def test_channel_weights_are_a_distribution():
 
 def test_matches_reference_and_gradients():
     g = torch.Generator().manual_seed(1)
+    # a fixed initialisation: with three hidden units, some draws leave every ReLU off for
+    # these three samples, and then the first conv rightly gets no gradient
+    torch.manual_seed(0)
     afd = AFD(6, 0.5)
     fm_s = torch.randn(3, 6, 4, 4, generator=g).requires_grad_()
     fm_t = torch.randn(3, 6, 4, 4, generator=g).relu()

@@ -250,6 +250,7 @@ def test_an_unsafe_checkpoint_is_called_unsafe(base_run, tmp_path, capsys):
     (['--note', ''], 'argument --note: must be a folder name'),
     (['--note', '../x'], 'argument --note: must be a folder name'),
     (['--feat_dim', '1e12', '--kd_mode', 'crd'], 'argument --feat_dim'),
+    (['--lr', '1e308'], '--lr 1e+308 does not fit a float32'),
 ])
 def test_nonsense_flags_are_refused_before_anything_is_written(base_run, tmp_path, capsys, flags, message):
     fails(train_kd.main, kd(base_run, tmp_path / 'res') + flags, capsys, message)

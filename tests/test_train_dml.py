@@ -1,6 +1,7 @@
 """Deep mutual learning: the synchronous step against an independent
 computation, and a run where both networks train."""
 import argparse
+import re
 import copy
 import csv
 
@@ -13,8 +14,8 @@ from network import resnet20
 from checkpoints import load_network_weights
 from utils import make_sgd
 
-ARGS = argparse.Namespace(lr=0.1, momentum=0.9, weight_decay=1e-4, lambda_kd=0.7, amp=False,
-                          device='cpu')
+ARGS = argparse.Namespace(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, lambda_kd=0.7,
+                          amp=False, device='cpu')
 
 
 def reference_grads(net, other_out, x, y, lam):
@@ -56,7 +57,7 @@ def test_one_step_updates_each_net_from_its_own_loss_with_the_other_detached():
 
 def test_make_sgd_keeps_generator_parameter_groups():
     net = resnet20(10)
-    optimizer = make_sgd([{'params': net.parameters()}, {'params': iter([torch.zeros(1)])}], ARGS)
+    optimizer = make_sgd([{'params': net.parameters()}, {'params': iter([torch.zeros(1, requires_grad=True)])}], ARGS)
     assert [len(g['params']) for g in optimizer.param_groups] == [len(list(net.parameters())), 1]
 
 
@@ -80,7 +81,8 @@ def test_both_nets_train_and_are_logged_and_saved(base_run, tmp_path):
         best = run / f'model_best_{net}.pth.tar'
         load_network_weights(resnet20(10), str(best))  # a plain zoo-format checkpoint
     log = (run / 'log.txt').read_text()
-    assert 'net1_ce' in log and 'net2_kd' in log
+    for net in ('net1', 'net2'):
+        assert re.search(rf'train .*{net} ce \d+\.\d+ kd \d+\.\d+', log), f'{net} terms not logged'
 
 
 def test_identical_starts_are_warned_about(base_run, tmp_path, capsys):
