@@ -29,7 +29,6 @@ The temperature is the shared --T flag.
 Under --protocol crd (the CIFAR-100 benchmark): the same official CIFAR-100
 configuration (CE weight 1, loss weight 1, T 3, gamma 3.5).
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

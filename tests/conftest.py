@@ -179,3 +179,15 @@ def metrics_rows(run_dir):
     with open(os.path.join(run_dir, 'metrics.csv')) as f:
         return [{k: v for k, v in r.items() if k not in ('seconds', 'img_per_s')}
                 for r in csv.DictReader(f)]
+
+
+def assert_same_run(a_dir, b_dir, net_keys=('net',)):
+    """Two runs of one command (say, one uninterrupted and one stopped and
+    resumed) ended with bitwise-equal networks and distiller state and wrote
+    the same metrics, wall-clock columns aside."""
+    a, b = (torch.load(os.path.join(d, 'checkpoint.pth.tar'), weights_only=True) for d in (a_dir, b_dir))
+    for key in (*net_keys, 'distiller'):
+        assert set(a.get(key, {})) == set(b.get(key, {})), f'{key}: different entries'
+        for name, value in a.get(key, {}).items():
+            assert torch.equal(value, b[key][name]), f'{key}.{name} differs after resume'
+    assert metrics_rows(a_dir) == metrics_rows(b_dir)

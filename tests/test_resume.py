@@ -14,6 +14,7 @@ import torch
 import train_base
 import train_kd
 import checkpoints
+from conftest import assert_same_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = {'seconds', 'img_per_s'}  # wall-clock columns
@@ -56,17 +57,6 @@ def kill_and_resume(script, args, run_dir):
     assert p.returncode == 0, p.stdout + p.stderr
     assert 'resumed from' in p.stdout
     return killed_at
-
-
-def assert_same_run(a_dir, b_dir, net_keys=('net',)):
-    a, b = final_state(a_dir), final_state(b_dir)
-    for key in net_keys:
-        for name, value in a[key].items():
-            assert torch.equal(value, b[key][name]), f'{key}.{name} differs after resume'
-    if 'distiller' in a:
-        for name, value in a['distiller'].items():
-            assert torch.equal(value, b['distiller'][name]), f'distiller.{name} differs after resume'
-    assert metrics(a_dir) == metrics(b_dir)
 
 
 def base_args(root, save_root, note, epochs=3):
