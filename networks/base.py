@@ -1,6 +1,7 @@
 """What every network of the zoo returns and offers: the features that
 distillation methods read (`Features`, `Features4`) and the base class with
-`name`, `num_class`, `feature_shapes` and `head`. The network families import
+`name`, `num_class`, `feature_shapes` and `head`, and the initialisation the
+families share. The network families import
 this module; `network` registers the families."""
 from typing import NamedTuple, Tuple
 
@@ -49,6 +50,28 @@ class ZooNetwork(nn.Module):
 
     def get_chw_num(self):  # the seed's accessor
         return list(self.feature_shapes.values())
+
+
+def initialise(net, linear_std=None, zero_linear_bias=False):
+    """The CIFAR families' initialisation: He-normal convolutions (fan out),
+    zero convolution biases, unit BN scales and zero shifts; linear layers
+    N(0, linear_std) with zero bias where linear_std is given (VGG,
+    MobileNetV2), PyTorch's default otherwise (zeroing only the bias where
+    zero_linear_bias: WRN). Modules in order, so a seed gives the weights it
+    gave before this was shared."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0, linear_std)
+            if linear_std is not None or zero_linear_bias:
+                nn.init.zeros_(m.bias)
 
 
 class ResStage(nn.Sequential):

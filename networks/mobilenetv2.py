@@ -20,7 +20,7 @@ Parameter names are RepDistiller's (`conv1.{0,1}`, `blocks.g.i.conv.k`,
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.base import Features4, ZooNetwork
+from networks.base import Features4, ZooNetwork, initialise
 
 # (expansion, channels, blocks, first stride) per group; expansion None = the network's.
 GROUPS = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
@@ -71,15 +71,7 @@ class MobileNetV2(ZooNetwork):
         self.last_channels = int(1280 * width) if width > 1.0 else 1280
         self.conv2 = conv_bn_relu(channels, self.last_channels, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channels, num_class))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        initialise(self, linear_std=0.01)
 
     @property
     def head(self):

@@ -13,7 +13,7 @@ exactly the seed's networks.
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.base import Features, ResStage, ZooNetwork
+from networks.base import Features, ResStage, ZooNetwork, initialise
 
 
 class ResBlock(nn.Module):
@@ -54,12 +54,7 @@ class CifarResNet(ZooNetwork):
         self.res2 = ResStage(ResBlock(w1, w2, 2), *[ResBlock(w2, w2) for _ in range(n - 1)])
         self.res3 = ResStage(ResBlock(w2, w3, 2), *[ResBlock(w3, w3) for _ in range(n - 1)])
         self.fc = nn.Linear(w3, num_class)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        initialise(self)
 
     @property
     def head(self):

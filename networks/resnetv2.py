@@ -18,7 +18,7 @@ bn1..3, shortcut.{0,1}}, linear`).
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.base import Features4, ResStage, ZooNetwork
+from networks.base import Features4, ResStage, ZooNetwork, initialise
 
 
 class Bottleneck(nn.Module):
@@ -63,12 +63,7 @@ class BottleneckResNet(ZooNetwork):
             channels = width * 4
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = nn.Linear(channels, num_class)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        initialise(self)
 
     @property
     def head(self):

@@ -21,7 +21,7 @@ Parameter names are RepDistiller's (`block0..4.<index in the block>`,
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.base import Features4, ZooNetwork
+from networks.base import Features4, ZooNetwork, initialise
 
 # Output channels of the convs of blocks 0..4.
 CONFIGS = {
@@ -54,16 +54,7 @@ class VGG(ZooNetwork):
         self.block4 = vgg_block(cfg[3][-1], cfg[4])
         self.classifier = nn.Linear(cfg[4][-1], num_class)
         self.widths = tuple(c[-1] for c in cfg)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        initialise(self, linear_std=0.01)
 
     @property
     def head(self):

@@ -21,7 +21,7 @@ bn2, conv2, convShortcut}, bn1, fc`).
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.base import Features, ZooNetwork
+from networks.base import Features, ZooNetwork, initialise
 
 
 class WideBlock(nn.Module):
@@ -75,14 +75,7 @@ class WideResNet(ZooNetwork):
         self.block3 = WideStage(n, widths[2], widths[3], 2)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_class)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        initialise(self, zero_linear_bias=True)
 
     @property
     def head(self):
