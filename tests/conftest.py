@@ -139,6 +139,31 @@ class StopRun(BaseException):
     """Raised to stop a run in-process right after a checkpoint, as a kill would."""
 
 
+def shaped_features(shapes, batch, seed, requires_grad=False):
+    """Random Features / Features4 with a network's per-sample `shapes` (no
+    network run): pre-activations normal, post = relu(pre). Returns them and
+    the leaves (every pre-activation, `feat` and `out`), which collect
+    gradients with requires_grad."""
+    from network import Features, Features4
+    g = torch.Generator().manual_seed(seed)
+    stages = [k for k in shapes if k.startswith('rb')]
+    leaves = {k: torch.randn((batch, *shapes[k]), generator=g).requires_grad_(requires_grad)
+              for k in ['stem', *stages, 'feat', 'out']}
+    pairs = [(leaves[k], torch.relu(leaves[k])) for k in ['stem', *stages]]
+    cls = Features if len(stages) == 3 else Features4
+    return cls(*pairs, leaves['feat'], leaves['out']), leaves
+
+
+def distill_argv(base_run, save_root, note, mode, epochs=1, batch_size=50, extra=()):
+    """train_kd.py's arguments for `mode`, resnet20 -> resnet20 on the tiny
+    CIFAR-10 of `base_run` (its best checkpoint teaches, its initial weights
+    start the student), on CPU; `extra` flags last."""
+    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(save_root),
+            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init', base_run['initial'],
+            '--t_model', base_run['best'], '--kd_mode', mode, '--epochs', str(epochs), '--batch_size',
+            str(batch_size), '--device', 'cpu', '--no_download', *extra]
+
+
 def stop_after_first_epoch_then_resume(monkeypatch, argv):
     """train_kd.main(argv) stopped right after its first epoch's checkpoint,
     then the same command with --resume, to the end."""

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from conftest import distill_argv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 # One process and two differ by rounding only: the order of sums, and float32
@@ -130,11 +132,7 @@ def test_train_base_two_processes_equal_one(cifar10_root, tmp_path):
 ])
 def test_train_kd_two_processes_equal_one(base_run, tmp_path, mode, epochs, extra):
     def args(note):
-        return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root',
-                str(tmp_path), '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20',
-                '--s_init', base_run['initial'], '--t_model', base_run['best'], '--kd_mode', mode,
-                '--epochs', str(epochs), '--batch_size', BATCH, '--device', 'cpu', '--no_download',
-                '--seed', '4', '--lr', LR, *extra]
+        return distill_argv(base_run, tmp_path, note, mode, epochs, BATCH, ['--seed', '4', '--lr', LR, *extra])
     run('train_kd.py', args('one'), 1)
     run('train_kd.py', args('two'), 2)
     assert_same(str(tmp_path / 'one'), str(tmp_path / 'two'), {'net': load(base_run['initial'])})

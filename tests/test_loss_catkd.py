@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 import train_kd
-from conftest import assert_same_run, make_context, metrics_rows, stop_after_first_epoch_then_resume
+from conftest import (assert_same_run, distill_argv, make_context, metrics_rows, shaped_features,
+                      stop_after_first_epoch_then_resume)
 from kd_losses import CATKD, METHODS, ConfigError
-from network import Features, Features4, build_network
+from network import build_network
 from reference import np_, avg_pool
 
 MODE = 'catkd'
@@ -57,16 +58,6 @@ class Net(nn.Module):
     def __init__(self, channels, num_class=5):
         super().__init__()
         self.head = nn.Linear(channels, num_class)
-
-
-def shaped_features(shapes, batch, seed, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    stages = [k for k in shapes if k.startswith('rb')]
-    leaves = {k: torch.rand((batch, *shapes[k]), generator=g).requires_grad_(requires_grad)
-              for k in ['stem', *stages, 'feat', 'out']}
-    pairs = [(leaves[k] - 0.5, leaves[k]) for k in ['stem', *stages]]
-    cls = Features if len(stages) == 3 else Features4
-    return cls(*pairs, leaves['feat'], leaves['out']), leaves
 
 
 def shapes_with(last, num_class=5):
@@ -147,11 +138,7 @@ def test_config_errors():
 # ----------------------------------------------------------------------------- train_kd
 
 def kd_argv(base_run, root, note, epochs):
-    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(root),
-            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
-            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', MODE, '--epochs',
-            str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', '--seed', '3',
-            '--cat_normalize']
+    return distill_argv(base_run, root, note, MODE, epochs, 50, ['--seed', '3', '--cat_normalize'])
 
 
 def test_train_kd_runs_and_resumes(base_run, tmp_path, monkeypatch):

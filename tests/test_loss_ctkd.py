@@ -16,7 +16,7 @@ import torch
 
 import records
 import train_kd
-from conftest import make_context, make_features
+from conftest import distill_argv, make_context, make_features
 from kd_losses import CTKD, METHODS, ConfigError, Distiller, GradientReversal, SoftTarget
 from kd_losses.ctkd import curriculum
 
@@ -170,11 +170,8 @@ def test_distiller_learns_the_temperature_and_detaches_the_teacher():
 # ----------------------------------------------------------------------------- through train_kd.py
 
 def kd_args(base_run, save_root, note, epochs=2):
-    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(save_root),
-            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
-            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', 'ctkd',
-            '--epochs', str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download',
-            '--seed', '3', '--ctkd_ramp_epochs', '2', '--print_freq', '100']
+    return distill_argv(base_run, save_root, note, 'ctkd', epochs, 50,
+                        ['--seed', '3', '--ctkd_ramp_epochs', '2', '--print_freq', '100'])
 
 
 def metric_rows(run_dir):

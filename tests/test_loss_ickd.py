@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (assert_same_run, make_context,
-                      run_capturing_distiller, stop_after_first_epoch_then_resume)
+from conftest import (assert_same_run, distill_argv, make_context, run_capturing_distiller,
+                      shaped_features, stop_after_first_epoch_then_resume)
 from kd_losses import ICKD, METHODS
 from kd_losses.ickd import channel_correlation
-from network import Features, Features4, build_network
+from network import build_network
 from reference import np_
 
 MODE = 'ickd'
@@ -85,16 +85,6 @@ def test_registry_entry():
     assert METHODS[MODE].defaults == {'lambda_kd': 2.5} and METHODS[MODE].flags == {}
 
 
-def shaped_features(shapes, batch, seed, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    stages = [k for k in shapes if k.startswith('rb')]
-    leaves = {k: torch.rand((batch, *shapes[k]), generator=g).requires_grad_(requires_grad)
-              for k in ['stem', *stages, 'feat', 'out']}
-    pairs = [(leaves[k] - 0.5, leaves[k]) for k in ['stem', *stages]]
-    cls = Features if len(stages) == 3 else Features4
-    return cls(*pairs, leaves['feat'], leaves['out']), leaves
-
-
 @pytest.mark.parametrize('s_name, t_name', [('resnet20', 'resnet20'), ('resnet8x4', 'resnet32x4'),
                                             ('ShuffleV1', 'wrn_40_2'), ('MobileNetV2', 'vgg13'),
                                             ('resnet8x4', 'ShuffleV2')])
@@ -117,10 +107,7 @@ def test_network_pairs_forward_backward(s_name, t_name):
 # ----------------------------------------------------------------------------- train_kd
 
 def kd_argv(base_run, root, note, epochs):
-    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(root),
-            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
-            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', MODE, '--epochs',
-            str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', '--seed', '3']
+    return distill_argv(base_run, root, note, MODE, epochs, 50, ['--seed', '3'])
 
 
 def test_train_kd_trains_saves_and_resumes_the_embedding(base_run, tmp_path, monkeypatch):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (assert_same_run, make_context, metrics_rows,
-                      run_capturing_distiller, stop_after_first_epoch_then_resume)
+from conftest import (assert_same_run, distill_argv, make_context, metrics_rows,
+                      run_capturing_distiller, shaped_features, stop_after_first_epoch_then_resume)
 from kd_losses import HCL, METHODS, ConfigError, ReviewKD
-from network import Features, Features4, build_network
+from network import Features, build_network
 from reference import np_, conv1x1, conv3x3, batchnorm, avg_pool
 
 MODE = 'reviewkd'
@@ -167,17 +167,6 @@ def test_registry_entry():
     assert 'arxiv.org/abs/2104.09044' in method.paper
 
 
-def shaped_features(shapes, batch, seed, requires_grad=False):
-    """Random Features / Features4 with a network's per-sample shapes (no network run)."""
-    g = torch.Generator().manual_seed(seed)
-    stages = [k for k in shapes if k.startswith('rb')]
-    leaves = {k: torch.randn((batch, *shapes[k]), generator=g).requires_grad_(requires_grad)
-              for k in ['stem', *stages, 'feat', 'out']}
-    pairs = [(leaves[k], torch.relu(leaves[k])) for k in ['stem', *stages]]
-    cls = Features if len(stages) == 3 else Features4
-    return cls(*pairs, leaves['feat'], leaves['out']), leaves
-
-
 def network_context(s_name, t_name):
     s, t = build_network(s_name, 100), build_network(t_name, 100)
     ctx = make_context(MODE, num_class=100, student=s, teacher=t)
@@ -210,11 +199,7 @@ def test_config_errors():
 # ----------------------------------------------------------------------------- train_kd
 
 def kd_argv(base_run, root, note, epochs):
-    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(root),
-            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
-            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', MODE, '--epochs',
-            str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', '--seed', '3',
-            '--reviewkd_warmup', '2']
+    return distill_argv(base_run, root, note, MODE, epochs, 50, ['--seed', '3', '--reviewkd_warmup', '2'])
 
 
 def test_train_kd_trains_saves_and_resumes_the_abfs(base_run, tmp_path, monkeypatch):

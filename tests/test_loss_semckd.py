@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (assert_same_run, make_context, metrics_rows,
-                      run_capturing_distiller, stop_after_first_epoch_then_resume)
+from conftest import (assert_same_run, distill_argv, make_context, metrics_rows,
+                      run_capturing_distiller, shaped_features, stop_after_first_epoch_then_resume)
 from kd_losses import METHODS, ConfigError, SemCKD
-from network import Features, Features4, build_network
+from network import build_network
 from reference import np_, conv1x1, conv3x3, batchnorm, avg_pool
 
 MODE = 'semckd'
@@ -133,16 +133,6 @@ def test_registry_entry():
     assert METHODS[MODE].flags == {}
 
 
-def shaped_features(shapes, batch, seed):
-    g = torch.Generator().manual_seed(seed)
-    stages = [k for k in shapes if k.startswith('rb')]
-    leaves = {k: torch.rand((batch, *shapes[k]), generator=g).requires_grad_(True)
-              for k in ['stem', *stages, 'feat', 'out']}
-    pairs = [(leaves[k], leaves[k]) for k in ['stem', *stages]]
-    cls = Features if len(stages) == 3 else Features4
-    return cls(*pairs, leaves['feat'], leaves['out']), leaves
-
-
 @pytest.mark.parametrize('s_name, t_name', [('resnet20', 'resnet20'), ('resnet8x4', 'resnet32x4'),
                                             ('ShuffleV1', 'wrn_40_2'), ('vgg8', 'wrn_40_2')])
 def test_network_pairs_forward_backward(s_name, t_name):
@@ -152,8 +142,8 @@ def test_network_pairs_forward_backward(s_name, t_name):
     distiller = METHODS[MODE].build(ctx)
     n_s = len([k for k in student.feature_shapes if k.startswith('rb')])
     assert len(distiller.semckd.regressors) == n_s * 3
-    s, leaves = shaped_features(student.feature_shapes, 8, 0)
-    t, _ = shaped_features(teacher.feature_shapes, 8, 1)
+    s, leaves = shaped_features(student.feature_shapes, 8, 0, requires_grad=True)
+    t, _ = shaped_features(teacher.feature_shapes, 8, 1, requires_grad=True)
     distiller(s, t, None).backward()
     assert all(leaves[f'rb{i}'].grad.abs().sum() > 0 for i in range(1, n_s + 1))
 
@@ -171,11 +161,7 @@ def kd_argv(base_run, root, note, epochs):
     # batch 40: 100 samples give a last batch of 20 (zero-padded attention input).
     # lambda 1: the tiny fixture's teacher (one epoch on 100 images) has large
     # maps, and the default 400 makes the student diverge there.
-    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(root),
-            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
-            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', MODE, '--epochs',
-            str(epochs), '--batch_size', '40', '--device', 'cpu', '--no_download', '--seed', '3',
-            '--lambda_kd', '1']
+    return distill_argv(base_run, root, note, MODE, epochs, 40, ['--seed', '3', '--lambda_kd', '1'])
 
 
 def test_train_kd_trains_saves_and_resumes_attention_and_regressors(base_run, tmp_path, monkeypatch):

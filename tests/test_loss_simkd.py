@@ -12,11 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import strip_prefixes
-from conftest import (assert_same_run, make_context, metrics_rows,
-                      run_capturing_distiller, stop_after_first_epoch_then_resume)
+from conftest import (assert_same_run, distill_argv, make_context, metrics_rows,
+                      run_capturing_distiller, shaped_features, stop_after_first_epoch_then_resume)
 from dataset import Batch, make_loaders
 from kd_losses import METHODS, ConfigError, SimKD, SimKDStudent
-from network import Features, Features4, build_network
+from network import Features, build_network
 from reference import np_, conv1x1, conv3x3, batchnorm, avg_pool
 from utils import evaluate
 
@@ -52,17 +52,6 @@ class Teacher(nn.Module):
     def __init__(self, channels, num_class=5):
         super().__init__()
         self.head = nn.Linear(channels, num_class)
-
-
-def shaped_features(shapes, batch, seed, requires_grad=False):
-    """Random Features / Features4 with per-sample `shapes` (no network run)."""
-    g = torch.Generator().manual_seed(seed)
-    stages = [k for k in shapes if k.startswith('rb')]
-    leaves = {k: torch.randn((batch, *shapes[k]), generator=g).requires_grad_(requires_grad)
-              for k in ['stem', *stages, 'feat', 'out']}
-    pairs = [(leaves[k], torch.relu(leaves[k])) for k in ['stem', *stages]]
-    cls = Features if len(stages) == 3 else Features4
-    return cls(*pairs, leaves['feat'], leaves['out']), leaves
 
 
 def shapes_with(last, num_class=5):
@@ -232,10 +221,7 @@ def test_float32_under_bf16_autocast_and_channels_last():
 # ----------------------------------------------------------------------------- train_kd
 
 def kd_argv(base_run, root, note, epochs):
-    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(root),
-            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
-            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', MODE, '--epochs',
-            str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', '--seed', '3']
+    return distill_argv(base_run, root, note, MODE, epochs, 50, ['--seed', '3'])
 
 
 def test_train_kd_trains_saves_and_resumes_the_wrapper(base_run, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import (assert_same_run, make_context, metrics_rows,
+from conftest import (assert_same_run, distill_argv, make_context, metrics_rows,
                       run_capturing_distiller, stop_after_first_epoch_then_resume)
 from kd_losses import METHODS, SRRL, ConfigError
 from network import Features, build_network
@@ -136,10 +136,7 @@ def test_config_error_without_the_teacher():
 # ----------------------------------------------------------------------------- train_kd
 
 def kd_argv(base_run, root, note, epochs):
-    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(root),
-            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
-            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', MODE, '--epochs',
-            str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', '--seed', '3']
+    return distill_argv(base_run, root, note, MODE, epochs, 50, ['--seed', '3'])
 
 
 def test_train_kd_trains_saves_and_resumes_the_connector(base_run, tmp_path, monkeypatch):

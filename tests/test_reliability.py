@@ -15,7 +15,7 @@ import checkpoints
 import train_base
 import train_dml
 import train_kd
-from conftest import dump, write_cifar
+from conftest import distill_argv, dump, write_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,10 +27,7 @@ def base(img_root, save_root, note='run', *extra, epochs=1):
 
 
 def kd(base_run, save_root, note='kd', mode='st', *extra, epochs=1):
-    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(save_root),
-            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init', base_run['initial'],
-            '--t_model', base_run['best'], '--kd_mode', mode, '--batch_size', '50', '--device', 'cpu',
-            '--no_download', '--epochs', str(epochs), *extra]
+    return distill_argv(base_run, save_root, note, mode, epochs, 50, extra)
 
 
 def fails(main, argv, capsys, *fragments):
@@ -307,7 +304,7 @@ def test_pre_training_phases_scale_with_the_schedule(base_run, tmp_path):
     argv = kd(base_run, tmp_path, 's', 'ab', epochs=4)
     args, sources, _ = train_kd.parse_args(argv)
     assert args.init_epochs == 1 and '50 of 200 epochs scaled to 4' in sources['init_epochs']
-    args, _, _ = train_kd.parse_args(argv[:-1] + ['200'])
+    args, _, _ = train_kd.parse_args(kd(base_run, tmp_path, 's', 'ab', epochs=200))
     assert args.init_epochs == 50
     args, _, _ = train_kd.parse_args(kd(base_run, tmp_path, 's', 'ft', epochs=20))
     assert args.para_epochs == 3

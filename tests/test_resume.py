@@ -14,7 +14,7 @@ import torch
 import train_base
 import train_kd
 import checkpoints
-from conftest import assert_same_run
+from conftest import assert_same_run, distill_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = {'seconds', 'img_per_s'}  # wall-clock columns
@@ -73,20 +73,17 @@ def test_train_base_kill_and_resume_equals_uninterrupted(cifar10_root, tmp_path)
     assert_same_run(str(tmp_path / 'straight'), str(tmp_path / 'resumed'))
 
 
-def kd_args(base_run, save_root, note, mode, extra=()):
-    return ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(save_root),
-            '--note', note, '--s_name', 'resnet20', '--t_name', 'resnet20', '--s_init',
-            base_run['initial'], '--t_model', base_run['best'], '--kd_mode', mode,
-            '--batch_size', '10', '--device', 'cpu', '--no_download', '--seed', '3', *extra]
+def kd_args(base_run, save_root, note, mode, epochs, extra=()):
+    return distill_argv(base_run, save_root, note, mode, epochs, 10, ['--seed', '3', *extra])
 
 
-@pytest.mark.parametrize('mode, extra', [
-    ('crd', ['--epochs', '2', '--nce_n', '16', '--feat_dim', '16']),   # memory banks and Z constants
-    ('ab', ['--epochs', '1', '--init_epochs', '2']),                   # killed inside the init stage
+@pytest.mark.parametrize('mode, epochs, extra', [
+    ('crd', 2, ['--nce_n', '16', '--feat_dim', '16']),   # memory banks and Z constants
+    ('ab', 1, ['--init_epochs', '2']),                   # killed inside the init stage
 ])
-def test_train_kd_kill_and_resume_equals_uninterrupted(base_run, tmp_path, mode, extra):
-    train_kd.main(kd_args(base_run, tmp_path, 'straight', mode, extra))
-    killed = kill_and_resume('train_kd.py', kd_args(base_run, tmp_path, 'resumed', mode, extra),
+def test_train_kd_kill_and_resume_equals_uninterrupted(base_run, tmp_path, mode, epochs, extra):
+    train_kd.main(kd_args(base_run, tmp_path, 'straight', mode, epochs, extra))
+    killed = kill_and_resume('train_kd.py', kd_args(base_run, tmp_path, 'resumed', mode, epochs, extra),
                              str(tmp_path / 'resumed'))
     # it really was interrupted: the killed run had written fewer epochs than the full run
     full = len(metrics(str(tmp_path / 'straight')))
@@ -157,7 +154,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(base_run,
         loss = real_forward(self, out_s, out_t)
         return loss * float('nan') if calls['n'] == 13 else loss  # epoch 2, step 3 (10 steps/epoch)
     monkeypatch.setattr(st.SoftTarget, 'forward', poisoned)
-    args = kd_args(base_run, tmp_path, 'nan', 'st', ['--epochs', '3', '--print_freq', '100'])
+    args = kd_args(base_run, tmp_path, 'nan', 'st', 3, ['--print_freq', '100'])
     with pytest.raises(SystemExit) as e:
         train_kd.main(args)
     assert e.value.code == 2

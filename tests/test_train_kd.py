@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_kd
+from conftest import distill_argv
 from kd_losses import METHODS
 
 # Settings that make each method's run tiny (applied where the method has the flag).
@@ -19,11 +20,7 @@ TINY_LAMBDA = {'semckd': 1.0}
 
 
 def kd_args(base_run, save_root, mode, epochs=1, extra=()):
-    args = ['--data_name', 'cifar10', '--img_root', base_run['img_root'], '--save_root', str(save_root),
-            '--note', mode, '--s_name', 'resnet20', '--t_name', 'resnet20',
-            '--s_init', base_run['initial'], '--t_model', base_run['best'], '--kd_mode', mode,
-            '--epochs', str(epochs), '--batch_size', '32', '--device', 'cpu', '--no_download',
-            '--print_freq', '2']
+    args = distill_argv(base_run, save_root, mode, mode, epochs, 32, ['--print_freq', '2'])
     for flag, value in TINY.items():
         if flag in METHODS[mode].flags:
             args += [f'--{flag}', str(value)]
