@@ -116,6 +116,7 @@ class KDStep:
         self.stats = EpochStats(self.stat_names, self.loss_names, device)
         self.kd_scale = torch.zeros((), device=device)
         self.kd_on = False
+        self.zero = torch.zeros((), device=device)  # the KD terms of a CE-only step, made once
 
     @property
     def capturable(self):
@@ -142,8 +143,7 @@ class KDStep:
             s = self.student(batch.img)
             ce = F.cross_entropy(s.out.float(), batch.target)
         self.optimizer.update(grads_of(self.args.ce_weight * ce, self.params))
-        zero = torch.zeros_like(ce)
-        return self.record(s.out, batch.target, ce, zero, [zero] * len(self.terms))
+        return self.record(s.out, batch.target, ce, self.zero, [self.zero] * len(self.terms))
 
     def distill(self, batch):
         img = batch.img
