@@ -15,28 +15,38 @@ variant, in the same process, so their ratios compare like with like:
 On CUDA it also reports the GPU time per step (CUDA events around the timed
 steps) beside the wall time, and the peak memory. --concurrent N runs N copies
 of a configuration at once (separate processes, one device) and sums their
-throughput. Results print as a Markdown table and go to --json.
+throughput. --processes N trains one configuration with N processes under
+torchrun (one GPU each, or CPU processes with gloo) at the same global batch
+and reports the step time, collectives included. Results print as a Markdown
+table and go to --json; each result says which step path really ran. On the
+CPU the defaults time a baseline and a KD step in about a minute (a first
+line says what will be timed, then one line per run as it starts and ends).
 
     python bench.py --configs base-r20 kd-st kd-at --paths graphs eager fp32 --json bench.json
     python bench.py --configs base-r20 --paths graphs --concurrent 1 2 4 8
+    python bench.py --configs base-r20 --paths graphs --processes 1 2
 """
 import argparse
 import fnmatch
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 import train_base
 import train_dml
 import train_kd
 from capture import StepRunner
 from dataset import DATASETS, DeviceLoader
+from distributed import WORLD, init_distributed, leave_distributed
 from errors import ArgumentParser
+from flags import HelpFormatter
 from kd_losses import METHODS
 from records import describe_device
 from utils import Evaluator
@@ -48,14 +58,24 @@ PATHS = {'fp32': ('--no-amp', '--no-channels_last', '--compile', 'off'),
          'inductor': ('--amp', '--channels_last', '--compile', 'inductor')}
 
 
+# What a CPU times by default: about a minute of work (a baseline and a KD
+# step), on a share of the test images.
+CPU_CONFIGS = ['base-r20', 'kd-st']
+CPU_TEST_IMAGES = 1000
+
+
 def config_names():
     return (['base-r20', 'base-r110'] + [f'kd-{m}' for m in sorted(METHODS)] + ['dml'])
 
 
 def script_args(name, device, path, batch_size):
-    """The resolved flags the training script would have for this configuration."""
-    common = ['--data_name', 'cifar10', '--device', device, '--batch_size', str(batch_size),
-              *PATHS[path]]
+    """The resolved flags the training script would have for this configuration
+    (off CUDA the graphs path asks for --compile auto, which runs eagerly there
+    and says so in the result's step_path, as the scripts refuse graphs)."""
+    flags = PATHS[path]
+    if torch.device(device).type != 'cuda':
+        flags = tuple('auto' if f == 'graphs' else f for f in flags)
+    common = ['--data_name', 'cifar10', '--device', device, '--batch_size', str(batch_size), *flags]
     if name.startswith('base-'):
         return train_base.parse_args(common + ['--net_name', 'resnet' + name[len('base-r'):]])
     if name == 'dml':
@@ -98,10 +118,13 @@ def measure(name, device, path, batch_size, warmup, steps, start_at=None, n_trai
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n_train,), generator=g)
-    loader = DeviceLoader(images, labels, info, batch_size, device, train=True,
-                          channels_last=args.channels_last)
-    test = DeviceLoader(images[:n_test], labels[:n_test], info, args.eval_batch_size, device,
-                        train=False, channels_last=args.channels_last)
+    # under torchrun (--processes) each process takes its slice of every global batch
+    loader = DeviceLoader(images, labels, info, batch_size, device, train=True, rank=WORLD.rank,
+                          world=WORLD.size, channels_last=args.channels_last)
+    # the CPU times its test pass over a share of the images, scaled to n_test
+    timed_test = n_test if device.type == 'cuda' else min(n_test, CPU_TEST_IMAGES)
+    test = DeviceLoader(images[:timed_test], labels[:timed_test], info, args.eval_batch_size, device,
+                        train=False, rank=WORLD.rank, world=WORLD.size, channels_last=args.channels_last)
     step, stats, model = build(name, args, loader.labels)
     runner = StepRunner(step, args.compile, device)
     evaluator = Evaluator(model, test, args.amp, args.compile)
@@ -120,6 +143,9 @@ def measure(name, device, path, batch_size, warmup, steps, start_at=None, n_trai
     warmup_seconds = time.perf_counter() - compile_start
     if start_at is not None:  # concurrent runs: time the same window
         time.sleep(max(0.0, start_at - time.time()))
+    if dist.is_initialized():  # torchrun: every process starts the timed window together
+        dist.barrier()
+    runner.begin_epoch()  # step_path: how the timed steps ran
     if cuda:
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
@@ -136,14 +162,16 @@ def measure(name, device, path, batch_size, warmup, steps, start_at=None, n_trai
     start = time.perf_counter()
     evaluator()
     synchronize(device)
-    eval_seconds = time.perf_counter() - start
-    ips = steps * batch_size / train_seconds
+    eval_seconds = (time.perf_counter() - start) * n_test / timed_test
+    ips = steps * batch_size / train_seconds  # the global batch under torchrun
+    step_path, fallback = runner.record()
     return {'config': name, 'path': path, 'device': describe_device(device), 'batch_size': batch_size,
+            'processes': WORLD.size, 'step_path': step_path, 'step_fallback': fallback,
             'warmup_steps': warmup, 'timed_steps': steps, 'img_per_s': ips,
             'wall_ms_per_step': 1000 * train_seconds / steps, 'gpu_ms_per_step': gpu_ms,
             'warmup_s': warmup_seconds,
             'peak_mem_mb': torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None,
-            'train_s_per_epoch': n_train / ips, 'eval_s': eval_seconds,
+            'train_s_per_epoch': n_train / ips, 'eval_s': eval_seconds, 'eval_timed_images': timed_test,
             's_per_epoch': n_train / ips + eval_seconds, 'n_train': n_train, 'n_test': n_test,
             'finite': bool(torch.isfinite(stats.total).all())}
 
@@ -162,42 +190,110 @@ def concurrent(name, device, path, batch_size, warmup, steps, copies, sizes, sta
             'per_run_img_per_s': [r['img_per_s'] for r in results]}
 
 
-def main(argv=None):
-    parser = ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--configs', nargs='+', default=['*'], metavar='PATTERN',
-                        help=f'configurations (shell patterns) among: {" ".join(config_names())}')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun(name, device, path, batch_size, warmup, steps, processes, sizes):
+    """One configuration trained by `processes` processes under torchrun (one
+    GPU each with NCCL, or CPU processes with gloo), `batch_size` being the
+    global batch, as the training scripts run it: the step time includes the
+    gradient all-reduce and the global-batch BatchNorm. On the CPU each process
+    gets an equal share of the cores (unless OMP_NUM_THREADS is set). Returns
+    rank 0's measurement."""
+    env = dict(os.environ)
+    if torch.device(device).type != 'cuda' and 'OMP_NUM_THREADS' not in env:
+        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // processes))
+    for attempt in range(2):  # once more if the free port was taken before the rendezvous bound it
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1',
+               f'--nproc_per_node={processes}', '--master_addr=127.0.0.1', f'--master_port={free_port()}',
+               os.path.abspath(__file__), '--worker', name, '--device', device, '--batch_size',
+               str(batch_size), '--warmup', str(warmup), '--steps', str(steps), '--n_train', str(sizes[0]),
+               '--n_test', str(sizes[1]), '--paths', path]
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        if p.returncode == 0 or 'Address already in use' not in p.stderr:
+            break
+    lines = [line for line in p.stdout.splitlines() if line.startswith('{')]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f'torchrun with {processes} processes failed (exit {p.returncode}): '
+                           f'{(p.stderr.strip().splitlines() or ["no output"])[-1]}')
+    return {**json.loads(lines[-1]), 'threads_per_process': env.get('OMP_NUM_THREADS')}
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument('--configs', nargs='+', default=None, metavar='PATTERN',
+                        help=f'configurations (shell patterns) among: {" ".join(config_names())} '
+                             f'[every one on CUDA; {" ".join(CPU_CONFIGS)} on the CPU]')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda, cuda:N or cpu [cuda when available, else cpu]')
     parser.add_argument('--paths', nargs='+', choices=sorted(PATHS), default=None,
                         help='variants to time, the first is the one compared with the others '
-                             '(default: graphs eager fp32 on CUDA, fp32 on the CPU)')
-    parser.add_argument('--batch_size', type=int, default=128)
-    parser.add_argument('--warmup', type=int, default=None, help='untimed steps (default 50 on GPU, 2 on CPU)')
-    parser.add_argument('--steps', type=int, default=None, help='timed steps (default 200 on GPU, 5 on CPU)')
+                             '[graphs eager fp32 on CUDA, fp32 on the CPU]')
+    parser.add_argument('--batch_size', type=int, default=128, help='training batch size')
+    parser.add_argument('--warmup', type=int, default=None, help='untimed steps [50 on CUDA, 2 on the CPU]')
+    parser.add_argument('--steps', type=int, default=None, help='timed steps [200 on CUDA, 5 on the CPU]')
     parser.add_argument('--concurrent', type=int, nargs='+', default=None, metavar='N',
-                        help='aggregate throughput of N copies at once, for each N given')
-    parser.add_argument('--json', default=None, help='write the results here')
-    parser.add_argument('--n_train', type=int, default=50000, help='synthetic training images')
-    parser.add_argument('--n_test', type=int, default=10000, help='synthetic test images')
+                        help='aggregate throughput of N copies at once, for each N given [off]')
+    parser.add_argument('--processes', type=int, nargs='+', default=None, metavar='N',
+                        help='time each configuration trained by N processes under torchrun (one GPU '
+                             'each, or CPU processes with gloo), for each N given; --batch_size is '
+                             'the global batch')
+    parser.add_argument('--json', default=None, help='write the results here [not written]')
+    parser.add_argument('--n_train', type=int, default=50000,
+                        help='synthetic training images: the epoch that s/epoch is reckoned for')
+    parser.add_argument('--n_test', type=int, default=10000,
+                        help=f'synthetic test images of the epoch\'s test pass (the CPU times '
+                             f'{CPU_TEST_IMAGES} of them and scales)')
     parser.add_argument('--start_delay', type=float, default=None,
-                        help='--concurrent: seconds before the timed window (default 30 + 10 per copy)')
+                        help='--concurrent: seconds before the timed window [30 + 10 per copy]')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--start_at', type=float, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     gpu = args.device.startswith('cuda')
     paths = args.paths or (['graphs', 'eager', 'fp32'] if gpu else ['fp32'])
     warmup = args.warmup if args.warmup is not None else (50 if gpu else 2)
     steps = args.steps if args.steps is not None else (200 if gpu else 5)
     if args.worker:
-        print(json.dumps(measure(args.worker, args.device, paths[0], args.batch_size, warmup,
-                                 steps, args.start_at, args.n_train, args.n_test)))
+        device = args.device
+        if 'LOCAL_RANK' in os.environ:  # one of --processes' torchrun processes
+            device = init_distributed(device)
+        try:
+            result = measure(args.worker, device, paths[0], args.batch_size, warmup, steps,
+                             args.start_at, args.n_train, args.n_test)
+            if WORLD.main:
+                print(json.dumps(result))
+        finally:
+            leave_distributed()
         return
-    names = [n for n in config_names() if any(fnmatch.fnmatch(n, p) for p in args.configs)]
+    if args.processes and args.concurrent:
+        parser.error('--processes and --concurrent exclude each other')
+    for n in args.processes or ():
+        if n < 1 or args.batch_size % n:
+            parser.error(f'--processes {n}: the global --batch_size {args.batch_size} must divide '
+                         f'into {n} equal shares')
+    configs = args.configs or (['*'] if gpu else CPU_CONFIGS)
+    names = [n for n in config_names() if any(fnmatch.fnmatch(n, p) for p in configs)]
     if not names:
-        parser.error(f'no configuration matches {" ".join(args.configs)}')
+        parser.error(f'no configuration matches {" ".join(configs)}')
+    runs = [(name, path) for name in names for path in paths]
+    timed_test = args.n_test if gpu else min(args.n_test, CPU_TEST_IMAGES)
+    print(f"bench.py on {describe_device(args.device)}: timing {len(runs)} run(s), "
+          f"{' '.join(names)} on the {' '.join(paths)} path(s); each builds its networks, "
+          f"then {warmup} untimed and {steps} timed training steps of batch {args.batch_size} "
+          f"and a test pass over {timed_test} images"
+          + (f' (scaled to --n_test {args.n_test})' if timed_test != args.n_test else ''), flush=True)
     results = []
     for name in names:
         for path in paths:
+            print(f'[{runs.index((name, path)) + 1}/{len(runs)}] {name} {path} ...', flush=True)
             if args.concurrent:
                 for copies in args.concurrent:
                     delay = args.start_delay if args.start_delay is not None else 30 + 10 * copies
@@ -205,6 +301,17 @@ def main(argv=None):
                                               copies, (args.n_train, args.n_test), delay))
                     r = results[-1]
                     print(f"{name} {path} x{copies}: {r['img_per_s']:.0f} img/s in all", flush=True)
+            elif args.processes:
+                for n in args.processes:
+                    if gpu and n > torch.cuda.device_count():
+                        print(f'{name} {path} x{n} processes: skipped, {torch.cuda.device_count()} '
+                              f'GPU(s) visible', flush=True)
+                        continue
+                    results.append(under_torchrun(name, args.device, path, args.batch_size, warmup,
+                                                  steps, n, (args.n_train, args.n_test)))
+                    r = results[-1]
+                    print(f"{name} {path} x{n} processes: {r['wall_ms_per_step']:.1f} ms/step, "
+                          f"{r['img_per_s']:.0f} img/s", flush=True)
             else:
                 results.append(measure(name, args.device, path, args.batch_size, warmup, steps,
                                        n_train=args.n_train, n_test=args.n_test))
@@ -221,6 +328,11 @@ def main(argv=None):
 
 
 def markdown(results, paths):
+    if any('threads_per_process' in r for r in results):  # --processes
+        rows = ['| config | path | processes | ms/step | img/s | step path |', '|---|---|---|---|---|---|']
+        rows += [f"| {r['config']} | {r['path']} | {r['processes']} | {r['wall_ms_per_step']:.1f} | "
+                 f"{r['img_per_s']:.0f} | {r['step_path']} |" for r in results]
+        return '\n'.join(rows)
     if any('concurrent' in r for r in results):
         rows = ['| config | path | runs at once | img/s in all | img/s per run |', '|---|---|---|---|---|']
         rows += [f"| {r['config']} | {r['path']} | {r['concurrent']} | "

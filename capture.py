@@ -11,7 +11,7 @@ as a function of the batch alone that touches only persistent tensors:
 - KD weights, curricula and epoch statistics live in device tensors updated
   in place; nothing in a step reads a value back to the host.
 
-`StepRunner` then runs such a step one of three ways (`--compile`):
+`StepRunner` then runs such a step one of these ways (`--compile`):
 
 - `off`: eagerly, as written;
 - `graphs`: on CUDA, each step variant (e.g. KD on/off) and batch size is
@@ -19,9 +19,14 @@ as a function of the batch alone that touches only persistent tensors:
   autotuning, lazy allocations), then replayed: one launch per step and no
   compile time. Input-gradient methods (Sobolev, LwM, BSS's attack) capture
   like any other, since capture records kernels, not Python;
+- `auto`: `graphs` on CUDA, eager on any other device;
 - `inductor`: `torch.compile(fullgraph=True, dynamic=False)` fuses the
   step's kernels first (minutes of compile time per variant and batch
   size), and on CUDA the compiled step is captured as above.
+
+Whatever was asked, the runner records what really ran (`record()`: the step
+path `eager`, `graphs` or `inductor` of the steps since `begin_epoch()`, and
+why it is not the path asked for), which every run writes per epoch.
 
 Explicit capture is the default way to graphs because it needs no compile
 time and handles `autograd.grad` inside the step; inductor is there for
@@ -29,9 +34,11 @@ whoever measures it faster on their GPU (bench.py compares them).
 """
 import torch
 
+import versions
 from distributed import WORLD, average_gradients_of
 
-MODES = ('off', 'graphs', 'inductor')
+MODES = ('off', 'auto', 'graphs', 'inductor')
+PATHS = {'off': 'eager', 'graphs': 'graphs', 'inductor': 'inductor'}  # mode -> the step path it runs
 
 
 class SGD(torch.optim.Optimizer):
@@ -136,39 +143,84 @@ def configure_dynamo():
     """What tracing a whole step needs: autograd calls inside the traced
     function (the backward pass, input gradients) and one compiled graph per
     step variant and batch size. (torch._dynamo is imported here, not at the
-    top: it costs seconds at every start of a script that never compiles.)"""
+    top: it costs seconds at every start of a script that never compiles.)
+    Stops with a one-line error on a torch too old to trace autograd calls."""
+    versions.require('compile')
     import torch._dynamo
     torch._dynamo.config.trace_autograd_ops = True
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
 
 
 class StepRunner:
-    """Runs `step(batch)` eagerly, compiled, or as CUDA graphs (`mode`).
+    """Runs `step(batch)` eagerly, compiled, or as CUDA graphs (`mode`), and
+    records how its steps really ran.
 
     `step` is a callable of the batch alone (it updates persistent tensors:
     weights, optimiser, statistics) or an object with `current()` returning
     the callable for the present variant (e.g. KD on or off); each variant
-    and batch size gets its own graph. A step whose `capturable` is False
-    runs eagerly, and the runner says so once through `log`. `warmup` eager steps of each come
+    and batch size gets its own graph. `warmup` eager steps of each come
     before its capture. `backend` overrides torch.compile's (tests trace with
-    'eager'). On the CPU, `graphs` runs eagerly and `inductor` compiles."""
+    'eager'); on the CPU, `inductor` compiles without capturing.
+
+    A fast path that cannot run falls back to eager, with its reason kept in
+    `fallback`: a step whose `capturable` is False (it needs the host inside
+    it), `graphs` or `auto` on a device other than CUDA (the training scripts
+    refuse `--compile graphs` there before anything runs; `auto` is the mode
+    that allows it), and, once running, a step variant whose capture fails
+    (`log` says so when it happens). `record()` gives the path of the steps run
+    since `begin_epoch()`."""
 
     def __init__(self, step, mode='off', device='cpu', warmup=3, backend='inductor', log=print):
         if mode not in MODES:
             raise ValueError(f'unknown step mode {mode!r} (one of {", ".join(MODES)})')
+        self.requested, self.device = mode, torch.device(device)
+        self.fallback = None  # why the whole step runs eagerly although `mode` asks otherwise
         if mode != 'off' and not getattr(step, 'capturable', True):
-            log(f'--compile {mode}: this step needs the host inside it '
-                f'({getattr(step, "why_not_capturable", "a host sync")}), so it runs eagerly')
+            self.fallback = (f'--compile {mode}: the step needs the host inside it '
+                             f'({getattr(step, "why_not_capturable", "a host sync")})')
             mode = 'off'
+        elif mode in ('graphs', 'auto') and self.device.type != 'cuda':
+            self.fallback = f'--compile {mode}: CUDA graphs need a CUDA device, this step runs on {self.device.type}'
+            mode = 'off'
+        elif mode == 'auto':
+            mode = 'graphs'
         self.step, self.mode, self.warmup = step, mode, warmup
-        self.device = torch.device(device)
+        self.path = PATHS[mode]
         self.use_graphs = self.device.type == 'cuda' and mode in ('graphs', 'inductor')
         self.backend = backend
         self.compiled = {}      # variant callable -> compiled callable
         self.graphs = {}        # (variant, batch size) -> (CUDAGraph, static batch)
         self.eager_steps = {}   # (variant, batch size) -> eager steps run so far
         self.eager_keys = set()  # (variant, batch size) whose capture failed: eager for good
+        self.capture_failures = {}  # (variant, batch size) -> why its capture failed
+        self.ran = {}  # since begin_epoch(): path, 'warm-up' or a failed key -> steps run
         self.pool, self.log = None, log
+
+    def begin_epoch(self):
+        """Start counting how steps run afresh (`record()` covers the steps since)."""
+        self.ran = {}
+
+    def _ran(self, how):
+        self.ran[how] = self.ran.get(how, 0) + 1
+
+    def record(self):
+        """(path, reason) for the steps run since `begin_epoch()`: the path
+        that ran them (`eager`, `graphs` or `inductor`) and, where that is not
+        the path asked for in every step, why ('' otherwise). Eager warm-up
+        steps before a capture count as the graphs path unless the epoch held
+        nothing else."""
+        reasons = [self.fallback] if self.fallback else []
+        failed = [key for key in self.ran if key in self.capture_failures]
+        reasons += [self.capture_failures[key] for key in failed]
+        if self.ran.get(self.path) or not self.ran:
+            path = self.path
+        elif failed:  # the compiled step still runs where inductor's capture failed
+            path = 'inductor' if self.mode == 'inductor' else 'eager'
+        else:
+            path = 'eager'
+            reasons.append(f'only eager warm-up steps ran (the first {self.warmup} of each batch size, '
+                           f'before its capture)')
+        return path, '; '.join(reasons)
 
     def function(self):
         fn = self.step.current() if hasattr(self.step, 'current') else self.step
@@ -182,6 +234,7 @@ class StepRunner:
     def __call__(self, batch):
         fn = self.function()
         if not self.use_graphs:
+            self._ran(self.path)
             return fn(batch)
         key = (fn, batch[0].shape[0])
         if key in self.graphs:
@@ -189,6 +242,7 @@ class StepRunner:
             for dst, src in zip(static, batch):
                 dst.copy_(src)
             graph.replay()
+            self._ran(self.path)
             return None
         done = self.eager_steps.get(key, 0)
         if done < self.warmup:  # real training steps, on a side stream as capture wants
@@ -198,8 +252,10 @@ class StepRunner:
             with torch.cuda.stream(side):
                 fn(batch)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            self._ran('inductor' if self.mode == 'inductor' else 'warm-up')
             return None
         if key in self.eager_keys:
+            self._ran(key)
             return fn(batch)
         static = type(batch)(*(t.clone() for t in batch))
         graph = torch.cuda.CUDAGraph()
@@ -210,11 +266,14 @@ class StepRunner:
                 fn(static)  # recorded, not run: the replay below trains on this batch
         except Exception as e:  # noqa: BLE001  (whatever stops a capture, training goes on eagerly)
             self.eager_keys.add(key)
-            self.log(f'--compile {self.mode}: the step could not be captured '
-                     f'({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}); '
-                     f'it runs eagerly')
+            first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+            self.capture_failures[key] = (f'--compile {self.requested}: the step (batch of {key[1]}) '
+                                          f'could not be captured ({type(e).__name__}: {first_line})')
+            self.log(f'{self.capture_failures[key]}; it runs eagerly')
             torch.cuda.synchronize(self.device)
+            self._ran(key)
             return fn(batch)
         self.graphs[key] = (graph, static)
         graph.replay()
+        self._ran(self.path)
         return None

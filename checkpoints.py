@@ -13,6 +13,7 @@ read its files, including its KD runs' `'snet'`.
 import hashlib
 import os
 import pickle
+import re
 
 import torch
 
@@ -110,9 +111,10 @@ def load_checkpoint(path, what='checkpoint'):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'Unsupported global' in str(e):  # a class or function: unpickling it could run code
+        refused = refused_global(e)
+        if refused is not None:  # a class or function: unpickling it could run code
             raise UserError(f'{what} {path} is refused: it holds objects other than tensors and '
-                            f'plain values, and loading those could run code') from None
+                            f'plain values ({refused}), and loading those could run code') from None
         raise UserError(f'{what} {path} cannot be loaded: it is truncated, corrupted or not a '
                         f'PyTorch checkpoint') from None
     except Exception as e:
@@ -126,6 +128,19 @@ def load_checkpoint(path, what='checkpoint'):
             raise UserError(f'{what} {path} is corrupted: its content does not match the digest '
                             f'stored when it was written')
     return ckpt
+
+
+def refused_global(error):
+    """The class or function whose import torch's weights-only loader refused,
+    or None when the load failed for another reason. torch words it
+    'Unsupported global: GLOBAL x was not an allowed global' or, for a module
+    it blocks outright (os, subprocess, ...), 'unsupported GLOBAL x whose
+    module ... is blocked'."""
+    text = str(error)
+    if 'unsupported global' not in text.lower():
+        return None
+    found = re.search(r'GLOBAL\s+([\w.]+)', text)
+    return found.group(1) if found else 'a class or function'
 
 
 def _first_line(error):

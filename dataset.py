@@ -107,12 +107,24 @@ def _read_split(folder, files, info):
 
 
 def _missing_message(info, root, missing, reason):
+    """Why the dataset cannot be read and how to get it, in one line."""
     return (f"{info.name} not found: {os.path.join(root, info.folder)}/ lacks "
-            f"{', '.join(missing)}. {reason}\n"
-            f"Get it by running once with network access (downloading is on unless "
-            f"--no_download), or unpack the official python archive "
+            f"{', '.join(missing)}. {reason} Get it by running once with network access "
+            f"(downloading is on unless --no_download), or unpack the official python archive "
             f"(https://www.cs.toronto.edu/~kriz/cifar.html) so that {info.folder}/ sits in "
             f"--img_root.")
+
+
+def _dataset_folder_given(info, root):
+    """A message when `root` is a dataset's own folder (e.g. .../cifar-10-batches-py)
+    rather than the folder holding it, else None."""
+    own = os.path.basename(os.path.normpath(root))
+    holds_files = all(os.path.isfile(os.path.join(root, f)) for f in info.train_files + info.test_files)
+    if own not in {d.folder for d in DATASETS.values()} and not holds_files:
+        return None
+    parent = os.path.dirname(os.path.normpath(os.path.abspath(root)))
+    return (f"--img_root {root} is the dataset folder itself: give the folder that holds "
+            f"{info.folder}/, its parent (--img_root {parent})")
 
 
 def _download(info, root):
@@ -127,8 +139,8 @@ def _download(info, root):
             os.rmdir(root)
         missing = [f for f in info.train_files + info.test_files
                    if not os.path.isfile(os.path.join(root, info.folder, f))]
-        raise DataError(_missing_message(
-            info, root, missing, f"Downloading it failed ({type(e).__name__}: {e}).")) from None
+        detail = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else '')
+        raise DataError(_missing_message(info, root, missing, f"Downloading it failed ({detail}).")) from None
 
 
 def load_cifar(root, name, download=True, log=print):
@@ -140,6 +152,9 @@ def load_cifar(root, name, download=True, log=print):
     files = info.train_files + info.test_files
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
+        wrong_root = _dataset_folder_given(info, root)
+        if wrong_root:  # checked before a download, which would nest a second copy inside
+            raise DataError(wrong_root)
         if not download:
             raise DataError(_missing_message(info, root, missing, "Downloading is off (--no_download)."))
         log(f"{info.name} not found under {root}: downloading it with torchvision")

@@ -18,7 +18,9 @@
 #   others are listed as "# skipped: MODE does not apply to T->S: why"). No DML.
 # Then summarise:  python summarize.py "$RESULTS"
 #
-# Settings (environment variables; unset takes the default, empty means none):
+# Settings (environment variables; unset takes the default, empty means none;
+# `python sweep.py --help` lists them). Each value is checked, and a variable
+# that looks like a misspelt setting (MODE, EPOCH, modes, DMLPAIRS) is refused:
 #   TABLE=seed             seed | crd
 #   DATA_ROOT=./datasets   where cifar-10-batches-py/ and cifar-100-python/ live
 #   RESULTS=./results      results root: RESULTS/base/, RESULTS/<mode>/, RESULTS/dml/
@@ -33,7 +35,7 @@
 #                          -e<EPOCHS> to every run's name, so its runs stay apart
 #   EXTRA_ARGS=""          appended to every command (e.g. "--no_download", "--device cpu")
 #   KD_ARGS=""             appended to train_kd.py commands (e.g. "--init_epochs 5")
-#   DRY_RUN=1              print the commands instead of running them
+#   DRY_RUN=1              print the commands instead of running them (0/1, no/yes, false/true)
 #   PYTHON=python
 # A run is finished when its complete.json exists: it is skipped. One with a
 # checkpoint is resumed (--resume), one stopped before its first checkpoint
@@ -46,66 +48,21 @@ set -o noglob  # lists such as $MODES are split into words, never expanded as fi
 cd "$(dirname "$0")"
 
 die() { echo "error: $*" >&2; exit 2; }
-words() { local IFS=' '; printf '%s\n' "$*"; }  # a list on one line, single spaces
 
-TABLE=${TABLE-seed}
-case $TABLE in
-    seed) DEFAULT_EPOCHS=200 TABLE_DATASETS="cifar10 cifar100" TAG=""
-          TABLE_PAIRS="resnet20:resnet20 resnet110:resnet20 resnet110:resnet110" ;;
-    crd)  DEFAULT_EPOCHS=240 TABLE_DATASETS="cifar100" TAG="-crd"
-          TABLE_PAIRS="resnet56:resnet20 resnet110:resnet20 resnet110:resnet32 resnet32x4:resnet8x4
-                       wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 vgg13:vgg8 vgg13:MobileNetV2
-                       ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2
-                       wrn_40_2:ShuffleV1" ;;
-    *) die "TABLE=$TABLE is not a table; tables: seed crd" ;;
-esac
-DATA_ROOT=${DATA_ROOT-./datasets}
-RESULTS=${RESULTS-./results}
-GPUS=${GPUS-${GPU-0}}
-JOBS_PER_GPU=${JOBS_PER_GPU-1}
-DATASETS=$(words ${DATASETS-$TABLE_DATASETS})
-PAIRS=$(words ${PAIRS-$TABLE_PAIRS})
-if [ "$TABLE" = crd ]; then DML_PAIRS=${DML_PAIRS-}; else DML_PAIRS=${DML_PAIRS-$PAIRS}; fi
-DML_PAIRS=$(words $DML_PAIRS)
-SEEDS=${SEEDS-2}
-EPOCHS=${EPOCHS-$DEFAULT_EPOCHS}
-EXTRA_ARGS=${EXTRA_ARGS-}
-KD_ARGS=${KD_ARGS-}
-DRY_RUN=${DRY_RUN-0}
+# ---- the settings, checked before anything starts (also in a dry run): sweep.py
+# has their table. A bad value, or a variable that looks like a misspelt setting
+# (MODE=st, EPOCH=2), stops the sweep with one line `error: ...`. It prints them
+# resolved (unset: the default), with what the script reads from the code in the
+# same interpreter start: the networks' names and the number of CUDA devices.
 PYTHON=${PYTHON-python}
-
-# ---- the settings, checked before anything starts (also in a dry run)
-whole_number() {  # $1: setting name, $2: value, $3: smallest allowed; prints it without leading zeros
-    [[ $2 =~ ^[0-9]+$ ]] && (( ${#2} < 19 )) && (( 10#$2 >= $3 )) ||
-        die "$1: '$2' is not a whole number >= $3"
-    echo $(( 10#$2 ))
+[ -n "$PYTHON" ] || die "PYTHON is empty: unset it for python, or name one"
+settings=$("$PYTHON" sweep.py check-settings) || {
+    rc=$?
+    (( rc != 2 )) || exit 2  # a bad setting: its one-line error is above
+    die "$PYTHON cannot check the settings against the registries of modes, networks and datasets (its error is above)"
 }
-EPOCHS=$(whole_number EPOCHS "$EPOCHS" 1)
-JOBS_PER_GPU=$(whole_number JOBS_PER_GPU "$JOBS_PER_GPU" 1)
+eval "$settings"  # TABLE DATA_ROOT RESULTS GPUS ... PYTHON DEFAULT_EPOCHS TAG ALL_NETWORKS CUDA_COUNT
 read -r -a SEED_LIST <<< "$SEEDS"
-for i in "${!SEED_LIST[@]}"; do SEED_LIST[i]=$(whole_number SEEDS "${SEED_LIST[i]}" 0); done
-SEEDS="${SEED_LIST[*]}"
-
-no_duplicates() {  # $1: setting name, then its entries
-    local name=$1 seen=" " entry
-    shift
-    for entry in "$@"; do
-        [[ $seen == *" $entry "* ]] && die "$name lists '$entry' twice (a run would be started twice)"
-        seen+="$entry "
-    done
-    return 0
-}
-no_duplicates DATASETS $DATASETS
-no_duplicates PAIRS $PAIRS
-no_duplicates DML_PAIRS $DML_PAIRS
-no_duplicates SEEDS $SEEDS
-[ -z "${MODES+set}" ] || no_duplicates MODES $MODES  # unset: every registered mode, once each
-for pair in $PAIRS; do
-    [[ $pair =~ ^[^:]+:[^:]+$ ]] || die "PAIRS: '$pair' is not TEACHER:STUDENT (e.g. resnet110:resnet20)"
-done
-for pair in $DML_PAIRS; do
-    [[ $pair =~ ^[^:]+:[^:]+$ ]] || die "DML_PAIRS: '$pair' is not NET1:NET2 (e.g. resnet110:resnet20)"
-done
 
 # The schedule: every command gets --epochs (under the benchmark's protocol a
 # shorter schedule keeps its lr decays at the same fractions of 150, 180, 210 of 240).
@@ -114,33 +71,10 @@ SUFFIX=""
 [ "$EPOCHS" = "$DEFAULT_EPOCHS" ] || SUFFIX="-e$EPOCHS"  # runs of another length stay apart
 [ "$TABLE" = crd ] && SCHEDULE+=(--protocol crd)
 
-# The registered modes, networks and datasets come from the code, so a new
-# method file joins the sweep with no change here. One python start reads all.
-info=$("$PYTHON" -c 'import dataset, network, torch
-from kd_losses.__main__ import mode_names
-print(" ".join(mode_names())); print(" ".join(network.NETWORKS)); print(" ".join(dataset.DATASETS))
-print(torch.cuda.device_count() if torch.cuda.is_available() else 0)') ||
-    die "$PYTHON cannot read the registries of modes, networks and datasets (its error is above)"
-{ read -r ALL_MODES; read -r ALL_NETWORKS; read -r ALL_DATASETS; read -r CUDA_COUNT; } <<< "$info"
-MODES=$(words ${MODES-$ALL_MODES})
-
-known() {  # $1: setting, $2: what, $3: the value, $4: the valid values, $5: where (optional)
-    [[ " $4 " == *" $3 "* ]] || die "$1: unknown $2 '$3'${5:+ in $5}; ${2}s: $4"
-}
-for d in $DATASETS; do known DATASETS dataset "$d" "$ALL_DATASETS"; done
-for m in $MODES; do known MODES mode "$m" "$ALL_MODES"; done
-for pair in $PAIRS; do
-    for net in "${pair%%:*}" "${pair##*:}"; do known PAIRS network "$net" "$ALL_NETWORKS" "$pair"; done
-done
-for pair in $DML_PAIRS; do
-    for net in "${pair%%:*}" "${pair##*:}"; do known DML_PAIRS network "$net" "$ALL_NETWORKS" "$pair"; done
-done
-
 read -r -a GPU_LIST <<< "$GPUS"
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a KD_EXTRA <<< "$KD_ARGS"
 SLOTS=$(( ${#GPU_LIST[@]} * JOBS_PER_GPU ))
-(( SLOTS > 0 )) || die "GPUS is empty: name at least one GPU (it sets the number of runs at once, also on the CPU)"
 SLOT_PID=()
 SLOT_DIR=()
 

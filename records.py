@@ -4,10 +4,15 @@ log.txt (human-readable), metrics.csv (one row per epoch), args.json (every
 resolved flag, the command, versions), the checkpoints, in an order that
 makes a kill at any moment resumable (`Checkpointer`); and which recorded
 flags define a run's result (`RESULT_NEUTRAL_FLAGS` are those that do not).
+A file that is rewritten is replaced atomically (`write_text_atomically`),
+and a metrics row is appended in one write flushed to disk
+(`append_line_durably`), so a kill at any instant leaves every file whole but
+possibly metrics.csv's last row, which a resume leaves out (`without_cut_row`).
 """
 import csv
 import fcntl
 import fnmatch
+import io
 import json
 import logging
 import os
@@ -91,9 +96,13 @@ class Run:
 
     Constructing it only checks (nothing is written): a new run refuses an
     existing run directory unless --overwrite; --resume needs a readable
-    checkpoint and metrics.csv there. `open()` locks the directory (a second
-    process writing the same run stops with a message naming the holder),
-    then creates it and starts log.txt."""
+    checkpoint and metrics.csv there; the directory must be writable, except
+    for --resume of a finished run (`complete`), which writes nothing.
+    `open()` locks the directory (a second process writing the same run
+    stops with a message naming the holder), then creates it and starts
+    log.txt; a failure there is a UserError that leaves no folder it made."""
+
+    metrics_cut_row = None  # metrics.csv's last line if cut off mid-write (see read_metrics)
 
     def __init__(self, args, script, argv=()):
         self.args, self.script, self.argv = args, script, list(argv)
@@ -109,14 +118,66 @@ class Run:
                 raise UserError(f'{path} is not a regular file (a directory?): remove it first')
         self.existing = self.run_files()
         self.metrics_rows = None
+        self.complete = self.read_complete()
+        shown = ', '.join(f for f in self.existing if f != LOCK_FILE)
         if args.resume:
             if not os.path.isfile(self.ckpt_path):
-                raise UserError(f'--resume: no checkpoint to resume from in {self.dir}')
+                if not shown:
+                    raise UserError(f'--resume: no checkpoint to resume from in {self.dir} (no run '
+                                    f'there yet); to start the run afresh, leave out --resume (no '
+                                    f'--overwrite needed)')
+                raise UserError(f'--resume: no checkpoint to resume from in {self.dir} (the run '
+                                f'stopped before its first epoch was saved); to start it afresh, pass '
+                                f'--overwrite instead of --resume (this deletes {shown})')
             self.metrics_rows = self.read_metrics()
-        elif [f for f in self.existing if f != LOCK_FILE] and not args.overwrite:
-            shown = [f for f in self.existing if f != LOCK_FILE]
-            raise UserError(f'{self.dir} already holds a run ({", ".join(shown)}); '
+        elif shown and not args.overwrite:
+            if self.complete is not None:
+                raise UserError(f'{self.dir} already holds a finished run ({shown}); pass --overwrite '
+                                f'to train it again (deleting those files) or choose another --note')
+            raise UserError(f'{self.dir} already holds a run ({shown}); '
                             f'pass --resume to continue it or --overwrite to start over')
+        if not (args.resume and self.complete is not None):  # a finished run resumed writes nothing
+            problem = self.unwritable()
+            if problem:
+                raise UserError(problem)
+
+    def read_complete(self):
+        """complete.json's record ({} if unreadable) when the run is finished, else None."""
+        path = os.path.join(self.dir, COMPLETE_FILE)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            return record if isinstance(record, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def describe_complete(self):
+        """What --resume of a finished run says (it changes nothing)."""
+        record = self.complete or {}
+        epochs = record.get('epochs')
+        done = [f'{epochs} epoch{"" if epochs == 1 else "s"}' if epochs is not None else '',
+                f'finished {record["finished"]}' if 'finished' in record else '']
+        done = ', '.join(d for d in done if d)
+        return (f'{self.dir} is already complete{f" ({done})" if done else ""}: nothing to resume, '
+                f'nothing changed; to train it again, start over with --overwrite or choose another '
+                f'--note')
+
+    def unwritable(self):
+        """Why this run could not write its directory (the folder, or a file in
+        it that a run opens for writing), or None; checked before anything is
+        written. A folder not made yet is --save_root's check (flags.py)."""
+        if not os.path.isdir(self.dir):
+            return None
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            return f'{self.dir} is not writable: check its permissions, or choose another --save_root'
+        appended = (LOCK_FILE,) if self.args.overwrite else (LOCK_FILE, 'log.txt', 'metrics.csv')
+        for name in appended:  # (--overwrite deletes the others first)
+            path = os.path.join(self.dir, name)
+            if os.path.isfile(path) and not os.access(path, os.W_OK):
+                return f'{path} is not writable: check its permissions'
+        return None
 
     def run_files(self):
         """The files of this run directory that the project wrote."""
@@ -127,11 +188,22 @@ class Run:
                       or any(fnmatch.fnmatch(f, p) for p in RUN_FILE_PATTERNS))
 
     def read_metrics(self):
-        """metrics.csv's rows as dicts, checked enough to resume from (a UserError otherwise)."""
+        """metrics.csv's rows as dicts, checked enough to resume from (a UserError
+        otherwise). A last row cut off mid-line (the run was killed while
+        appending it, before that epoch's checkpoint) is left out and kept in
+        `metrics_cut_row`: the resumed run writes that epoch again."""
         try:
             with open(self.metrics_path, newline='') as f:
-                rows = list(csv.DictReader(f))
-            for r in rows:
+                text, self.metrics_cut_row = without_cut_row(f.read())
+            reader = csv.DictReader(io.StringIO(text, newline=''))
+            rows = list(reader)
+            for line, r in enumerate(rows, start=2):
+                # Every row but the last is covered by the checkpoint, so it must be
+                # whole; the last may be one appended after it (start_metrics drops it).
+                damaged = None in r or None in r.values()  # fields beyond the header's, or lacking
+                if damaged and line <= len(rows):
+                    fields = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None, ()))
+                    raise ValueError(f'line {line} has {fields} fields, the header {len(reader.fieldnames)}')
                 int(r['phase_index']), int(r['epoch'])
             return rows
         except FileNotFoundError:
@@ -148,16 +220,24 @@ class Run:
         self.columns = list(columns)
         if not WORLD.main:  # rank 0 writes the run directory
             return self
-        os.makedirs(self.dir, exist_ok=True)
-        self.lock()
-        if self.args.overwrite:
-            for name in self.run_files():
-                path = os.path.join(self.dir, name)
-                if name == LOCK_FILE:
-                    continue
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        self.unmark_complete()
-        fh = logging.FileHandler(os.path.join(self.dir, 'log.txt'))
+        made = self.folders_to_make()
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            self.lock()
+            if self.args.overwrite:
+                for name in self.run_files():
+                    path = os.path.join(self.dir, name)
+                    if name == LOCK_FILE:
+                        continue
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            self.unmark_complete()
+            fh = logging.FileHandler(os.path.join(self.dir, 'log.txt'))
+        except OSError as e:  # read-only, a name too long, disk full: found only when writing
+            self.close()
+            self.remove_made(made)
+            where = f'{e.filename}: ' if e.filename and os.fspath(e.filename) != self.dir else ''
+            raise UserError(f'cannot write the run directory {self.dir} ({where}{e.strerror or e}); '
+                            f'check its permissions and free space, or choose another --save_root') from None
         fh.setFormatter(logging.Formatter('%(message)s'))
         command = command_line(self.script, self.argv)
         for h in list(LOG.handlers):
@@ -176,6 +256,33 @@ class Run:
             self.tensorboard = SummaryWriter(os.path.join(self.dir, 'tensorboard'))
         self.write_args(device_name, resumed)
         return self
+
+    def folders_to_make(self):
+        """The folders `open` creates (the run directory and any missing
+        parents), deepest first."""
+        made, path = [], os.path.abspath(self.dir)
+        while not os.path.exists(path):
+            made.append(path)
+            path = os.path.dirname(path)
+        return made
+
+    def remove_made(self, made):
+        """Undo a failed `open` in the folders it created (`made`): its own
+        files, then each folder that is empty (another run may have started
+        in a new --save_root meanwhile; its files stay)."""
+        for folder in made[:1]:
+            for name in (LOCK_FILE, 'log.txt'):
+                try:
+                    os.remove(os.path.join(folder, name))
+                except OSError:
+                    pass
+        for folder in made:
+            if not os.path.isdir(folder):  # never made (the failure came first)
+                continue
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: someone else's now
+                break
 
     def lock(self):
         """Hold run.lock for as long as this process writes the run (the
@@ -240,24 +347,40 @@ class Run:
 
     def start_metrics(self, keep_upto=None):
         """Create metrics.csv; on resume keep the rows up to `keep_upto`
-        ((phase index, epoch) of the checkpoint), so no row is duplicated."""
+        ((phase index, epoch) of the checkpoint), so no row is duplicated.
+        The file is replaced atomically: a kill at any instant leaves the
+        previous history or the new one, never a partial file."""
         if not WORLD.main:
             return
         rows = []
         if keep_upto is not None:
-            rows = [{k: r.get(k, '') for k in self.columns} for r in self.metrics_rows or []
+            kept = [r for r in self.metrics_rows or []
                     if (int(r['phase_index']), int(r['epoch'])) <= tuple(keep_upto)]
-        with open(self.metrics_path, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=self.columns)
-            w.writeheader()
-            w.writerows(rows)
+            if any(None in r or None in r.values() for r in kept):
+                raise UserError(f'{self.metrics_path} is malformed (its last row, which the checkpoint '
+                                f'covers, has more or fewer fields than the header); restore it, or '
+                                f'start the run over with --overwrite')
+            rows = [{k: r.get(k, '') for k in self.columns} for r in kept]
+            if self.metrics_cut_row is not None:
+                LOG.info(f'{self.metrics_path}: its last row was cut off mid-line '
+                         f'({self.metrics_cut_row.strip()!r}: the run was killed while writing it); '
+                         f'left out, the epoch is run again')
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=self.columns)
+        w.writeheader()
+        w.writerows(rows)
+        write_text_atomically(self.metrics_path, text.getvalue())
 
     def append_metrics(self, row):
+        """One epoch's row, appended in one write and flushed to disk before
+        the epoch's checkpoint is saved (a kill mid-write can only cut this
+        last row, which a resume leaves out)."""
         if not WORLD.main:
             return
-        with open(self.metrics_path, 'a', newline='') as f:
-            csv.DictWriter(f, fieldnames=self.columns).writerow(
-                {k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+        line = io.StringIO()
+        csv.DictWriter(line, fieldnames=self.columns).writerow(
+            {k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+        append_line_durably(self.metrics_path, line.getvalue())
         if self.tensorboard is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k not in ('epoch', 'phase_index'):
@@ -273,23 +396,73 @@ class Run:
                                              indent=2))
 
     def unmark_complete(self):
-        path = os.path.join(self.dir, COMPLETE_FILE)
-        if os.path.isfile(path):
-            os.remove(path)
+        """Remove complete.json: the run is being written again (an OSError
+        if it cannot be removed; `open` reports it)."""
+        try:
+            os.remove(os.path.join(self.dir, COMPLETE_FILE))
+        except FileNotFoundError:
+            pass
 
 
 def write_text_atomically(path, text):
+    """Replace `path` by `text` so that a kill or crash at any instant leaves
+    the old file or the new one, whole: written beside it, flushed to disk,
+    renamed over it (a rename is atomic), the folder flushed so the rename
+    lasts. A failed write is a UserError and leaves no temporary file."""
     tmp = f'{path}.tmp'
     try:
-        with open(tmp, 'w') as f:
+        with open(tmp, 'w', newline='') as f:  # the text as given: csv's \r\n stays
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(os.path.dirname(path))
     except OSError as e:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
         raise UserError(f'cannot write {path}: {e.strerror or e}') from None
+
+
+def append_line_durably(path, text):
+    """Append `text` (one record, ending in a newline) in one write, flushed
+    to disk: what follows it (the epoch's checkpoint) never refers to a row
+    that a crash could still lose. A failed write is a UserError."""
+    data = text.encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise UserError(f'cannot write {path}: {e.strerror or e}') from None
+
+
+def without_cut_row(text):
+    """A CSV file's text without a last line cut off mid-write (every row is
+    written ending in a newline, so one without it is incomplete); returns
+    (the text of the whole rows, the cut line or None)."""
+    if not text or text.endswith('\n'):
+        return text, None
+    whole = text.rfind('\n') + 1
+    return text[:whole], text[whole:]
+
+
+def _fsync_folder(folder):
+    try:
+        fd = os.open(folder or '.', os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot flush a folder; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def _optional_versions():

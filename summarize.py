@@ -12,9 +12,15 @@ flags and flags their method does not read are replicates of one experiment,
 reported as mean ± sample standard deviation (two runs of one seed are one
 replicate: the finished one is kept). Runs of the CIFAR-100 benchmark
 (`--protocol crd`) get the benchmark's table: pairs as columns, methods as rows.
-A malformed run directory is skipped with a warning; the summary goes on.
+Each table has a caption saying what it holds, and an Epochs column: the
+length of the main schedule its runs were given (the published numbers':
+the benchmark's 240). A malformed or damaged run directory (a metrics.csv
+cut short or with a row lost or repeated, a top-1 that is not a finite
+number) is skipped with a warning naming the file and the reason, and left
+out of the numbers; the summary goes on.
 """
 import csv
+import io
 import json
 import math
 import os
@@ -22,8 +28,9 @@ import re
 import sys
 
 from errors import ArgumentParser, UserError, cli
+from flags import PROTOCOLS
 from kd_losses import METHODS, all_flags
-from records import COMPLETE_FILE, RESULT_NEUTRAL_FLAGS
+from records import COMPLETE_FILE, RESULT_NEUTRAL_FLAGS, without_cut_row, write_text_atomically
 
 SEED_ORDER = ['logits', 'st', 'at', 'fitnet', 'nst', 'pkt', 'fsp', 'ft', 'rkd', 'ab', 'sp',
               'sobolev', 'bss', 'cc', 'lwm', 'irg', 'vid', 'ofd', 'afd', 'crd']
@@ -33,9 +40,15 @@ DATA_COLUMNS = {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100'}
 # Runs that differ only in these flags are replicates of one experiment.
 NOT_RESULT_FLAGS = RESULT_NEUTRAL_FLAGS | {'seed'}
 REPORTING_RULE = ('Top-1 test accuracy (%) as "best / last": the best epoch and the last epoch of '
-                  'the main schedule. Where several seeds of the same run exist: mean ± sample '
-                  'standard deviation over them, with n. * marks runs not finished yet; "failed" '
-                  'runs stopped with an error (their numbers are left out).')
+                  'the main schedule, whose length is the Epochs column. Where several seeds of the '
+                  'same run exist: mean ± sample standard deviation over them, with n. * marks runs '
+                  'not finished yet; "failed" runs stopped with an error (their numbers are left '
+                  'out), and so are runs whose records are damaged (each named in a warning). A '
+                  'cell whose runs did not all train eagerly as asked says how their steps ran '
+                  '(metrics.csv step_path): [graphs], [inductor], with "fallback" where --compile '
+                  'asked for more than ran.')
+# What each table's cells hold, for its caption.
+CELL_RULE = 'top-1 (%) "best / last" epoch of the main schedule, mean ± std over the n seeds where n > 1'
 
 # The CIFAR-100 benchmark of Tian et al., "Contrastive Representation
 # Distillation" (ICLR 2020), as RepDistiller's README publishes it
@@ -57,7 +70,8 @@ PUBLISHED = {  # row -> top-1 per pair of CRD_PAIRS (Tian et al., ICLR 2020, Rep
 CRD_ROW_ORDER = ['st', 'fitnet', 'at', 'sp', 'cc', 'vid', 'rkd', 'pkt', 'ab', 'ft', 'fsp', 'nst', 'crd']
 CRD_DISPLAY = {'st': 'KD', 'fitnet': 'FitNet'}
 CRD_RULE = ('CIFAR-100 benchmark (--protocol crd; Tian et al., ICLR 2020): pairs teacher→student '
-            'as columns; cells as above (best / last, mean ± std over seeds with n).')
+            f'as columns, methods as rows; {CELL_RULE}.')
+PUBLISHED_EPOCHS = PROTOCOLS['crd']['epochs']  # the benchmark's schedule, which its numbers come from
 
 
 class MalformedRun(Exception):
@@ -87,7 +101,9 @@ def last_log_line(run_dir):
 
 
 def read_run(run_dir):
-    """A run directory -> dict (scores of the main phase, status); MalformedRun if unreadable."""
+    """A run directory -> dict (scores of the main phase, status); MalformedRun
+    if unreadable or damaged (a history cut short, a score that is not a
+    finite number: its numbers would be wrong)."""
     try:
         with open(os.path.join(run_dir, 'args.json')) as f:
             record = json.load(f)
@@ -96,16 +112,7 @@ def read_run(run_dir):
     if not isinstance(record, dict) or not isinstance(record.get('args'), dict):
         raise MalformedRun("args.json holds no 'args' object")
     args, script = record['args'], str(record.get('script', ''))
-    rows = []
-    metrics = os.path.join(run_dir, 'metrics.csv')
-    if os.path.exists(metrics):  # absent: stopped before its first epoch
-        try:
-            with open(metrics, newline='') as f:
-                rows = [r for r in csv.DictReader(f) if r['phase'] == 'main']
-        except KeyError:
-            raise MalformedRun("metrics.csv has no 'phase' column") from None
-        except (OSError, csv.Error, UnicodeDecodeError) as e:
-            raise MalformedRun(f'metrics.csv is not readable ({e})') from None
+    rows = read_main_rows(run_dir)
     scores = {}
     for key in score_keys(script):
         col = 'test_top1' if key == 'net' else f'test_{key}_top1'
@@ -115,6 +122,10 @@ def read_run(run_dir):
             values = [float(r[col]) for r in rows if r.get(col) not in (None, '')]
         except ValueError as e:
             raise MalformedRun(f'metrics.csv: {col} is not a number ({e})') from None
+        for r, v in zip((r for r in rows if r.get(col) not in (None, '')), values):
+            if not math.isfinite(v):
+                raise MalformedRun(f"metrics.csv: {col} is {r[col]} at main epoch {r['epoch']}, not a "
+                                   f"finite accuracy")
         if values:
             scores[key] = {'best': max(values), 'last': values[-1]}
     complete = os.path.isfile(os.path.join(run_dir, COMPLETE_FILE))
@@ -125,9 +136,58 @@ def read_run(run_dir):
             'error': last_line if status == 'failed' else '', 'rows': rows}
 
 
+def read_main_rows(run_dir):
+    """metrics.csv's main-schedule rows, checked whole: a history that was cut
+    off (an empty file, a last row cut mid-line, no rows though a checkpoint
+    exists), a row with missing or extra fields, or main epochs other than
+    1, 2, ... is a MalformedRun saying so."""
+    metrics = os.path.join(run_dir, 'metrics.csv')
+    checkpointed = os.path.isfile(os.path.join(run_dir, 'checkpoint.pth.tar'))
+    if not os.path.exists(metrics):  # stopped before its first epoch, unless a checkpoint says otherwise
+        if checkpointed:
+            raise MalformedRun('metrics.csv is missing though checkpoint.pth.tar exists: the history '
+                               'of its epochs is lost')
+        return []
+    try:
+        with open(metrics, newline='') as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MalformedRun(f'metrics.csv is not readable ({e})') from None
+    if not text:
+        raise MalformedRun('metrics.csv is empty (not even its header): the history of its epochs '
+                           'is lost')
+    whole, cut = without_cut_row(text)
+    if cut is not None:
+        raise MalformedRun(f'metrics.csv: its last row is cut off mid-line ({cut.strip()[:40]!r}; the run '
+                           f'was killed while writing it; --resume drops that row)')
+    if checkpointed and not text.partition('\n')[2].strip():
+        raise MalformedRun('metrics.csv holds no epoch though checkpoint.pth.tar exists: the history '
+                           'of its epochs is lost')
+    try:
+        with io.StringIO(whole, newline='') as f:
+            rows = [r for r in csv.DictReader(f) if r['phase'] == 'main']
+    except KeyError:
+        raise MalformedRun("metrics.csv has no 'phase' column") from None
+    except csv.Error as e:
+        raise MalformedRun(f'metrics.csv is not readable ({e})') from None
+    for r in rows:
+        if None in r or None in r.values():
+            raise MalformedRun(f"metrics.csv: the row of main epoch {r.get('epoch')} has "
+                               f"{'more' if None in r else 'fewer'} fields than the header")
+    if rows and 'epoch' not in rows[0]:
+        raise MalformedRun("metrics.csv has no 'epoch' column")
+    epochs = [r['epoch'] for r in rows]
+    if epochs != [str(e) for e in range(1, len(rows) + 1)]:
+        shown = ', '.join(map(str, epochs[:8])) + (', ...' if len(epochs) > 8 else '')
+        raise MalformedRun(f'metrics.csv: the main epochs are {shown}, not 1, 2, ... in order '
+                           f'(a row lost or repeated)')
+    return rows
+
+
 def collect_runs(root):
-    """Every readable run under root; a malformed one is skipped with a warning."""
-    runs = []
+    """Every readable run under root, and how many were skipped: a malformed
+    or damaged one is named in a warning (which file, why) and left out."""
+    runs, skipped = [], 0
     for dirpath, dirnames, files in os.walk(root):
         dirnames.sort()
         if 'args.json' in files:
@@ -135,7 +195,15 @@ def collect_runs(root):
                 runs.append(read_run(dirpath))
             except MalformedRun as e:
                 warn(f'skipped {dirpath}: {e}')
-    return sorted(runs, key=lambda r: r['dir'])
+                skipped += 1
+    return sorted(runs, key=lambda r: r['dir']), skipped
+
+
+def flag_text(value):
+    """A recorded flag as text to show and group by: a string as it is, any
+    other JSON value (a number, null, a list such as lr_decay_epochs, a dict)
+    as its JSON text, so that any well-formed args.json can be summarised."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
 def mean_std(values):
@@ -155,7 +223,7 @@ def result_settings(script, args):
     seed, and for train_kd.py not the flags of other methods (train_kd.py
     records every method's flag, but the run's method reads only its own)."""
     ignored = set(NOT_RESULT_FLAGS)
-    method = METHODS.get(args.get('kd_mode')) if script == 'train_kd.py' else None
+    method = METHODS.get(flag_text(args.get('kd_mode'))) if script == 'train_kd.py' else None
     if method is not None:
         ignored |= set(all_flags()) - set(method.flags)
     return {k: v for k, v in sorted(args.items()) if k not in ignored}
@@ -190,25 +258,27 @@ def group_runs(runs):
         members = one_run_per_seed(members)
         a = members[0]['args']
         scored = [r for r in members if r['status'] != 'failed']
-        g = {'script': script, 'args': a, 'runs': members, 'data': a.get('data_name'),
+        g = {'script': script, 'args': a, 'runs': members, 'data': flag_text(a.get('data_name')),
+             'epochs': '' if a.get('epochs') is None else flag_text(a.get('epochs')),
              'table': table_of(script, a), 'complete': all(r['complete'] for r in members),
              'unfinished': any(r['status'] == 'unfinished' for r in members),
              'failed': sum(r['status'] == 'failed' for r in members), 'variant': '',
-             'settings': result_settings(script, a)}
+             'settings': result_settings(script, a), **step_paths(members)}
         for key in score_keys(script):
             vals = [r['scores'][key] for r in scored if key in r['scores']]
             if vals:
                 g[key] = {'n': len(vals), 'best': mean_std([v['best'] for v in vals]),
                           'last': mean_std([v['last'] for v in vals])}
         if script == 'train_base.py':
-            g.update(teacher='-', student=a.get('net_name'), name='Baseline', mode='')
+            g.update(teacher='-', student=flag_text(a.get('net_name')), name='Baseline', mode='')
         elif script == 'train_kd.py':
-            mode = a.get('kd_mode')
+            mode = flag_text(a.get('kd_mode'))
             names = {**DISPLAY, **CRD_DISPLAY} if g['table'] == 'crd' else DISPLAY
-            g.update(teacher=a.get('t_name'), student=a.get('s_name'), mode=mode,
+            g.update(teacher=flag_text(a.get('t_name')), student=flag_text(a.get('s_name')), mode=mode,
                      name=names.get(mode, str(mode).upper()))
         else:
-            g.update(teacher=a.get('net1_name'), student=a.get('net2_name'), name='DML', mode='dml')
+            g.update(teacher=flag_text(a.get('net1_name')), student=flag_text(a.get('net2_name')), name='DML',
+                     mode='dml')
         out.append(g)
     # Same method and networks but other settings: say what differs in the name.
     by_label = {}
@@ -226,6 +296,22 @@ def group_runs(runs):
     return out
 
 
+def step_paths(runs):
+    """How the main-schedule steps of `runs` ran, from metrics.csv: 'step_path'
+    (each path, in the order first seen; '' for runs from before it was
+    recorded) and 'step_fallback' (whether any epoch fell back)."""
+    rows = [r for run in runs for r in run['rows']]
+    paths = dict.fromkeys(r.get('step_path') for r in rows if r.get('step_path'))
+    return {'step_path': ', '.join(paths), 'step_fallback': any(r.get('step_fallback') for r in rows)}
+
+
+def step_path_note(g):
+    """The cell's note on its step path: none for plain eager runs (the default)."""
+    if not g['step_path'] or (g['step_path'] == 'eager' and not g['step_fallback']):
+        return ''
+    return f" [{g['step_path']}{': fallback' if g['step_fallback'] else ''}]"
+
+
 def format_score(entry, complete):
     (bm, bs), (lm, ls), n = entry['best'], entry['last'], entry['n']
     text = f'{bm:.2f} ± {bs:.2f} / {lm:.2f} ± {ls:.2f} (n={n})' if n > 1 else f'{bm:.2f} / {lm:.2f}'
@@ -239,7 +325,7 @@ def format_cell(g, key='net'):
             return 'failed'
         text = '- *' if g['unfinished'] else '-'
     else:
-        text = format_score(g[key], not g['unfinished'])
+        text = format_score(g[key], not g['unfinished']) + step_path_note(g)
     return text + (f' ({g["failed"]} failed)' if g['failed'] else '')
 
 
@@ -263,12 +349,24 @@ def csv_row(g, key, dataset):
     entry = g.get(key)
     published = published_top1(g['mode'], g['teacher'], g['student']) if g['table'] == 'crd' else None
     return {'kind': g['name'].split(' ')[0], 'teacher': g['teacher'], 'student': g['student'],
-            'name': g['name'], 'dataset': dataset, 'net': key, 'n': entry['n'] if entry else 0,
+            'name': g['name'], 'dataset': dataset, 'net': key, 'epochs': g['epochs'],
+            'n': entry['n'] if entry else 0,
             'best_mean': entry['best'][0] if entry else '', 'best_std': entry['best'][1] if entry else '',
             'last_mean': entry['last'][0] if entry else '', 'last_std': entry['last'][1] if entry else '',
             'complete': g['complete'], 'status': status_of(g), 'failed': g['failed'], 'table': g['table'],
             'published': '' if published is None else published,
+            'published_epochs': '' if published is None else PUBLISHED_EPOCHS,
+            'step_path': g['step_path'], 'step_fallback': g['step_fallback'],
             'runs': ' '.join(r['dir'] for r in g['runs'])}
+
+
+def epochs_cell(columns):
+    """A table row's Epochs: the schedule length of its cells' runs, one number,
+    or each column's where they differ (`columns`: [(column name, group)])."""
+    lengths = {g['epochs'] for _, g in columns}
+    if len(lengths) <= 1:
+        return lengths.pop() if lengths else ''
+    return ', '.join(f"{g['epochs']} ({name})" for name, g in columns)
 
 
 def markdown_table(header, rows):
@@ -277,7 +375,8 @@ def markdown_table(header, rows):
 
 
 def summary_tables(groups):
-    """Markdown tables as the seed's README has them, and CSV rows of the same data."""
+    """Markdown tables as the seed's README has them, each as (caption, table),
+    and CSV rows of the same data."""
     groups = [g for g in groups if g['table'] == 'seed']
     datasets = [d for d in DATA_COLUMNS if any(g['data'] == d for g in groups)]
     order = {m: i for i, m in enumerate(SEED_ORDER)}
@@ -289,12 +388,13 @@ def summary_tables(groups):
     tables, csv_rows = [], []
 
     def line(label_cols, matching, key='net'):
-        cells = []
+        cells, shown = [], []
         for d in datasets:
             found = [g for g in matching if g['data'] == d]
             cells.append(format_cell(found[0], key) if found else '')
+            shown += [(DATA_COLUMNS[d], found[0])] if found else []
             csv_rows.extend(csv_row(g, key, d) for g in found)
-        return label_cols + cells
+        return label_cols + [epochs_cell(shown)] + cells
 
     def label_groups(candidates):
         names = sorted({g['name'] for g in candidates},
@@ -304,7 +404,9 @@ def summary_tables(groups):
     if not pairs and baselines:  # baselines only: one table of them
         rows = [line(['-', net, name], gs) for net in sorted({g['student'] for g in baselines}, key=natural_key)
                 for name, gs in label_groups([g for g in baselines if g['student'] == net])]
-        tables.append(markdown_table(['Teacher', 'Student', 'Name'] + [DATA_COLUMNS[d] for d in datasets], rows))
+        tables.append((f'Baselines: {CELL_RULE}.',
+                       markdown_table(['Teacher', 'Student', 'Name', 'Epochs'] + [DATA_COLUMNS[d] for d in datasets],
+                                      rows)))
     for t, s in pairs:
         rows = []
         for net in sorted({s, t}, key=lambda n: (n != s, n)):  # the student's baseline first
@@ -313,7 +415,10 @@ def summary_tables(groups):
         kd = [g for g in single if g['script'] == 'train_kd.py' and (g['teacher'], g['student']) == (t, s)]
         for name, gs in label_groups(kd):
             rows.append(line([t, s, name], gs))
-        tables.append(markdown_table(['Teacher', 'Student', 'Name'] + [DATA_COLUMNS[d] for d in datasets], rows))
+        baselines_of = f'the baseline of {s}' if s == t else 'the baselines of both networks'
+        tables.append((f'{t} → {s}: {baselines_of}, then each method distilling {t} into {s}; {CELL_RULE}.',
+                       markdown_table(['Teacher', 'Student', 'Name', 'Epochs'] + [DATA_COLUMNS[d] for d in datasets],
+                                      rows)))
     if dml:
         rows = []
         for net in sorted({g['teacher'] for g in dml} | {g['student'] for g in dml}, key=natural_key):
@@ -323,7 +428,10 @@ def summary_tables(groups):
             for name, gs in label_groups([g for g in dml if (g['teacher'], g['student']) == (n1, n2)]):
                 rows.append(line([n1, n2, name, f'net1 ({n1})'], gs, 'net1'))
                 rows.append(line([n1, n2, name, f'net2 ({n2})'], gs, 'net2'))
-        tables.append(markdown_table(['Net1', 'Net2', 'Name', 'Net'] + [DATA_COLUMNS[d] for d in datasets], rows))
+        tables.append((f'Deep mutual learning (DML): each network of a pair, after the baselines of '
+                       f'both; {CELL_RULE}.',
+                       markdown_table(['Net1', 'Net2', 'Name', 'Net', 'Epochs'] +
+                                      [DATA_COLUMNS[d] for d in datasets], rows)))
     unique = {tuple(r[k] for k in ('teacher', 'student', 'name', 'dataset', 'net')): r for r in csv_rows}
     return tables, list(unique.values())
 
@@ -332,7 +440,8 @@ def crd_table(groups, published=False):
     """The CIFAR-100 benchmark's layout (RepDistiller's README): one column per
     teacher→student pair, rows Teacher and Student (the baselines), KD, then the
     other methods; with `published`, the published rows first. Returns
-    (Markdown table or None, CSV rows)."""
+    ([(caption, Markdown table)], CSV rows): the benchmark's table (once a pair
+    has runs) and the baselines of networks in no pair yet (if any)."""
     groups = [g for g in groups if g['table'] == 'crd']
     baselines = [g for g in groups if g['script'] == 'train_base.py']
     kd = [g for g in groups if g['script'] == 'train_kd.py']
@@ -345,22 +454,27 @@ def crd_table(groups, published=False):
     # baselines of networks in no column (no pair of theirs has runs yet): listed after the table
     others = [g for g in sorted(baselines, key=lambda g: (natural_key(g['student']), g['name']))
               if not any(g['student'] in p for p in pairs)]
-    others = markdown_table(['Network', 'Baseline (--protocol crd)'],
-                            [[g['student'] + g['variant'], format_cell(g)] for g in others]) if others else ''
+    others = [(f'Baselines (--protocol crd) of networks in no benchmark pair with runs yet: {CELL_RULE}.',
+               markdown_table(['Network', 'Epochs', 'Baseline (--protocol crd)'],
+                              [[g['student'] + g['variant'], g['epochs'], format_cell(g)] for g in others]))
+              ] if others else []
     if not pairs:
-        return (others or None), csv_rows
-    header = ['Method'] + [f'{t}→{s}' for t, s in pairs]
+        return others, csv_rows
+    columns = [f'{t}→{s}' for t, s in pairs]
+    header = ['Method', 'Epochs'] + columns
     rows = []
     if published:
         for row, label in (('Teacher', 'Teacher'), ('Student', 'Student'), ('st', 'KD'), ('crd', 'CRD')):
             cells = [f'{PUBLISHED[row][CRD_PAIRS.index(p)]:.2f}' if p in CRD_PAIRS else '' for p in pairs]
-            rows.append([f'{label} (published)'] + cells)
+            rows.append([f'{label} (published)', str(PUBLISHED_EPOCHS)] + cells)
 
     def add_rows(cell_groups):  # {(row label, column index): group} -> rows, in first-seen label order
         labels = list(dict.fromkeys(label for label, _ in cell_groups))
         for label in labels:
-            rows.append([label] + [format_cell(cell_groups[(label, i)]) if (label, i) in cell_groups else ''
-                                   for i in range(len(pairs))])
+            shown = [(columns[i], cell_groups[(label, i)]) for i in range(len(pairs)) if (label, i) in cell_groups]
+            rows.append([label, epochs_cell(shown)] +
+                        [format_cell(cell_groups[(label, i)]) if (label, i) in cell_groups else ''
+                         for i in range(len(pairs))])
 
     for role, net_of in (('Teacher', lambda p: p[0]), ('Student', lambda p: p[1])):
         add_rows({(role + g['variant'], i): g for i, p in enumerate(pairs)
@@ -368,7 +482,9 @@ def crd_table(groups, published=False):
     order = {m: i for i, m in enumerate(CRD_ROW_ORDER)}
     add_rows({(g['name'], pairs.index((g['teacher'], g['student']))): g
               for g in sorted(kd, key=lambda g: (order.get(g['mode'], len(order)), g['name']))})
-    return markdown_table(header, rows) + ('\n\n' + others if others else ''), csv_rows
+    caption = CRD_RULE + (f' Rows "(published)": Tian et al., ICLR 2020, RepDistiller README, trained '
+                          f'{PUBLISHED_EPOCHS} epochs.' if published else '')
+    return [(caption, markdown_table(header, rows))] + others, csv_rows
 
 
 def summary(argv=None):
@@ -389,27 +505,31 @@ def summary(argv=None):
     args = parser.parse_args(argv)
     if not os.path.isdir(args.root):
         raise UserError(f'{args.root} is not a directory')
-    runs = collect_runs(args.root)
+    runs, skipped = collect_runs(args.root)
     if not runs:
-        raise UserError(f'no runs under {args.root} (a run directory holds args.json)')
+        raise UserError(f'no readable runs under {args.root}: {skipped} skipped (see the warnings above)'
+                        if skipped else f'no runs under {args.root} (a run directory holds args.json)')
     groups = group_runs(runs)
+    for g in groups:
+        if g['table'] == 'seed' and g['data'] not in DATA_COLUMNS:
+            warn(f"{' '.join(r['dir'] for r in g['runs'])}: data_name {g['data']} has no column in the "
+                 f"tables ({', '.join(DATA_COLUMNS)}); left out of them")
     tables, rows = summary_tables(groups)
     crd, crd_rows = crd_table(groups, args.published)
-    if args.published and crd is None:
+    if args.published and not crd:
         warn(f'--published: no runs of the CIFAR-100 benchmark (--protocol crd) under {args.root}')
     print(REPORTING_RULE)
-    for table in tables:
-        print('\n' + table)
-    if crd is not None:
-        published = ' Published: Tian et al., ICLR 2020, RepDistiller README.' if args.published else ''
-        print(f'\n{CRD_RULE}{published}\n\n{crd}')
+    for number, (caption, table) in enumerate(tables + crd, start=1):
+        print(f'\nTable {number}. {caption}\n\n{table}')
     rows += crd_rows
     path = args.csv or os.path.join(args.root, 'summary.csv')
-    with open(path, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ['table'])
-        w.writeheader()
-        w.writerows(rows)
-    print(f'\n{len(runs)} runs; CSV written to {path}')
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ['table'])
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomically(path, text.getvalue())
+    damaged = f' ({skipped} more skipped: damaged or unreadable, named above)' if skipped else ''
+    print(f'\n{len(runs)} runs{damaged}; CSV written to {path}')
     if args.plot:
         plot_curves(runs, args.runs, args.plot)
 
@@ -426,7 +546,18 @@ def plot_curves(runs, patterns, path):
               and any(fnmatch.fnmatch(os.path.basename(r['dir']), p) for p in patterns)]
     if not chosen:
         raise UserError(f'no run matches {" ".join(patterns)} (among the runs with test accuracies)')
+    fig = curves_figure(plt, chosen)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f'curves of {len(chosen)} runs written to {path}')
+
+
+def curves_figure(plt, chosen):
+    """Test top-1 per main-schedule epoch of the `chosen` runs: whole-epoch
+    ticks, a title naming the runs."""
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(8, 5))
+    names = [os.path.basename(r['dir']) for r in chosen]
     for r in chosen:
         name = os.path.basename(r['dir'])
         for key in r['scores']:
@@ -434,13 +565,15 @@ def plot_curves(runs, patterns, path):
             points = [(int(x['epoch']), float(x[col])) for x in r['rows'] if x.get(col) not in (None, '')]
             ax.plot([e for e, _ in points], [v for _, v in points],
                     label=name if key == 'net' else f'{name} {key}')
+    shown = ', '.join(names[:3]) + (f' and {len(names) - 3} more' if len(names) > 3 else '')
+    ax.set_title(f'Test top-1 per epoch of the main schedule: {shown}', fontsize=10)
     ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 1.5
     ax.set_ylabel('test top-1 (%)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f'curves of {len(chosen)} runs written to {path}')
+    return fig
 
 
 main = cli(summary)

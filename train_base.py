@@ -1,11 +1,13 @@
-"""Train one CIFAR ResNet with cross-entropy: the baselines of the comparison
-table. Their trained weights are the teachers, and the initial weights saved
-here (initial_r20.pth.tar, initial_r110.pth.tar) are what every student starts
+"""Train one of the CIFAR networks (--net_name: CIFAR ResNets, WRNs, VGGs,
+MobileNetV2, ShuffleNetV1/V2, ResNet50) with cross-entropy: the baselines of
+the comparison table. Their trained weights are the teachers, and the initial
+weights saved here (initial_r20.pth.tar for resnet20, initial_<name>.pth.tar
+for networks other than the CIFAR ResNets) are what every student starts
 from, so that KD runs and baselines share their initialisation.
 
-    python train_base.py --data_name cifar10 --net_name resnet20 --note base-c10-r20
+    python train_base.py --data_name cifar10 --net_name resnet110 --save_root ./results/base --note base-c10-r110
+    python train_base.py --data_name cifar10 --net_name resnet20 --save_root ./results/base --note base-c10-r20
 """
-import argparse
 import os
 
 import torch
@@ -16,7 +18,8 @@ from checkpoints import initial_weights_name, load_network_weights, save_checkpo
 from dataset import make_loaders
 from distributed import sync_batchnorm
 from errors import ArgumentParser, cli
-from flags import add_common_args, finalize_common_args
+from flags import (HelpFormatter, add_common_args, finalize_common_args, flags_given,
+                   schedule_lines, schedule_sources)
 from network import NETWORKS, build_network
 from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cross_entropy_stats,
                    describe_device, evaluate, main_schedule, make_sgd, memory_layout,
@@ -25,14 +28,20 @@ from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cross_ent
 STAT_NAMES = ['ce', 'correct1', 'correct5', 'n']
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(parser)
-    parser.add_argument('--net_name', required=True, choices=sorted(NETWORKS))
-    parser.add_argument('--evaluate', metavar='CHECKPOINT', default=None,
-                        help='only evaluate CHECKPOINT (this project\'s or the original zoo\'s) on '
-                             'the test split and print its top-1/top-5; nothing is written')
+    g = parser.add_argument_group('the network')
+    g.add_argument('--net_name', required=True, choices=sorted(NETWORKS))
+    g.add_argument('--evaluate', metavar='CHECKPOINT', default=None,
+                   help='only evaluate CHECKPOINT (this project\'s or the original zoo\'s) on '
+                        'the test split and print its top-1/top-5; nothing is written '
+                        '[none: train]')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     return finalize_common_args(parser, args, args.net_name)
 
@@ -84,6 +93,9 @@ def main(argv=None):
         return evaluate_checkpoint(args)
     # Every check happens before anything is written: run directory, resume file, data.
     run, resume, device = begin(args, 'train_base.py', argv)
+    for line in schedule_lines(args, schedule_sources(args, flags_given(build_parser(), argv),
+                                                      args.net_name)):
+        LOG.info(line)  # log.txt opens with the schedule, and where each value came from
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
 
     net, phase = build_baseline(args, device)

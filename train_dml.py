@@ -9,10 +9,9 @@ separate parameter groups: SGD updates each parameter on its own, so this is
 exactly two optimisers stepped together, in one fused update.
 
     python train_dml.py --data_name cifar10 --net1_name resnet110 --net2_name resnet20 \\
-        --net1_init results/base-c10-r110/initial_r110.pth.tar \\
-        --net2_init results/base-c10-r20/initial_r20.pth.tar --note dml-c10-r110-r20
+        --net1_init ./results/base/base-c10-r110/initial_r110.pth.tar \\
+        --net2_init ./results/base/base-c10-r20/initial_r20.pth.tar --save_root ./results/dml --note dml-c10-r110-r20
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,8 @@ from checkpoints import load_network_weights
 from dataset import make_loaders
 from distributed import sync_batchnorm
 from errors import ArgumentParser, cli
-from flags import add_common_args, finalize_common_args, non_negative
+from flags import (HelpFormatter, add_common_args, finalize_common_args, flags_given, non_negative,
+                   schedule_lines, schedule_sources)
 from kd_losses import DML
 from network import NETWORKS, build_network
 from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, describe_device,
@@ -32,9 +32,8 @@ from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, describe_
 NETS = ('net1', 'net2')
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group('the two networks')
     g.add_argument('--net1_name', required=True, choices=sorted(NETWORKS))
@@ -45,7 +44,12 @@ def parse_args(argv=None):
                    help="net2's initial weights, or 'random': a fresh initialisation from --seed "
                         "(two nets of one architecture need different starts, or they stay equal)")
     g.add_argument('--lambda_kd', type=non_negative(float), default=1.0,
-                   help='weight of each network\'s KL term (seed: 1.0)')
+                   help='weight of each network\'s KL term (the seed\'s)')
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     return finalize_common_args(parser, parser.parse_args(argv))
 
 
@@ -104,6 +108,10 @@ def build_mutual(args, device):
 def main(argv=None):
     args = parse_args(argv)
     run, resume, device = begin(args, 'train_dml.py', argv)
+    given = flags_given(build_parser(), argv)
+    for line in schedule_lines(args, schedule_sources(args, given)):
+        LOG.info(line)  # log.txt opens with the schedule, and where each value came from
+    LOG.info(f"  lambda_kd = {args.lambda_kd} ({'command line' if 'lambda_kd' in given else 'seed default'})")
     nets, phase = build_mutual(args, device)
     net1, net2 = nets['net1'], nets['net2']
     if all(torch.equal(a, b) for a, b in zip(net1.state_dict().values(), net2.state_dict().values())) \
@@ -113,8 +121,10 @@ def main(argv=None):
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
     evaluators = {k: Evaluator(net, test_loader, args.amp, args.compile, show_progress(args), f'test {k}')
                   for k, net in nets.items()}
-    phase.evaluate = lambda: {f'{k}_{m}': v for k, evaluator in evaluators.items()
-                              for m, v in evaluator().items()}
+    def evaluate_both():
+        return {f'{k}_{m}': v for k, evaluator in evaluators.items() for m, v in evaluator().items()}
+    evaluate_both.runners = {name: r for e in evaluators.values() for name, r in e.runners.items()}
+    phase.evaluate = evaluate_both  # its runners: how the test steps ran, for the metrics rows
     LOG.info(f'DML: net1 {args.net1_name} from {args.net1_init}, net2 {args.net2_name} from '
              f'{args.net2_init}, lambda_kd {args.lambda_kd}, on {describe_device(device)}')
     train_phases(run, resume, [phase], nets, train_loader, args, device)

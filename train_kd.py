@@ -8,8 +8,9 @@ initialisation, FT's paraphraser) run them first. Everything a method needs
 comes from its registry entry in kd_losses/: this script names no method.
 
     python train_kd.py --data_name cifar10 --t_name resnet110 --s_name resnet20 \\
-        --t_model results/base-c10-r110/model_best.pth.tar \\
-        --s_init results/base-c10-r20/initial_r20.pth.tar --kd_mode st --note st-c10-r110-r20
+        --t_model ./results/base/base-c10-r110/model_best.pth.tar \\
+        --s_init ./results/base/base-c10-r20/initial_r20.pth.tar \\
+        --kd_mode at --save_root ./results/at --note at-c10-r110-r20
 """
 import argparse
 
@@ -21,33 +22,64 @@ from checkpoints import load_network_weights
 from dataset import make_loaders
 from distributed import sync_batchnorm
 from errors import ArgumentParser, cli, UserError
-from flags import (add_common_args, finalize_common_args, finite, non_negative, positive,
-                   protocol_epochs)
+from flags import (HelpFormatter, add_common_args, finalize_common_args, finite, flags_given,
+                   non_negative, positive, protocol_epochs, schedule_lines, schedule_sources)
 from kd_losses import METHODS, ConfigError, Context, all_flags
+from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
 from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cast_frozen_weights,
                    cross_entropy_stats, describe_device, evaluate, main_schedule, make_sgd,
                    memory_layout, show_progress, train_phases)
 
 
+def show_value(value):
+    """A setting's value as --help shows it: 0.1, 4 (not 4.0), on/off."""
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def mode_defaults(name):
+    """--help's default of a distillation setting: each mode's that reads it
+    (a default every mode shares once, then the modes that differ), with the
+    values a dataset, a --protocol or a switch of the mode gives instead."""
+    shared = COMMON_DEFAULTS.get(name)
+    parts = []
+    for mode in sorted(METHODS):
+        m = METHODS[mode]
+        if name not in m.defaults and shared is None:
+            continue
+        value = m.defaults.get(name, shared)
+        others = [(f'{d}', o) for d, o in m.dataset_defaults.items()]
+        others += [(f'--protocol {p}', o) for p, o in m.protocol_defaults.items()]
+        others += [(f'with --{switch}', o) for switch, o in m.switch_defaults.items()]
+        differs = [f'{where} {show_value(o[name])}' for where, o in others
+                   if name in o and o[name] != value]
+        if value == shared and not differs:
+            continue
+        parts.append(f'{mode} {show_value(value)}' + (f' ({"; ".join(differs)})' if differs else ''))
+    if shared is None:
+        return ', '.join(parts)
+    return f'{show_value(shared)}' + (f'; {", ".join(parts)}' if parts else '')
+
+
 def build_parser():
-    parser = ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(parser)
     g = parser.add_argument_group('teacher and student')
     g.add_argument('--s_init', required=True, help="student's initial weights (a baseline's initial_rNN.pth.tar)")
     g.add_argument('--t_model', required=True, help="teacher's trained weights (a baseline's model_best.pth.tar)")
     g.add_argument('--s_name', required=True, choices=sorted(NETWORKS))
     g.add_argument('--t_name', required=True, choices=sorted(NETWORKS))
-    g = parser.add_argument_group('distillation (a flag left out takes the mode\'s default)')
+    g = parser.add_argument_group('distillation (a flag left out takes the mode\'s default, '
+                                  'shown per mode in brackets)')
     g.add_argument('--kd_mode', required=True, choices=sorted(METHODS))
     g.add_argument('--lambda_kd', type=non_negative(float), default=None,
-                   help='weight of the KD loss; default per mode: ' +
-                        ', '.join(f"{m} {METHODS[m].defaults['lambda_kd']:g}" for m in sorted(METHODS)))
+                   help=f"weight of the KD loss [{mode_defaults('lambda_kd')}]")
     g.add_argument('--ce_weight', type=non_negative(float), default=None,
-                   help='weight of the cross-entropy loss (default 1, or the mode\'s own)')
-    for name, (flag, per_mode) in sorted(all_flags().items(), key=lambda kv: kv[0].lower()):
-        default_text = ', '.join(f'{m} {v}' for m, v in sorted(per_mode.items()))
+                   help=f"weight of the cross-entropy loss [{mode_defaults('ce_weight')}]")
+    for name, (flag, _) in sorted(all_flags().items(), key=lambda kv: kv[0].lower()):
+        default_text = mode_defaults(name)
         if flag.type is bool:  # an on/off switch
             g.add_argument(f'--{name}', action=argparse.BooleanOptionalAction, default=None,
                            help=f'{flag.help} [{default_text}]')
@@ -61,12 +93,13 @@ def build_parser():
 
 def parse_args(argv=None):
     """Parsed flags, the mode's defaults filled in; also returns where each
-    method setting came from, for the log."""
+    schedule and method setting came from, for the log, and the method flags
+    given that the mode does not read."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args = finalize_common_args(parser, args, args.s_name)
     method = METHODS[args.kd_mode]
-    sources = {}
+    sources = schedule_sources(args, flags_given(parser, argv), args.s_name)
     given = {name for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}
     from_protocol = method.protocol_defaults.get(args.protocol, {})
@@ -172,8 +205,10 @@ class KDStep:
 
 class PretrainStep:
     """One step of a method's pre-training phase: the teacher (no grad), the
-    student if the phase trains it, the phase's loss alone; adds the batch's
-    sums to `stats` and returns them."""
+    student if the phase trains it, the phase's loss alone, and an update of
+    every parameter the optimiser holds (a zero gradient where the loss does
+    not reach: weight decay and momentum still apply, as in the seed); adds
+    the batch's sums to `stats` and returns them."""
 
     def __init__(self, phase, student, teacher, optimizer, args):
         self.phase, self.student, self.teacher = phase, student, teacher
@@ -188,7 +223,11 @@ class PretrainStep:
                 t = self.teacher(batch.img)
             s = self.student(batch.img) if self.phase.needs_student else None
             loss = self.phase.loss(s, t, batch)
-        self.optimizer.update(grads_of(loss, self.params))
+        grads = grads_of(loss, self.params)
+        # The seed's AB/FSP init loss adds 0 * CE, so its SGD decays the classifier
+        # (which the KD loss does not reach) and runs its momentum: a zero gradient here.
+        self.optimizer.update([torch.zeros_like(p) if g is None else g
+                               for p, g in zip(self.params, grads)])
         if s is None:
             n = batch.target.shape[0]
             sums = torch.stack([loss.detach().float() * n, loss.new_full((), n).float()])
@@ -203,7 +242,10 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
     train_kd.py runs them (bench.py builds its KD configurations here too,
     with load_weights=False: random weights). Returns (model, teacher,
     distiller, pretrain phases, main phase, KDStep): `model` is what is
-    trained, evaluated and saved as the student."""
+    trained, evaluated and saved as the student. A phase that shares the
+    main optimiser (AB/FSP's init) holds the same SGD object as the main
+    phase: its momentum carries over, and the checkpoint of either phase
+    saves it."""
     student = build_network(args.s_name, args.num_class)
     teacher = build_network(args.t_name, args.num_class)
     if load_weights:
@@ -224,15 +266,29 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
         model = distiller.wrap_student(student)
     except ConfigError as e:
         raise UserError(f'--kd_mode {args.kd_mode}: {e}') from None
-    except (MemoryError, RuntimeError) as e:  # e.g. --feat_dim 10**12: an allocation fails
-        if not isinstance(e, MemoryError) and 'alloc' not in str(e) and 'memory' not in str(e):
+    except (MemoryError, RuntimeError, OverflowError, TypeError) as e:
+        # e.g. --feat_dim 2**31-1: an allocation fails; --k 1e30: a size overflows
+        if not isinstance(e, (MemoryError, OverflowError)) and not any(
+                word in str(e).lower() for word in ('alloc', 'memory', 'overflow')):
             raise
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else 'out of memory'
-        raise UserError(f'--kd_mode {args.kd_mode}: cannot be built with these settings, an '
-                        f'allocation failed ({reason}); is a size flag too large?') from None
+        raise UserError(f'--kd_mode {args.kd_mode}: cannot be built with these settings ({reason}); '
+                        f'is one of its flags (a size, a factor, an order) too large?') from None
+
+    # the main schedule: ce_weight * CE + lambda_kd * kd_weight(epoch) * KD, on one SGD
+    # that also holds the parameters of the phases sharing it (the seed's AB/FSP)
+    shared = [p for pp in pretrain if pp.shares_main_optimizer for p in pp.params]
+    optimizer = make_sgd(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
+                         args)
+    step = KDStep(model, teacher, distiller, optimizer, args)
 
     def pretrain_phase(pp):
-        optimizer = make_sgd(pp.params, args)
+        if not pp.shares_main_optimizer:
+            phase_optimizer = make_sgd(pp.params, args, nesterov=pp.nesterov)
+        elif pp.nesterov is None:
+            phase_optimizer = optimizer
+        else:
+            raise ValueError(f'phase {pp.name}: on the main optimiser, it has that one\'s Nesterov setting')
 
         def begin_epoch(epoch):
             model.train(pp.needs_student)
@@ -240,13 +296,9 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
             for m in pp.train_modules:
                 m.train()
 
-        step = PretrainStep(pp, model, teacher, optimizer, args)
-        return Phase(pp.name, pp.epochs, lambda epoch: pp.lr_scale(epoch) * args.lr, optimizer,
-                     step, step.stats, begin_epoch=begin_epoch)
-
-    # the main schedule: ce_weight * CE + lambda_kd * kd_weight(epoch) * KD
-    optimizer = make_sgd(list(model.parameters()) + list(distiller.learnable_parameters()), args)
-    step = KDStep(model, teacher, distiller, optimizer, args)
+        pretrain_step = PretrainStep(pp, model, teacher, phase_optimizer, args)
+        return Phase(pp.name, pp.epochs, lambda epoch: pp.lr_scale(epoch) * args.lr, phase_optimizer,
+                     pretrain_step, pretrain_step.stats, begin_epoch=begin_epoch)
 
     def begin_epoch(epoch):
         model.train()
@@ -259,23 +311,68 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
     return model, teacher, distiller, [pretrain_phase(pp) for pp in pretrain], main_phase, step
 
 
+def n_epochs(n):
+    return f'{n} epoch' if n == 1 else f'{n} epochs'
+
+
+def stages(method, args):
+    """The log's lines on the method's stages in epochs (its pre-training
+    phases and warm-ups, as its flags declare them: `Flag.phase`,
+    `Flag.warms_up`), and a warning for each that spans half of --epochs or
+    more, naming the flag that sets it."""
+    epochs, lines, warnings = args.epochs, [], []
+    phases = [(flag.phase, name) for name, flag in method.flags.items() if flag.phase]
+    order = ''.join(f'{phase} {n_epochs(getattr(args, name))} (--{name}), then '
+                    for phase, name in phases)
+    lines.append(f'  stages: {order}main {n_epochs(epochs)} (--epochs)')
+    for phase, name in phases:
+        length = getattr(args, name)
+        if 2 * length >= epochs:
+            warnings.append(f'the {phase} phase (--{name} {length}) lasts half or more of the '
+                            f'{epochs}-epoch main schedule: the stage takes {length} of the '
+                            f'run\'s {length + epochs} epochs; lower --{name} (or raise --epochs)')
+    for name, flag in method.flags.items():
+        if not flag.warms_up:
+            continue
+        length = getattr(args, name)
+        lines.append(f'  warm-up: {flag.warms_up}, over the first {n_epochs(length)} (--{name})'
+                     if length else f'  warm-up: none, {flag.warms_up} at full strength from the '
+                                    f'start (--{name} 0)')
+        if length and 2 * length >= epochs:
+            outcome = ('never reaches full strength in this run (at best in its last epoch)'
+                       if length >= epochs else
+                       f'reaches full strength only after {length} of the run\'s {epochs} epochs')
+            warnings.append(f'--{name} {length} spans half or more of the {epochs}-epoch run: '
+                            f'{flag.warms_up} {outcome}; lower --{name} (or raise --epochs)')
+    return lines, warnings
+
+
 @cli
 def main(argv=None):
     args, sources, ignored = parse_args(argv)
     # Every check happens before anything is written: run directory, resume
     # file, both checkpoints, the method's settings, the data.
     run, resume, device = begin(args, 'train_kd.py', argv)
-    train_loader, test_loader = make_loaders(args, device, log=LOG.info)
-    model, teacher, distiller, pretrain, main_phase, _ = build_distillation(
-        args, device, len(train_loader.labels), train_loader.labels)
-    main_phase.evaluate = Evaluator(model, test_loader, args.amp, args.compile, show_progress(args))
-
+    # log.txt opens with the run's whole schedule: where each value came from,
+    # the method's settings and stages, and what in them defeats the method
+    for line in schedule_lines(args, sources):
+        LOG.info(line)
     method = METHODS[args.kd_mode]
     LOG.info(f'kd_mode {args.kd_mode} ({method.title}, {method.paper}): {method.transfers}')
     for name in method.defaults_for(args.data_name, args.protocol):
         LOG.info(f'  {name} = {getattr(args, name)} ({sources[name]})')
     if ignored:
         LOG.info(f"  ignored (not read by {args.kd_mode}): {', '.join(ignored)}")
+    stage_lines, warnings = stages(method, args)
+    for line in stage_lines:
+        LOG.info(line)
+    for warning in warnings:
+        LOG.info(f'warning: {warning}')
+
+    train_loader, test_loader = make_loaders(args, device, log=LOG.info)
+    model, teacher, distiller, pretrain, main_phase, _ = build_distillation(
+        args, device, len(train_loader.labels), train_loader.labels)
+    main_phase.evaluate = Evaluator(model, test_loader, args.amp, args.compile, show_progress(args))
     LOG.info(f'student {args.s_name} from {args.s_init}; teacher {args.t_name} from '
              f'{args.t_model}; on {describe_device(device)}')
     n_extra = sum(p.numel() for p in distiller.learnable_parameters())

@@ -104,13 +104,19 @@ def lr_at(epoch, epochs, base_lr, decay_epochs=None, decay_rate=0.1):
     `decay_epochs`, the seed's step schedule (epochs 1-100 lr, 101-150 lr/10,
     151-200 lr/100) with its milestones scaled to `epochs` (rounded up, so a
     one-epoch run keeps lr)."""
-    if decay_epochs is None:
-        decay_epochs = (math.ceil(epochs * 0.5), math.ceil(epochs * 0.75))
     lr = base_lr
-    for e in decay_epochs:
+    for e in decay_milestones(epochs, decay_epochs):
         if epoch > e:
             lr *= decay_rate  # one multiplication per decay, as the seed computes it
     return lr
+
+
+def decay_milestones(epochs, decay_epochs=None):
+    """The epochs after which lr decays: `decay_epochs`, or the seed's 50% and
+    75% of `epochs` (rounded up) when None."""
+    if decay_epochs is None:
+        return [math.ceil(epochs * 0.5), math.ceil(epochs * 0.75)]
+    return list(decay_epochs)
 
 
 def main_schedule(args):
@@ -118,12 +124,13 @@ def main_schedule(args):
     return lambda epoch: lr_at(epoch, args.epochs, args.lr, args.lr_decay_epochs, args.lr_decay_rate)
 
 
-def make_sgd(params, args, lr=None):
-    """The shared optimiser: SGD with momentum (Nesterov unless --no-nesterov)
-    and weight decay, in the capturable form every step uses (capture.SGD);
-    under torchrun it averages the gradients over processes first."""
+def make_sgd(params, args, lr=None, nesterov=None):
+    """The shared optimiser: SGD with momentum (Nesterov as --nesterov unless
+    `nesterov` is given) and weight decay, in the capturable form every step
+    uses (capture.SGD); under torchrun it averages the gradients over
+    processes first."""
     return SGD(params, lr=args.lr if lr is None else lr, momentum=args.momentum,
-               weight_decay=args.weight_decay, nesterov=args.nesterov)
+               weight_decay=args.weight_decay, nesterov=args.nesterov if nesterov is None else nesterov)
 
 
 # ----------------------------------------------------------------------------- metrics and evaluation
@@ -206,12 +213,14 @@ TEST_METRICS = ('loss', 'top1', 'top5')
 class Evaluator:
     """Test loss, top-1 and top-5 of `net` over `loader`, one sync at the end.
     Kept per network: its sums live in one tensor and its step runs as
-    `mode` says (`--compile`: captured once, replayed every epoch)."""
+    `mode` says (`--compile`: captured once, replayed every epoch);
+    `runners` is how it ran (see fit)."""
 
     def __init__(self, net, loader, amp=False, mode='off', progress=False, desc='test'):
         self.net, self.loader, self.amp, self.progress, self.desc = net, loader, amp, progress, desc
         self.total = torch.zeros(4, dtype=torch.float64, device=loader.device)
-        self.runner = StepRunner(self.step, mode, loader.device, warmup=1)
+        self.runner = StepRunner(self.step, mode, loader.device, warmup=1, log=LOG.info)
+        self.runners = {desc: self.runner}
 
     @torch.no_grad()
     def step(self, batch):
@@ -280,7 +289,41 @@ def metrics_columns(phases, nets):
     if any(p.evaluate is not None for p in phases):
         columns += [f'test_{m}' if key == 'net' else f'test_{key}_{m}'
                     for key in nets for m in TEST_METRICS]
-    return columns + ['seconds', 'img_per_s']
+    return columns + ['seconds', 'img_per_s', *STEP_COLUMNS]
+
+
+# How an epoch's steps ran (metrics.csv): the training step's path (eager,
+# graphs or inductor) and why any step, training or test, did not run the path
+# --compile asked for ('' when every one did).
+STEP_COLUMNS = ('step_path', 'step_fallback')
+
+
+def step_record(train_runner, test_runners):
+    """(step_path, step_fallback) of the epoch that `train_runner` and the
+    `test_runners` ({name: StepRunner}) ran since their begin_epoch()."""
+    path, reason = train_runner.record()
+    reasons = [reason] if reason else []
+    for name, runner in test_runners.items():
+        _, test_reason = runner.record()
+        if test_reason and test_reason not in reasons:  # the same reason as training's is said once
+            reasons.append(f'{name} step: {test_reason}')
+    return path, '; '.join(reasons)
+
+
+def step_paths_of(rows):
+    """complete.json's record of how each phase ran, from its metrics rows:
+    {phase: {'path': ..., 'fallback': ...}} (None where nothing was recorded).
+    A phase whose epochs ran different paths (resumed on another device with
+    --compile auto) lists each, in the order they first ran."""
+    seen = {}
+    for r in rows:
+        entry = seen.setdefault(r['phase'], {'path': [], 'fallback': []})
+        for key, column in (('path', 'step_path'), ('fallback', 'step_fallback')):
+            value = r.get(column) or ''
+            if value and value not in entry[key]:
+                entry[key].append(value)
+    return {phase: {'path': ', '.join(e['path']) or None, 'fallback': '; '.join(e['fallback']) or None}
+            for phase, e in seen.items()}
 
 
 def fit(phases, loader, args, checkpointer, start=(0, 0), watched=()):
@@ -289,12 +332,15 @@ def fit(phases, loader, args, checkpointer, start=(0, 0), watched=()):
     After each epoch: one log line, then, if the test loss and every tensor of
     the `watched` modules (networks, method state) are finite, one metrics row
     and the checkpoint (`checkpointer(phase_index, epoch, row)`); a non-finite
-    one stops the run before anything of that epoch is saved. Returns the
-    last row."""
+    one stops the run before anything of that epoch is saved. Each row records
+    the step path that ran the epoch (STEP_COLUMNS), and log.txt says it once
+    per phase, again whenever it changes. Returns the last row."""
     row = None
     for pi in range(start[0], len(phases)):
         phase = phases[pi]
         runner = StepRunner(phase.step, args.compile, loader.device, log=LOG.info)  # graphs last the phase
+        test_runners = getattr(phase.evaluate, 'runners', {}) if phase.evaluate is not None else {}
+        logged_path = None
         first = start[1] + 1 if pi == start[0] else 1
         if first == 1 and len(phases) > 1:
             LOG.info(f'--- phase {pi + 1}/{len(phases)}: {phase.name} ({phase.epochs} epochs)')
@@ -303,14 +349,21 @@ def fit(phases, loader, args, checkpointer, start=(0, 0), watched=()):
             extra = phase.begin_epoch(epoch) if phase.begin_epoch is not None else None
             header = f'[{phase.name}] epoch {epoch}/{phase.epochs}'
             phase.stats.reset()
+            for r in (runner, *test_runners.values()):
+                r.begin_epoch()
             start_time = time.time()
             train = train_epoch(runner, loader, phase.stats, header, args.print_freq,
                                 show_progress(args), checkpointer)
             test = phase.evaluate() if phase.evaluate is not None else {}
+            ran = step_record(runner, test_runners)  # (path, fallback reason)
             row = {'phase': phase.name, 'phase_index': pi, 'epoch': epoch, 'lr': lr, **(extra or {}),
                    **{f'train_{k}': v for k, v in train.items() if k not in ('n', 'seconds', 'img_per_s')},
                    **{f'test_{k}': v for k, v in test.items()},
-                   'seconds': time.time() - start_time, 'img_per_s': train['img_per_s']}
+                   'seconds': time.time() - start_time, 'img_per_s': train['img_per_s'],
+                   **dict(zip(STEP_COLUMNS, ran))}
+            if ran != logged_path:
+                LOG.info(f'[{phase.name}] step path: {ran[0]}' + (f' ({ran[1]})' if ran[1] else ''))
+                logged_path = ran
             LOG.info(format_row(header, row))
             check_epoch_result(header, test, watched, checkpointer)
             checkpointer(pi, epoch, row)
@@ -419,7 +472,9 @@ def check_inputs_unchanged(saved, now):
 def begin(args, script, argv=None):
     """Start-up shared by the scripts. Only checks, nothing written: the run
     directory, the resume checkpoint with its flags and input files; then the
-    backend and seeds. Returns (run, resume checkpoint or None, device)."""
+    backend and seeds. Returns (run, resume checkpoint or None, device).
+    --resume of a finished run (complete.json) ends here, after those checks:
+    one line saying so, exit code 0, no file of the run touched."""
     args.device = init_distributed(args.device)
     reset_logger()
     if args.tensorboard:
@@ -438,6 +493,9 @@ def begin(args, script, argv=None):
                             f'not written by {script} (a weights-only file cannot be resumed)')
         run.check_resume_args(resume['args'])
         check_inputs_unchanged(resume['inputs'], run.inputs)
+        if run.complete is not None:
+            LOG.info(run.describe_complete())
+            raise SystemExit(0)
     configure_backend(args)
     seed_everything(args.seed)
     return run, resume, torch.device(args.device)
@@ -480,7 +538,9 @@ def train_phases(run, resume, phases, nets, loader, args, device, state=None, on
             run.start_metrics(keep_upto=start)
             LOG.info(f'resumed from {run.ckpt_path}: {phases[start[0]].name} epoch {start[1]} done')
         fit(phases, loader, args, checkpointer, start, watched=[*nets.values(), *state.values()])
-        run.mark_complete({'epochs': args.epochs, 'best': checkpointer.best})
+        # complete.json says how each phase ran, over every epoch (resumed ones too)
+        step_paths = step_paths_of(run.read_metrics()) if WORLD.main else {}
+        run.mark_complete({'epochs': args.epochs, 'best': checkpointer.best, 'step_paths': step_paths})
         LOG.info('done: ' + ', '.join(
             f"{'' if key == 'net' else key + ' '}best test top-1 {best['top1']:.2f} (epoch {best['epoch']})"
             for key, best in checkpointer.best.items()) + f'; weights in {run.dir}')

@@ -1,6 +1,7 @@
 """The registry from the command line: what the README and the sweep script read.
 
-    python -m kd_losses                        # the README's method table
+    python -m kd_losses                        # the method table (wrapped to a terminal's width)
+    python -m kd_losses --markdown             # the README's method table (also when piped)
     python -m kd_losses --names                # the --kd_mode names, one line
     python -m kd_losses --applies resnet32x4 ShuffleV1 [TEACHER STUDENT ...] [--why]
 
@@ -13,10 +14,11 @@ of the others (the sweep script prints these). The networks are built on the
 meta device, so no weights are allocated; the data is the full CIFAR train
 split (50000 images, equal classes), as a real run sees it.
 """
-import argparse
 import functools
+import shutil
 import sys
 import tempfile
+import textwrap
 
 from . import METHODS, ConfigError, Context
 
@@ -29,19 +31,71 @@ def cell(text):
     return str(text).replace('|', '\\|')
 
 
+def defaults_text(m, code=lambda text: f'`{text}`'):
+    """A method's defaults as flags, with its per-dataset ones in parentheses."""
+    defaults = ' '.join(code(f'--{k} {v}') for k, v in m.defaults.items())
+    per_data = '; '.join(f'{d}: ' + ' '.join(code(f'--{k} {v}') for k, v in o.items())
+                         for d, o in m.dataset_defaults.items())
+    return defaults + (f' ({per_data})' if per_data else '')
+
+
 def method_table():
+    """The method table in Markdown (the README's)."""
     rows = ['| `--kd_mode` | method | transfers | variant | defaults |',
             '|---|---|---|---|---|']
     for name in sorted(METHODS):
         m = METHODS[name]
-        defaults = ' '.join(f'`--{k} {v}`' for k, v in m.defaults.items())
-        per_data = '; '.join(f'{d}: ' + ' '.join(f'`--{k} {v}`' for k, v in o.items())
-                             for d, o in m.dataset_defaults.items())
-        if per_data:
-            defaults += f' ({per_data})'
         rows.append(f'| `{name}` | [{cell(m.title)}]({m.paper}) | {cell(m.transfers)} | '
-                    f'{cell(m.variant or "as the paper")} | {defaults} |')
+                    f'{cell(m.variant or "as the paper")} | {defaults_text(m)} |')
     return '\n'.join(rows)
+
+
+def plain_method_table(width):
+    """The method table as plain text for a terminal `width` characters wide
+    (each paper's link on a line of its own under its row)."""
+    methods = sorted(METHODS.items())
+    rows = [[name, m.title, m.transfers, m.variant or 'as the paper',
+             defaults_text(m, code=lambda text: text.replace(' ', NO_BREAK))] for name, m in methods]
+    return wrapped_table(['--kd_mode', 'method', 'transfers', 'variant', 'defaults'], rows, width,
+                         below=[m.paper for _, m in methods])
+
+
+NO_BREAK = '\xa0'  # a space that wrapping keeps (e.g. between a flag and its value)
+
+
+def wrapped_table(header, rows, width, below=None, gap='  ', narrowest=8):
+    """Text cells in columns that fit `width` (none narrower than its longest
+    word where the table can fit so, nor than `narrowest`): the widest
+    column gives way first, each cell is wrapped within its
+    column, a blank line separates the rows, and `below[i]` (if given) is a
+    line under row i, from the second column where it fits."""
+    columns = [[h, *(r[i] for r in rows)] for i, h in enumerate(header)]
+    widths = [max(len(cell) for cell in column) for column in columns]
+    room = width - len(gap) * (len(header) - 1)
+    # a column keeps its longest word whole while the table can fit; where it
+    # cannot, the widest columns narrow further (down to `narrowest`)
+    floors = [max(len(word) for cell in column for word in cell.split(' ')) for column in columns]
+    while sum(floors) > room and max(floors) > narrowest:
+        floors[floors.index(max(floors))] -= 1
+    while sum(widths) > room:
+        shrinkable = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not shrinkable:
+            break
+        widths[max(shrinkable, key=lambda i: widths[i])] -= 1
+
+    def lines_of(cells):
+        wrapped = [textwrap.wrap(cell, w, break_on_hyphens=False) or [''] for cell, w in zip(cells, widths)]
+        return [gap.join(column[i].ljust(w) if i < len(column) else ' ' * w
+                         for column, w in zip(wrapped, widths)).rstrip()
+                for i in range(max(len(column) for column in wrapped))]
+
+    out = lines_of(header) + [gap.join('-' * w for w in widths)]
+    for i, r in enumerate(rows):
+        out += lines_of(r)
+        if below:  # not wrapped (a link stays one piece): moved left where it would overflow
+            out.append(' ' * max(0, min(widths[0] + len(gap), width - len(below[i]))) + below[i])
+        out.append('')
+    return '\n'.join(out).rstrip('\n').replace(NO_BREAK, ' ')
 
 
 def mode_names():
@@ -102,11 +156,15 @@ def applicability(teacher_name, student_name, data_name='cifar100', protocol='cr
     return result
 
 
-def parse_args(argv):
+def build_parser():
     from errors import ArgumentParser  # a mistake is one line, `error: ...`, exit code 2
+    from flags import HelpFormatter
     parser = ArgumentParser(prog='python -m kd_losses', description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=HelpFormatter)
     what = parser.add_mutually_exclusive_group()
+    what.add_argument('--markdown', action='store_true',
+                      help='the method table in Markdown, as in the README [on when the output '
+                           'is not a terminal; on a terminal, a plain table fitted to its width]')
     what.add_argument('--names', action='store_true', help='print the --kd_mode names on one line')
     what.add_argument('--applies', nargs='+', metavar='NET',
                       help='TEACHER STUDENT [TEACHER STUDENT ...]: print, one line per pair, the '
@@ -115,6 +173,11 @@ def parse_args(argv):
                         help='with --applies: a "# skipped: ..." line for each mode that does not apply')
     parser.add_argument('--data_name', default='cifar100', help='with --applies [cifar100]')
     parser.add_argument('--protocol', default='crd', help='with --applies [crd: the CIFAR-100 benchmark]')
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.applies is None:
         if args.why or '--data_name' in argv or '--protocol' in argv:
@@ -147,8 +210,10 @@ def main(argv=None):
                 for mode, reason in result.items():
                     if reason is not None:
                         print(f'# skipped: {mode} does not apply to {teacher}->{student}: {reason}')
-    else:
+    elif args.markdown or not sys.stdout.isatty():
         print(method_table())
+    else:
+        print(plain_method_table(shutil.get_terminal_size().columns))
 
 
 if __name__ == '__main__':

@@ -6,10 +6,16 @@ first 60% of its epochs, 0.01·lr for the next 20% and 0.001·lr for the rest
 (30/10/10 of the seed's 50). The main schedule then trains with
 cross-entropy only: the KD weight is 0 in every main epoch.
 
+As in the seed, both phases step one SGD optimiser (Nesterov, as the main
+schedule's), so the init phase's momentum carries into the first main steps,
+and the init phase steps every student parameter: the classifier, which the
+KD loss does not reach, gets a zero gradient (the seed adds 0 * CE for this),
+so weight decay and momentum move it through the init epochs.
+
 A KD loss with learnable connectors (AB between maps of different shapes)
-trains them in the 'init' phase with the student; the main phase, which does
-not use the KD loss, leaves them as that phase left them (they are saved
-with the distiller).
+trains them in the 'init' phase with the student, on that same optimiser;
+the main phase, which does not use the KD loss, leaves them as that phase
+left them (no gradient: no update; they are saved with the distiller).
 
 This module starts with '_', so the package does not import it as a method.
 """
@@ -18,7 +24,8 @@ from functools import partial
 from .registry import Distiller, Flag, PretrainPhase
 
 INIT_FLAGS = {'init_epochs': Flag(int, 'epochs of the KD-only student initialisation phase '
-                                       '(AB, FSP)', positive=True, epochs_of=200)}
+                                       '(AB, FSP)', positive=True, epochs_of=200,
+                                       phase='init')}
 INIT_DEFAULTS = {'init_epochs': 50}
 
 
@@ -53,12 +60,14 @@ class InitThenCE(Distiller):
 
         connectors = [p for p in self.kd.parameters() if p.requires_grad]
         return [PretrainPhase(name='init', epochs=epochs,
-                         lr_scale=partial(init_lr_scale, init_epochs=epochs),
-                         params=list(ctx.student.parameters()) + connectors, loss=init_loss,
-                         train_modules=(ctx.student, self.kd))]
+                              lr_scale=partial(init_lr_scale, init_epochs=epochs),
+                              params=list(ctx.student.parameters()) + connectors, loss=init_loss,
+                              train_modules=(ctx.student, self.kd), shares_main_optimizer=True)]
 
     def learnable_parameters(self):
-        return []  # the main phase is cross-entropy alone: its optimiser leaves the connectors be
+        # The main phase is cross-entropy alone: the connectors sit in the shared
+        # optimiser (through the init phase) but get no gradient there, so stay as they are.
+        return []
 
     def kd_weight(self, epoch, epochs):
         return 0.0

@@ -9,8 +9,9 @@ teacher's neuron is off (t <= 0) but the student's is not safely off
 not safely on (s <= m); the loss is the mean. As in the seed, the mean
 replaces the paper's sum, the stages (every stage both networks have,
 `ctx.stage_keys`) are averaged, and AB only initialises the student: 'init'
-epochs on this loss alone, then the normal schedule with cross-entropy only
-(see _two_phase).
+epochs on this loss alone, then the normal schedule with cross-entropy only,
+both phases on one SGD optimiser whose momentum carries over, and the init
+phase decaying the classifier the loss does not reach (see _two_phase).
 
 Where a stage's maps have the same shape (the seed's resnet pairs) the
 student map is compared directly, as in the seed. Where they differ, the
@@ -29,7 +30,9 @@ weight 1 in the main phase and KD weight 1 on the init loss (its
 main phase cross-entropy alone). Its init loss sums the stages with weights
 2^(k-K) and the entries divided by the batch and 1000/3, where ours averages
 both; its init phase runs at the constant main lr (ours: 0.1, 0.01, 0.001 of
-it, the seed's).
+it, the seed's), with an optimiser of its own (no Nesterov, its momentum not
+carried into the main phase) over the connectors and the student's feature
+layers, classifier excluded (ours: the seed's one optimiser, classifier included).
 """
 import torch.nn as nn
 
@@ -74,7 +77,8 @@ register(Method(
     paper='https://arxiv.org/abs/1811.03233',
     transfers='every stage pre-activation (through a connector where the shapes differ), mean; '
               'init phase only',
-    variant='two phases: 50 epochs of initialisation with the AB loss alone, then CE only (no soft targets)',
+    variant='two phases on one optimiser (momentum carried over): 50 epochs of initialisation with '
+            'the AB loss alone, then CE only (no soft targets)',
     build=build,
     defaults={'lambda_kd': 10.0, 'm': 2.0, **INIT_DEFAULTS},
     protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'm': 1.0, 'init_epochs': 30}},

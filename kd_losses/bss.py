@@ -164,5 +164,6 @@ register(Method(
                                'warmup_epochs': 12}},  # the seed's 10 of 200, of the benchmark's 240
     flags={'T': Flag(float, 'softmax temperature', positive=True),
            'attack_size': Flag(int, 'bss: most samples attacked per batch', positive=True),
-           'warmup_epochs': Flag(int, 'bss: first epochs without the KD term', epochs_of=200)},
+           'warmup_epochs': Flag(int, 'bss: first epochs without the KD term', epochs_of=200,
+                                 warms_up='the KD term')},
 ))

@@ -135,7 +135,8 @@ register(Method(
            'ctkd_t_range': Flag(float, 'ctkd: span of the learned temperature above '
                                        'ctkd_t_min'),
            'ctkd_ramp_epochs': Flag(int, 'ctkd: epochs of the cosine ramp of the gradient '
-                                         'reversal strength (0: full strength at once)'),
+                                         'reversal strength (0: full strength at once)',
+                                         warms_up="the temperature curriculum's gradient reversal"),
            'ctkd_lambda_max': Flag(float, 'ctkd: final gradient reversal strength'),
            'logit_stand': LOGIT_STAND},
     switch_defaults={'logit_stand': {'lambda_kd': 9.0}},

@@ -132,6 +132,6 @@ register(Method(
            'dkd_beta': Flag(float, 'dkd: weight of the non-target-class term (NCKD)'),
            'T': Flag(float, 'softmax temperature', positive=True),
            'dkd_warmup': Flag(int, 'dkd: epochs over which the KD weight rises linearly to 1 '
-                                   '(0: none)'),
+                                   '(0: none)', warms_up='the KD weight'),
            'logit_stand': LOGIT_STAND},
 ))

@@ -11,7 +11,9 @@ of stem and every stage both networks have (`ctx.stage_keys`): (stem, rb1),
 (rb1, rb2), (rb2, rb3)[, (rb3, rb4)], post-activation, averaged with equal
 weights as in the seed (the paper weights pairs and sums). Like the paper,
 FSP only initialises the student: 'init' epochs on this loss alone, then the
-normal schedule with cross-entropy only (see _two_phase).
+normal schedule with cross-entropy only, both phases on one SGD optimiser
+whose momentum carries over, and the init phase decaying the classifier the
+loss does not reach, as in the seed (see _two_phase).
 
 Each network's matrices are taken within that network, so its maps' spatial
 sizes need not match the other's; but the student's and the teacher's
@@ -26,7 +28,9 @@ the main phase. Its script's `--distill fsp -a 0 -b 50` weight multiplies a
 main-phase term it sets to 0 (helper/loops.py); the init phase takes the sum
 of the pairs' losses unweighted (helper/pretrain.py), which this mode
 averages. Its init phase runs at the constant main lr (here 0.1, 0.01, 0.001
-of it, the seed's).
+of it, the seed's), with an optimiser of its own (no Nesterov, its momentum
+not carried into the main phase) over the student's feature layers,
+classifier excluded (here the seed's one optimiser, classifier included).
 """
 import torch
 import torch.nn as nn
@@ -83,7 +87,7 @@ register(Method(
     paper='https://openaccess.thecvf.com/content_cvpr_2017/papers/Yim_A_Gift_From_CVPR_2017_paper.pdf',
     transfers='FSP matrices of consecutive maps (stem, rb1), (rb1, rb2), ... post-activation, '
               'mean; init phase only; equal channels only',
-    variant='two phases as AB: initialisation with the FSP loss alone, then CE only',
+    variant='two phases as AB, on one optimiser: initialisation with the FSP loss alone, then CE only',
     build=build,
     defaults={'lambda_kd': 1.0, **INIT_DEFAULTS},
     protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 1.0, 'init_epochs': 30}},

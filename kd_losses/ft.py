@@ -7,11 +7,14 @@ A paraphraser (conv encoder to int(k*C) factor channels, transposed-conv
 decoder back to C) first learns to reconstruct the teacher's last-stage
 post-activation (the last of `ctx.stage_keys`: rb3, or rb4) with an MSE in
 its own phase; the seed trains it for 30 epochs at 0.1 * lr, kept constant
-here. Then it is frozen and a translator (conv encoder, same style) maps the
-student's last stage to factors. The loss is the L1 distance between the
-row-L2-normalised flattened factors. As in the seed, the convolutions use
-BatchNorm on CIFAR-10 only (bias instead of BN otherwise) and LeakyReLU(0.1)
-after every layer, decoder output included.
+here, with an SGD optimiser of its own: momentum and weight decay as the
+main one's, but without Nesterov (the seed's, whatever --nesterov says; the
+main phase's optimiser follows --nesterov). Then it is frozen and a
+translator (conv encoder, same style) maps the student's last stage to
+factors. The loss is the L1 distance between the row-L2-normalised
+flattened factors. As in the seed, the convolutions use BatchNorm on
+CIFAR-10 only (bias instead of BN otherwise) and LeakyReLU(0.1) after every
+layer, decoder output included.
 
 Across networks: the translator takes the student's channels to the
 teacher's factor channels (the paper's design), and where the two factor
@@ -108,8 +111,9 @@ class FTDistiller(Distiller):
 
     def pretrain_phases(self, ctx):
         return [PretrainPhase('paraphraser', ctx.args.para_epochs, lambda epoch: 0.1,
-                         list(self.paraphraser.parameters()), self.paraphraser_loss,
-                         needs_student=False, train_modules=[self.paraphraser])]
+                              list(self.paraphraser.parameters()), self.paraphraser_loss,
+                              needs_student=False, train_modules=[self.paraphraser],
+                              nesterov=False)]  # the seed's paraphraser optimiser
 
     def learnable_parameters(self):
         return list(self.translator.parameters())  # the paraphraser stays as its phase left it
@@ -132,10 +136,12 @@ register(Method(
     name='ft', title='factor transfer', paper='https://arxiv.org/abs/1802.04977',
     transfers='last stage post-activation factors (paraphraser phase first; the larger factor '
               'map pooled to the smaller), L1',
-    variant='paraphraser pre-trained for 30 epochs at 0.1 lr; BN in paraphraser and translator on CIFAR-10 only',
+    variant='paraphraser pre-trained for 30 epochs at 0.1 lr, without Nesterov; BN in paraphraser and '
+            'translator on CIFAR-10 only',
     build=FTDistiller,
     defaults={'lambda_kd': 200.0, 'k': 0.5, 'para_epochs': 30},
     protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 200.0, 'k': 0.5, 'para_epochs': 30}},
     flags={'k': Flag(float, 'factor channels = int(k * teacher last-stage channels)', positive=True),
-           'para_epochs': Flag(int, 'epochs of the paraphraser phase', positive=True, epochs_of=200)},
+           'para_epochs': Flag(int, 'epochs of the paraphraser phase', positive=True, epochs_of=200,
+                                 phase='paraphraser')},
 ))

@@ -47,6 +47,13 @@ class Flag:
     # epochs (a protocol's own default: for that protocol's schedule): left
     # out, it scales with --epochs (rounded, at least 1 unless 0).
     epochs_of: Optional[int] = None
+    # A number of epochs that is a stage of the run (shown in the log's
+    # schedule, with a warning where it spans half of --epochs or more):
+    # `warms_up` names what reaches full strength only after that many
+    # main-schedule epochs (e.g. 'the KD weight'); `phase` names the
+    # pre-training phase that lasts that many epochs (e.g. 'init').
+    warms_up: Optional[str] = None
+    phase: Optional[str] = None
 
     def scaled(self, default, epochs, reference=None):
         """The default for a run of `epochs` epochs, the default being meant
@@ -149,13 +156,26 @@ class Context:
 
 @dataclass
 class PretrainPhase:
-    """A training phase run before the main schedule, with its own SGD
-    optimiser over `params` (momentum and weight decay as the main one).
+    """A training phase run before the main schedule, optimising `params`
+    with SGD (momentum and weight decay as the main optimiser's).
 
     Each step runs the teacher (no grad) and, if `needs_student`, the student
     (train mode), then minimises `loss(s, t, batch)` (s is None when the
     student is not run). `train_modules` are put in train mode for the phase.
-    The lr of epoch e (from 1) is `lr_scale(e) * --lr`."""
+    The lr of epoch e (from 1) is `lr_scale(e) * --lr`.
+
+    Every step updates every parameter its optimiser holds: one the loss
+    does not reach (AB/FSP's classifier) has a zero gradient, so weight
+    decay and momentum still move it, as in the seed, whose init loss adds
+    0 * cross-entropy to the same effect.
+
+    The optimiser is one of the phase's own (fresh momentum; Nesterov as
+    --nesterov unless `nesterov` says otherwise), or, with
+    `shares_main_optimizer`, the main schedule's: one SGD for both, as the
+    seed's AB/FSP use, holding `params` besides the main schedule's own, so
+    the phase's momentum carries into the first main steps (and a resumed
+    run restores it in either phase). Such a phase then steps every
+    parameter of that optimiser, and `nesterov` must stay None."""
     name: str
     epochs: int
     lr_scale: Callable[[int], float]
@@ -163,6 +183,8 @@ class PretrainPhase:
     loss: Callable
     needs_student: bool = True
     train_modules: Sequence[nn.Module] = ()
+    shares_main_optimizer: bool = False
+    nesterov: Optional[bool] = None  # None: --nesterov (FT's paraphraser: False, the seed's)
 
 
 class Distiller(nn.Module):

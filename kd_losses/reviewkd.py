@@ -144,5 +144,5 @@ register(Method(
     defaults={'lambda_kd': 5.0, 'reviewkd_warmup': 20},
     protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 5.0, 'reviewkd_warmup': 20}},
     flags={'reviewkd_warmup': Flag(int, 'reviewkd: epochs over which the KD weight rises '
-                                        'linearly to lambda_kd (0: none)')},
+                                        'linearly to lambda_kd (0: none)', warms_up='the KD weight')},
 ))

@@ -52,3 +52,34 @@ def test_concurrent_runs_are_summed(tmp_path):
     assert len(row) == 1
     total, per_run = row[0].split('|')[4:6]
     assert abs(float(total) - sum(float(x) for x in per_run.split(','))) <= 2  # rounding
+
+
+def fake_measure(calls):
+    def measure(name, device, path, batch_size, warmup, steps, start_at=None, n_train=50000,
+                n_test=10000):
+        calls.append((name, path, batch_size, warmup, steps))
+        return {'config': name, 'path': path, 'img_per_s': 100.0, 's_per_epoch': 5.0,
+                'gpu_ms_per_step': None, 'wall_ms_per_step': 10.0, 'peak_mem_mb': None}
+    return measure
+
+
+def test_on_the_cpu_it_says_what_it_times_then_shows_each_run(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(bench, 'measure', fake_measure(calls))
+    bench.main(['--device', 'cpu'])
+    # the CPU's defaults: a baseline and a KD step, a few steps each (about a minute)
+    assert calls == [('base-r20', 'fp32', 128, 2, 5), ('kd-st', 'fp32', 128, 2, 5)]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('bench.py on cpu')
+    for text in ('timing 2 run(s), base-r20 kd-st on the fp32 path(s)',
+                 '2 untimed and 5 timed training steps of batch 128',
+                 'a test pass over 1000 images (scaled to --n_test 10000)'):
+        assert text in lines[0]
+    assert lines[1:5] == ['[1/2] base-r20 fp32 ...', 'base-r20 fp32: 100 img/s, 5.00 s/epoch',
+                          '[2/2] kd-st fp32 ...', 'kd-st fp32: 100 img/s, 5.00 s/epoch']
+
+
+def test_the_cpu_times_a_share_of_the_test_images(monkeypatch):
+    monkeypatch.setattr(bench, 'CPU_TEST_IMAGES', 16)
+    r = bench.measure('base-r20', 'cpu', 'fp32', 16, 1, 1, n_train=64, n_test=48)
+    assert r['eval_timed_images'] == 16 and r['n_test'] == 48

@@ -1,14 +1,18 @@
 """Factor transfer: the L1 loss between normalised factors against a direct
-numpy computation, the paraphraser stage, and the frozen paraphraser in the
-main stage."""
+numpy computation, the paraphraser stage, the frozen paraphraser in the
+main stage, and both stages' steps against the seed's train_ft.py."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import make_context, make_features
 from dataset import Batch
 from kd_losses import FT, METHODS, ConfigError, Distiller, PretrainPhase
+from test_two_phase import assert_states_equal, built, float64, run, tiny_batches  # noqa: F401 (a fixture)
 
 
 def ft_reference(factor_s, factor_t):
@@ -93,6 +97,7 @@ def test_paraphraser_stage():
     stage = stages[0]
     assert isinstance(stage, PretrainPhase)
     assert stage.name == 'paraphraser' and stage.epochs == 7 and not stage.needs_student
+    assert stage.nesterov is False and not stage.shares_main_optimizer  # the seed's own SGD
     assert all(stage.lr_scale(e) == pytest.approx(0.1) for e in range(1, 8))
     assert ids(stage.params) == ids(d.paraphraser.parameters())
     assert list(stage.train_modules) == [d.paraphraser]
@@ -197,3 +202,54 @@ def test_translator_to_the_teachers_factors_across_shapes():
     loss.backward()
     assert fm_s.grad.abs().sum() > 0
     assert all(p.grad is not None for p in d.translator.parameters())
+
+
+# ----- against the seed's steps -----
+
+def test_paraphraser_and_main_stages_step_as_the_seed(float64):
+    """One paraphraser epoch and one main epoch on the same batches give the
+    seed's train_ft.py weights to rounding: its paraphraser optimiser has
+    momentum and weight decay but no Nesterov (the main one has Nesterov)."""
+    args, model, teacher, distiller, phases = built('ft', epochs=1, extra=['--para_epochs', '1'])
+    assert args.nesterov and [p.name for p in phases] == ['paraphraser', 'main']
+    batches = tiny_batches()
+    student, paraphraser, translator = (copy.deepcopy(m) for m in
+                                        (model, distiller.paraphraser, distiller.translator))
+
+    # the seed's train_para: its own SGD at 0.1 * lr, without Nesterov
+    optimizer_para = torch.optim.SGD(paraphraser.parameters(), lr=args.lr * 0.1,
+                                     momentum=args.momentum, weight_decay=args.weight_decay)
+    paraphraser.train()
+    for img, _, _ in batches:
+        target = teacher(img).rb3[1].detach()
+        _, reconstruction = paraphraser(target)
+        loss = ((reconstruction - target) ** 2).mean()
+        optimizer_para.zero_grad()
+        loss.backward()
+        optimizer_para.step()
+    run(phases, args, batches, stop=1)
+    assert_states_equal(distiller.paraphraser.state_dict(), paraphraser.state_dict(), 'paraphraser')
+
+    # the seed's train: student and translator on a fresh SGD with Nesterov, the paraphraser frozen
+    paraphraser.eval().requires_grad_(False)
+    optimizer = torch.optim.SGD([*student.parameters(), *translator.parameters()], lr=args.lr,
+                                momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True)
+    student.train()
+    translator.train()
+
+    def normalised(factor):
+        flat = factor.reshape(factor.shape[0], -1)
+        return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    for img, target, _ in batches:
+        s, t = student(img), teacher(img)
+        factor_s, (factor_t, _) = translator(s.rb3[1]), paraphraser(t.rb3[1])
+        kd = (normalised(factor_s) - normalised(factor_t.detach())).abs().mean()
+        loss = F.cross_entropy(s.out, target) + kd * args.lambda_kd
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    run(phases, args, batches, start=1)
+    assert_states_equal(model.state_dict(), student.state_dict(), 'student')
+    assert_states_equal(distiller.translator.state_dict(), translator.state_dict(), 'translator')
+    assert_states_equal(distiller.paraphraser.state_dict(), paraphraser.state_dict(), 'frozen paraphraser')

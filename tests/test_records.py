@@ -14,7 +14,8 @@ import train_kd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KD_COLUMNS = ['phase', 'phase_index', 'epoch', 'lr', 'kd_weight', 'train_ce', 'train_kd', 'train_top1',
-              'train_top5', 'train_loss', 'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s']
+              'train_top5', 'train_loss', 'test_loss', 'test_top1', 'test_top5', 'seconds', 'img_per_s',
+              'step_path', 'step_fallback']
 
 
 def kd(base_run, save_root, note, mode, *extra):
@@ -47,7 +48,8 @@ def test_a_resumed_run_appends_rows(base_run, tmp_path):
     train_kd.main(kd(base_run, tmp_path, 'st', 'st', '--epochs', '2'))
     with open(tmp_path / 'st' / 'metrics.csv') as f:
         before = list(csv.DictReader(f))
-    train_kd.main(kd(base_run, tmp_path, 'st', 'st', '--epochs', '2', '--resume'))  # finished: no-op
+    os.remove(tmp_path / 'st' / 'complete.json')  # killed after the last checkpoint, before this
+    train_kd.main(kd(base_run, tmp_path, 'st', 'st', '--epochs', '2', '--resume'))  # no epoch left
     with open(tmp_path / 'st' / 'metrics.csv') as f:
         after = list(csv.DictReader(f))
     assert after == before and [r['epoch'] for r in after] == ['1', '2']
@@ -155,3 +157,20 @@ def test_plot_draws_the_chosen_runs_curves(base_run, tmp_path, capsys):
     with pytest.raises(summarize.UserError, match='no run matches'):
         summarize.summary([root, '--csv', str(tmp_path / 's.csv'), '--plot', str(tmp_path / 'x.png'),
                            '--runs', 'no-such-run*'])
+
+
+def test_plot_has_whole_epoch_ticks_and_a_title_naming_the_run(tmp_path, monkeypatch):
+    pytest.importorskip('matplotlib')  # skipped, not passed, without matplotlib
+    import matplotlib.figure
+    run = tmp_path / 'st-c10-r110-r20-s2'
+    run.mkdir()
+    (run / 'args.json').write_text(json.dumps({'script': 'train_kd.py', 'args': {
+        'data_name': 'cifar10', 'epochs': 3, 't_name': 'resnet110', 's_name': 'resnet20', 'kd_mode': 'st'}}))
+    (run / 'metrics.csv').write_text('phase,phase_index,epoch,test_top1\nmain,0,1,40\nmain,0,2,50\nmain,0,3,45\n')
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', lambda fig, *a, **k: drawn.append(fig))
+    summarize.summary([str(tmp_path), '--plot', str(tmp_path / 'c.png')])
+    (ax,) = drawn[0].axes
+    assert 'st-c10-r110-r20-s2' in ax.get_title()
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]  # three epochs: no tick at 1.5
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks

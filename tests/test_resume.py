@@ -126,6 +126,7 @@ def test_resume_continues_a_finished_run_to_more_epochs_without_duplicate_rows(c
     # a kill between the metrics row and the checkpoint leaves an extra row: resume drops it
     with open(tmp_path / 'run' / 'metrics.csv', 'a') as f:
         f.write('main,0,3,0.1,9,9,9,9,9,9,9,9\n')
+    os.remove(tmp_path / 'run' / 'complete.json')  # not marked complete: resumable
     train_base.main(base_args(cifar10_root, tmp_path, 'run', 2) + ['--resume'])
     assert metrics(str(tmp_path / 'run')) == rows
 

@@ -70,7 +70,7 @@ def test_three_seeds_mean_and_sample_standard_deviation(tmp_path, capsys):
     #          last mean 59, squared deviations 16 + 1 + 25 = 42, sample variance 42/2 = 21
     best_std, last_std = math.sqrt(13), math.sqrt(21)   # 3.61, 4.58 (population: 2.94, 3.74)
     lines, rows = run_summary(root, capsys)
-    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 63.00 ± 3.61 / 59.00 ± 4.58 (n=3) |']
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 4 | 63.00 ± 3.61 / 59.00 ± 4.58 (n=3) |']
     (row,) = rows
     assert row['n'] == '3' and row['complete'] == 'True'
     assert float(row['best_mean']) == pytest.approx(63.0)
@@ -90,7 +90,7 @@ def test_four_seeds_with_non_integer_numbers(tmp_path, capsys):
     var = 5.625 / 3                                                  # 1.875
     lines, rows = run_summary(root, capsys)
     std = math.sqrt(var)                                             # 1.3693
-    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 71.00 ± 1.37 / 71.00 ± 1.37 (n=4) |']
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 1 | 71.00 ± 1.37 / 71.00 ± 1.37 (n=4) |']
     assert float(rows[0]['best_std']) == pytest.approx(std)
     assert float(rows[0]['best_mean']) == pytest.approx(mean)
 
@@ -110,7 +110,7 @@ def test_best_and_last_come_from_the_main_phase_only(tmp_path, capsys):
     fake_run(root, 'st-s1', {**KD, 'seed': 1}, [40, 75, 70, 72], pre_rows=[99.0, 98.0])
     lines, rows = run_summary(root, capsys)
     # best = max over the main epochs (75, epoch 2), last = the last main epoch (72)
-    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 75.00 / 72.00 |']
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 4 | 75.00 / 72.00 |']
     run = summarize.read_run(os.path.join(root, 'st-s1'))
     assert run['scores']['net'] == {'best': 75.0, 'last': 72.0}
     assert run['epochs_done'] == 4 and run['complete']
@@ -120,7 +120,7 @@ def test_last_is_the_last_epoch_not_the_lowest(tmp_path, capsys):
     root = str(tmp_path)
     fake_run(root, 'st-s1', {**KD, 'seed': 1}, [30, 20, 50, 45])
     lines, _ = run_summary(root, capsys)
-    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 50.00 / 45.00 |']
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 4 | 50.00 / 45.00 |']
 
 
 # ----------------------------------------------------------------------------- unfinished runs
@@ -137,7 +137,7 @@ def test_a_group_with_an_unfinished_seed_is_marked(tmp_path, capsys):
     (st_line,) = kd_lines(lines)
     assert st_line.endswith(' (n=3) * |'), st_line                 # unfinished: marked
     # the finished group: no mark; best (40, 42) and last (40, 42): 41 ± sqrt(2)
-    assert '| resnet110 | resnet20 | AT | 41.00 ± 1.41 / 41.00 ± 1.41 (n=2) |' in lines
+    assert '| resnet110 | resnet20 | AT | 4 | 41.00 ± 1.41 / 41.00 ± 1.41 (n=2) |' in lines
     complete = {r['name']: r['complete'] for r in rows}
     assert complete == {'ST': 'False', 'AT': 'True'}
 
@@ -152,8 +152,8 @@ def test_seeds_and_paths_do_not_split_a_group_but_a_setting_does(tmp_path, capsy
     fake_run(root, 'c', {**one_epoch, 'seed': 1, 'lambda_kd': 0.5}, [70])
     lines, rows = run_summary(root, capsys)
     assert sorted(kd_lines(lines)) == [
-        '| resnet110 | resnet20 | ST (lambda_kd=0.1) | 61.00 ± 1.41 / 61.00 ± 1.41 (n=2) |',
-        '| resnet110 | resnet20 | ST (lambda_kd=0.5) | 70.00 / 70.00 |']
+        '| resnet110 | resnet20 | ST (lambda_kd=0.1) | 1 | 61.00 ± 1.41 / 61.00 ± 1.41 (n=2) |',
+        '| resnet110 | resnet20 | ST (lambda_kd=0.5) | 1 | 70.00 / 70.00 |']
 
 
 def test_flags_the_method_ignores_do_not_split_a_group(tmp_path, capsys):
@@ -161,7 +161,7 @@ def test_flags_the_method_ignores_do_not_split_a_group(tmp_path, capsys):
     fake_run(root, 'st-s1', {**KD, 'epochs': 1, 'seed': 1}, [60])
     fake_run(root, 'st-s2', {**KD, 'epochs': 1, 'seed': 2, 'p': 3.0}, [62])  # --p: not read by st
     lines, rows = run_summary(root, capsys)
-    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 61.00 ± 1.41 / 61.00 ± 1.41 (n=2) |']
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 1 | 61.00 ± 1.41 / 61.00 ± 1.41 (n=2) |']
 
 
 def test_a_flag_the_method_reads_still_splits_a_group(tmp_path, capsys):
@@ -169,8 +169,8 @@ def test_a_flag_the_method_reads_still_splits_a_group(tmp_path, capsys):
     fake_run(root, 'st-s1', {**KD, 'epochs': 1, 'seed': 1}, [60])
     fake_run(root, 'st-s2', {**KD, 'epochs': 1, 'seed': 2, 'T': 2.0}, [62])  # --T: read by st
     lines, _ = run_summary(root, capsys)
-    assert sorted(kd_lines(lines)) == ['| resnet110 | resnet20 | ST (T=2.0) | 62.00 / 62.00 |',
-                                       '| resnet110 | resnet20 | ST (T=4.0) | 60.00 / 60.00 |']
+    assert sorted(kd_lines(lines)) == ['| resnet110 | resnet20 | ST (T=2.0) | 1 | 62.00 / 62.00 |',
+                                       '| resnet110 | resnet20 | ST (T=4.0) | 1 | 60.00 / 60.00 |']
 
 
 # ----------------------------------------------------------------------------- one replicate per seed
@@ -185,7 +185,7 @@ def test_two_runs_of_one_seed_are_one_replicate_the_finished_one(tmp_path, capsy
     captured = capsys.readouterr()
     # kept: the finished seed-2 run (best 60, last 55) and seed 3 (62, 58): 61 ± 1.41 / 56.5 ± 2.12
     assert kd_lines(captured.out.splitlines()) == [
-        '| resnet110 | resnet20 | ST | 61.00 ± 1.41 / 56.50 ± 2.12 (n=2) |']
+        '| resnet110 | resnet20 | ST | 4 | 61.00 ± 1.41 / 56.50 ± 2.12 (n=2) |']
     (warning,) = [line for line in captured.err.splitlines() if 'seed 2' in line]
     assert warning.startswith('warning: ') and 'kept ' + os.path.join(root, 'st-s2-new') in warning
 
@@ -195,7 +195,7 @@ def test_of_two_unfinished_runs_of_one_seed_the_longer_is_kept(tmp_path, capsys)
     fake_run(root, 'st-a', {**KD, 'seed': 2}, [40, 45, 70])   # 3 epochs: kept
     fake_run(root, 'st-b', {**KD, 'seed': 2}, [80])           # 1 epoch
     lines, rows = run_summary(root, capsys)
-    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 70.00 / 70.00 * |']
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 4 | 70.00 / 70.00 * |']
     assert rows[0]['n'] == '1' and rows[0]['runs'] == os.path.join(root, 'st-a')
 
 
@@ -208,6 +208,144 @@ def test_a_failed_seed_is_left_out_of_the_numbers_and_counted(tmp_path, capsys):
     fake_run(root, 'st-s3', {**KD, 'seed': 3}, [99, 99], error='loss is NaN at epoch 3')
     lines, rows = run_summary(root, capsys)
     # seeds 1 and 2 only: best 60, 62 -> 61 ± 1.41; last 55, 58 -> 56.5 ± 2.12
-    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 61.00 ± 1.41 / 56.50 ± 2.12 (n=2) (1 failed) |']
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 4 | 61.00 ± 1.41 / 56.50 ± 2.12 (n=2) (1 failed) |']
     assert rows[0]['n'] == '2' and rows[0]['failed'] == '1' and rows[0]['status'] == 'failed'
     assert float(rows[0]['best_mean']) == pytest.approx(61.0)
+
+
+# ----------------------------------------------------------------------------- damaged runs
+
+def summary_with_warnings(root, capsys):
+    summarize.summary([root, '--csv', os.path.join(root, 'summary.csv')])
+    captured = capsys.readouterr()
+    with open(os.path.join(root, 'summary.csv')) as f:
+        rows = list(csv.DictReader(f))
+    return captured.out.splitlines(), rows, captured.err.splitlines()
+
+
+def two_healthy_seeds(root):
+    """Seeds 1 and 2: best 60, 62 -> 61 ± 1.41; last 55, 58 -> 56.5 ± 2.12."""
+    fake_run(root, 'st-s1', {**KD, 'seed': 1}, [50, 60, 57, 55])
+    fake_run(root, 'st-s2', {**KD, 'seed': 2}, [62, 61, 59, 58])
+
+
+HEALTHY_LINE = '| resnet110 | resnet20 | ST | 4 | 61.00 ± 1.41 / 56.50 ± 2.12 (n=2) |'
+
+
+def assert_named_and_left_out(root, capsys, damaged, *reason):
+    """The summary's numbers are the two healthy seeds', and one warning line
+    names the damaged run's directory, its file and each word of `reason`."""
+    lines, rows, warnings = summary_with_warnings(root, capsys)
+    assert kd_lines(lines) == [HEALTHY_LINE]
+    assert rows[0]['n'] == '2' and damaged not in rows[0]['runs'].split()
+    (warning,) = warnings
+    assert warning.startswith(f'warning: skipped {damaged}: metrics.csv'), warning
+    for word in reason:
+        assert word in warning, (word, warning)
+    assert lines[-1].startswith('2 runs (1 more skipped: damaged or unreadable, named above)')
+
+
+def test_a_last_row_cut_off_mid_line_is_named_and_left_out(tmp_path, capsys):
+    root = str(tmp_path)
+    two_healthy_seeds(root)
+    # killed while appending epoch 3's row: '57' of '57.25' reached the file
+    d = fake_run(root, 'st-s3', {**KD, 'seed': 3}, [70, 71])
+    with open(os.path.join(d, 'metrics.csv'), 'a') as f:
+        f.write('main,0,3,0.1,57')
+    assert_named_and_left_out(root, capsys, d, 'last row is cut off', "'main,0,3,0.1,57'")
+
+
+@pytest.mark.parametrize('value', ['nan', 'inf', '-inf'])
+def test_a_run_whose_top1_is_not_finite_is_named_and_left_out(tmp_path, capsys, value):
+    root = str(tmp_path)
+    two_healthy_seeds(root)
+    d = fake_run(root, 'st-s3', {**KD, 'seed': 3}, [40, 50, value, 64])
+    assert_named_and_left_out(root, capsys, d, f'test_top1 is {value} at main epoch 3', 'not a finite')
+
+
+@pytest.mark.parametrize('damage, reason', [
+    ('empty', 'metrics.csv is empty'),                       # truncated, never rewritten
+    ('header only', 'holds no epoch though checkpoint.pth.tar exists'),
+    ('repeated epoch', 'main epochs are 1, 2, 1, 2, 3, 4, not 1, 2, ... in order'),
+    ('short row', 'the row of main epoch 2 has fewer fields than the header'),
+])
+def test_a_history_that_lost_or_repeated_rows_is_named_and_left_out(tmp_path, capsys, damage, reason):
+    root = str(tmp_path)
+    two_healthy_seeds(root)
+    d = fake_run(root, 'st-s3', {**KD, 'seed': 3}, [70, 71, 72, 73], complete=False)
+    open(os.path.join(d, 'checkpoint.pth.tar'), 'wb').close()  # it ran epochs: there is a checkpoint
+    path = os.path.join(d, 'metrics.csv')
+    header = 'phase,phase_index,epoch,lr,test_top1\r\n'
+    text = {'empty': '', 'header only': header,
+            'repeated epoch': header + 'main,0,1,0.1,70\r\nmain,0,2,0.1,71\r\n' +
+                              open(path, newline='').read()[len(header):],
+            'short row': header + 'main,0,1,0.1,70\r\nmain,0,2,0.1\r\nmain,0,3,0.1,72\r\n'}[damage]
+    with open(path, 'w', newline='') as f:
+        f.write(text)
+    assert_named_and_left_out(root, capsys, d, reason)
+
+
+@pytest.mark.parametrize('flag', ['lr_decay_epochs', 't_name', 's_name', 'kd_mode', 'data_name', 'epochs',
+                                  'seed', 'protocol'])
+@pytest.mark.parametrize('value', [[150, 180, 210], {'a': 1}])
+def test_list_or_dict_flags_in_args_json_never_crash_the_summary(tmp_path, capsys, flag, value):
+    root = str(tmp_path)
+    two_healthy_seeds(root)
+    odd = fake_run(root, 'st-odd', {**KD, 'seed': 3, flag: value}, [40, 50, 60, 64])
+    lines, rows, warnings = summary_with_warnings(root, capsys)
+    text = json.dumps(value, sort_keys=True)
+    # the run is somewhere: in the tables and the CSV, or named in a warning
+    shown = any(odd in r['runs'].split() for r in rows)
+    assert shown or any(odd in w and text in w for w in warnings), (lines, warnings)
+    if flag in ('t_name', 's_name', 'epochs'):  # shown as its JSON text
+        assert any(text in line and '64.00' in line for line in lines), lines
+    if flag == 'lr_decay_epochs':
+        assert '| resnet110 | resnet20 | ST (lr_decay_epochs=None) | 4 | 61.00 ± 1.41 / 56.50 ± 2.12 (n=2) |' \
+            in lines
+
+
+# ----------------------------------------------------------------------------- epochs, captions
+
+def test_the_epochs_column_is_the_length_of_the_schedule(tmp_path, capsys):
+    root = str(tmp_path)
+    fake_run(root, 'st-s1', {**KD, 'seed': 1}, [50, 60])                    # 2 of 4 epochs so far
+    fake_run(root, 'st-c100', {**KD, 'data_name': 'cifar100', 'epochs': 3, 'seed': 1}, [20, 30, 25])
+    lines, rows, _ = summary_with_warnings(root, capsys)
+    assert '| Teacher | Student | Name | Epochs | CIFAR10 | CIFAR100 |' in lines
+    # the planned schedule, not the epochs done; each dataset's where they differ
+    assert kd_lines(lines) == ['| resnet110 | resnet20 | ST | 4 (CIFAR10), 3 (CIFAR100) | 60.00 / 60.00 * '
+                               '| 30.00 / 25.00 |']
+    assert {r['dataset']: r['epochs'] for r in rows} == {'cifar10': '4', 'cifar100': '3'}
+    assert list(rows[0]).index('epochs') < list(rows[0]).index('best_mean')  # beside the results
+
+
+def test_each_table_has_a_caption_saying_what_it_holds(tmp_path, capsys):
+    root = str(tmp_path)
+    fake_run(root, 'st-s1', {**KD, 'seed': 1}, [50, 60, 57, 55])
+    fake_run(root, 'st-s2', {**KD, 'seed': 2}, [62, 61, 59, 58])
+    fake_run(root, 'base-r20', {**COMMON, 'net_name': 'resnet20', 'seed': 1}, [40, 41, 42, 43],
+             script='train_base.py')
+    dml = fake_run(root, 'dml', {**COMMON, 'net1_name': 'resnet20', 'net2_name': 'resnet20', 'seed': 1},
+                   [], script='train_dml.py')
+    with open(os.path.join(dml, 'metrics.csv'), 'w') as f:
+        f.write('phase,phase_index,epoch,test_net1_top1,test_net2_top1\n' +
+                ''.join(f'main,0,{e},{50 + e},{60 + e}\n' for e in range(1, 5)))
+    crd = {'data_name': 'cifar100', 'protocol': 'crd', 'epochs': 2}
+    fake_run(root, 'crd-base', {**crd, 'net_name': 'resnet56', 'seed': 1}, [70, 72], script='train_base.py')
+    fake_run(root, 'crd-r44', {**crd, 'net_name': 'resnet44', 'seed': 1}, [60, 61], script='train_base.py')
+    fake_run(root, 'crd-kd', {**crd, 't_name': 'resnet56', 's_name': 'resnet20', 'kd_mode': 'st',
+                              'seed': 1}, [68, 69])
+    summarize.summary([root, '--published'])
+    lines = capsys.readouterr().out.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith('|---|')]
+    assert len(headers) == 4  # resnet110 -> resnet20, DML, the benchmark's, its baselines in no pair
+    for number, i in enumerate(headers, start=1):
+        assert lines[i - 2] == '' and lines[i - 1].startswith('| ')
+        caption = lines[i - 3]
+        assert caption.startswith(f'Table {number}. '), caption
+        assert '"best / last"' in caption and 'mean ± std over the n seeds' in caption, caption
+    captions = [lines[i - 3] for i in headers]
+    assert 'resnet110 → resnet20' in captions[0] and 'Deep mutual learning' in captions[1]
+    assert 'CIFAR-100 benchmark' in captions[2] and 'trained 240 epochs' in captions[2]
+    assert '| KD (published) | 240 | 70.66 |' in lines   # the published numbers' epochs beside them
+    assert '| KD | 2 | 69.00 / 69.00 |' in lines

@@ -128,7 +128,7 @@ def test_a_real_tiny_sweep_resumes_skips_and_summarises(cifar10_root, tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'summarize.py'), env['RESULTS']],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert '| Teacher | Student | Name | CIFAR10 |' in p.stdout
+    assert '| Teacher | Student | Name | Epochs | CIFAR10 |' in p.stdout
     assert '| resnet20 | resnet20 | ST |' in p.stdout and '| - | resnet20 | Baseline |' in p.stdout
     assert '| resnet20 | resnet20 | DML | net2 (resnet20) |' in p.stdout
     assert os.path.isfile(os.path.join(env['RESULTS'], 'summary.csv'))
@@ -175,16 +175,16 @@ def test_summary_tables_follow_the_reporting_rule(tmp_path, capsys):
     assert 'best epoch and the last epoch' in out and 'mean ± sample standard deviation' in out
     lines = out.splitlines()
     # two seeds: mean ± std of best (60, 58) and last (55, 57), n=2
-    assert '| - | resnet20 | Baseline | 59.00 ± 1.41 / 56.00 ± 1.41 (n=2) | 41.00 / 41.00 |' in lines
-    assert '| - | resnet110 | Baseline | 80.00 / 75.00 |  |' in lines
-    assert '| resnet110 | resnet20 | ST | 70.00 / 69.00 |  |' in lines
-    assert '| resnet110 | resnet20 | AT | 20.00 / 20.00 * |  |' in lines  # unfinished
-    st_row, at_row = lines.index('| resnet110 | resnet20 | ST | 70.00 / 69.00 |  |'), \
-        lines.index('| resnet110 | resnet20 | AT | 20.00 / 20.00 * |  |')
+    assert '| - | resnet20 | Baseline | 3 | 59.00 ± 1.41 / 56.00 ± 1.41 (n=2) | 41.00 / 41.00 |' in lines
+    assert '| - | resnet110 | Baseline | 3 | 80.00 / 75.00 |  |' in lines
+    assert '| resnet110 | resnet20 | ST | 3 | 70.00 / 69.00 |  |' in lines
+    assert '| resnet110 | resnet20 | AT | 3 | 20.00 / 20.00 * |  |' in lines  # unfinished
+    st_row, at_row = lines.index('| resnet110 | resnet20 | ST | 3 | 70.00 / 69.00 |  |'), \
+        lines.index('| resnet110 | resnet20 | AT | 3 | 20.00 / 20.00 * |  |')
     assert st_row < at_row  # the seed's order: ST before AT
-    assert '| resnet110 | resnet20 | DML | net1 (resnet110) | 5.00 / 5.00 |  |' in lines
-    assert '| resnet110 | resnet20 | DML | net2 (resnet20) | 4.00 / 3.00 |  |' in lines
-    assert '| - | resnet110 | Baseline | resnet110 | 80.00 / 75.00 |  |' in lines  # DML's own table
+    assert '| resnet110 | resnet20 | DML | net1 (resnet110) | 3 | 5.00 / 5.00 |  |' in lines
+    assert '| resnet110 | resnet20 | DML | net2 (resnet20) | 3 | 4.00 / 3.00 |  |' in lines
+    assert '| - | resnet110 | Baseline | resnet110 | 3 | 80.00 / 75.00 |  |' in lines  # DML's own table
     rows = list(csv.DictReader(open(tmp_path / 'summary.csv')))
     base = [r for r in rows if r['name'] == 'Baseline' and r['student'] == 'resnet20' and r['dataset'] == 'cifar10']
     assert len(base) == 1 and base[0]['n'] == '2' and float(base[0]['best_mean']) == 59.0
@@ -213,7 +213,7 @@ def test_finished_means_complete_json_not_the_last_metrics_row(tmp_path, capsys)
     # every epoch logged, but killed before complete.json (while saving the last checkpoint)
     fake_run(root, 'st', 'st-s1', KD, [61, 70, 69], complete=False)
     lines, rows, _ = summary_of(root, capsys)
-    assert '| resnet110 | resnet20 | ST | 70.00 / 69.00 * |' in lines
+    assert '| resnet110 | resnet20 | ST | 3 | 70.00 / 69.00 * |' in lines
     assert rows[0]['complete'] == 'False' and rows[0]['status'] == 'unfinished'
     assert summarize.read_run(os.path.join(root, 'st', 'st-s1'))['complete'] is False
 
@@ -229,8 +229,8 @@ def test_a_run_killed_before_its_main_schedule_is_listed_as_unfinished(tmp_path,
     with open(os.path.join(d, 'args.json'), 'w') as f:
         json.dump({'script': 'train_kd.py', 'args': {**KD, 'kd_mode': 'at'}}, f)
     lines, rows, _ = summary_of(root, capsys)
-    assert '| resnet110 | resnet20 | AB | - * |' in lines
-    assert '| resnet110 | resnet20 | AT | - * |' in lines
+    assert '| resnet110 | resnet20 | AB | 3 | - * |' in lines
+    assert '| resnet110 | resnet20 | AT | 3 | - * |' in lines
     status = {r['name']: (r['status'], r['n'], r['best_mean']) for r in rows}
     assert status['AB'] == status['AT'] == ('unfinished', '0', '')
 
@@ -242,9 +242,9 @@ def test_a_failed_run_is_listed_as_failed(tmp_path, capsys):
     fake_run(root, 'crd', 'crd-s1', {**KD, 'kd_mode': 'crd'}, [],
              log=['error: --nce_n 16384 exceeds the 90 negatives available'])
     lines, rows, _ = summary_of(root, capsys)
-    assert '| resnet110 | resnet20 | ST | failed |' in lines
-    assert '| resnet110 | resnet20 | AT | 50.00 / 50.00 * |' in lines  # no error line: unfinished
-    assert '| resnet110 | resnet20 | CRD | failed |' in lines
+    assert '| resnet110 | resnet20 | ST | 3 | failed |' in lines
+    assert '| resnet110 | resnet20 | AT | 3 | 50.00 / 50.00 * |' in lines  # no error line: unfinished
+    assert '| resnet110 | resnet20 | CRD | 3 | failed |' in lines
     status = {r['name']: r['status'] for r in rows}
     assert status == {'ST': 'failed', 'AT': 'unfinished', 'CRD': 'failed'}
     run = summarize.read_run(os.path.join(root, 'st', 'st-s1'))
@@ -270,7 +270,7 @@ def test_a_malformed_run_directory_is_skipped_with_a_warning(tmp_path, capsys):
     with open(os.path.join(not_an_object, 'args.json'), 'w') as f:
         json.dump([1, 2], f)
     lines, rows, err = summary_of(root, capsys)
-    assert '| resnet110 | resnet20 | ST | 70.00 / 69.00 |' in lines  # the summary goes on
+    assert '| resnet110 | resnet20 | ST | 3 | 70.00 / 69.00 |' in lines  # the summary goes on
     assert [r['name'] for r in rows] == ['ST']
     warnings = err.splitlines()
     assert len(warnings) == 5 and all(w.startswith('warning: skipped ') for w in warnings)
@@ -307,18 +307,18 @@ def test_the_benchmark_runs_get_its_layout(tmp_path, capsys):
     # a benchmark-protocol baseline of a network in no pair with runs: listed below the table
     fake_run(root, 'base', 'base-resnet44-s1', {**CRD_COMMON, 'net_name': 'resnet44', 'seed': 1}, [50])
     lines, rows, _ = summary_of(root, capsys)
-    start = lines.index('| Method | resnet56→resnet20 | wrn_40_2→ShuffleV1 |')
-    assert lines.index('| resnet44 | 50.00 / 50.00 * |') > start
+    start = lines.index('| Method | Epochs | resnet56→resnet20 | wrn_40_2→ShuffleV1 |')
+    assert lines.index('| resnet44 | 2 | 50.00 / 50.00 * |') > start
     table = lines[start + 2:start + 7]
     # best over the two seeds: (72, 74) -> 73 ± 1.41, last the same epoch here
     assert table == [
-        '| Teacher | 73.00 ± 1.41 / 73.00 ± 1.41 (n=2) | 76.00 ± 1.41 / 76.00 ± 1.41 (n=2) |',
-        '| Student | 70.00 ± 1.41 / 70.00 ± 1.41 (n=2) | 71.00 ± 1.41 / 71.00 ± 1.41 (n=2) |',
-        '| KD | 71.00 ± 1.41 / 70.00 ± 1.41 (n=2) | 72.00 ± 1.41 / 71.00 ± 1.41 (n=2) |',
-        '| AT | 60.00 / 60.00 * |  |',   # the benchmark's order: KD, then FitNet, AT, ..., CRD
-        '| CRD | 72.00 ± 1.41 / 71.00 ± 1.41 (n=2) | 73.00 ± 1.41 / 72.00 ± 1.41 (n=2) |']
+        '| Teacher | 2 | 73.00 ± 1.41 / 73.00 ± 1.41 (n=2) | 76.00 ± 1.41 / 76.00 ± 1.41 (n=2) |',
+        '| Student | 2 | 70.00 ± 1.41 / 70.00 ± 1.41 (n=2) | 71.00 ± 1.41 / 71.00 ± 1.41 (n=2) |',
+        '| KD | 2 | 71.00 ± 1.41 / 70.00 ± 1.41 (n=2) | 72.00 ± 1.41 / 71.00 ± 1.41 (n=2) |',
+        '| AT | 2 | 60.00 / 60.00 * |  |',   # the benchmark's order: KD, then FitNet, AT, ..., CRD
+        '| CRD | 2 | 72.00 ± 1.41 / 71.00 ± 1.41 (n=2) | 73.00 ± 1.41 / 72.00 ± 1.41 (n=2) |']
     assert 'CIFAR-100 benchmark' in '\n'.join(lines[:start])
-    assert '| - | resnet20 | Baseline | 40.00 / 40.00 |' in lines  # the seed-protocol run
+    assert '| - | resnet20 | Baseline | 1 | 40.00 / 40.00 |' in lines  # the seed-protocol run
     assert not any('resnet56' in line for line in lines[:start])  # benchmark runs: its table only
     crd_rows = [r for r in rows if r['table'] == 'crd']
     assert {(r['kind'], r['teacher'], r['student']) for r in crd_rows} >= {
@@ -333,11 +333,11 @@ def test_published_numbers_come_first(tmp_path, capsys):
     root = str(tmp_path)
     crd_runs(root)
     lines, _, _ = summary_of(root, capsys, '--published')
-    start = lines.index('| Method | resnet56→resnet20 | wrn_40_2→ShuffleV1 |')
+    start = lines.index('| Method | Epochs | resnet56→resnet20 | wrn_40_2→ShuffleV1 |')
     assert lines[start + 2:start + 7] == [
-        '| Teacher (published) | 72.34 | 75.61 |', '| Student (published) | 69.06 | 70.50 |',
-        '| KD (published) | 70.66 | 74.83 |', '| CRD (published) | 71.16 | 76.05 |',
-        '| Teacher | 73.00 ± 1.41 / 73.00 ± 1.41 (n=2) | 76.00 ± 1.41 / 76.00 ± 1.41 (n=2) |']
+        '| Teacher (published) | 240 | 72.34 | 75.61 |', '| Student (published) | 240 | 69.06 | 70.50 |',
+        '| KD (published) | 240 | 70.66 | 74.83 |', '| CRD (published) | 240 | 71.16 | 76.05 |',
+        '| Teacher | 2 | 73.00 ± 1.41 / 73.00 ± 1.41 (n=2) | 76.00 ± 1.41 / 76.00 ± 1.41 (n=2) |']
     assert any('Tian et al., ICLR 2020, RepDistiller README' in line for line in lines[:start])
 
 

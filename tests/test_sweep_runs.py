@@ -1,7 +1,8 @@
 """The sweep script's checks and bookkeeping, with a stand-in for the training
 scripts (a fake PYTHON that records each run it is asked for and finishes,
-fails or hangs as told), so no network trains here: bad settings are refused
-before anything starts; failures are kept as a dated history; a KD or DML run
+fails or hangs as told), so no network trains here: bad settings, and
+variables that look like misspelt ones, are refused before anything starts; a
+dry run (DRY_RUN=1, yes or true) starts nothing; failures are kept as a dated history; a KD or DML run
 whose baseline did not finish is not started; stopping the sweep stops its
 runs; each run says whether it goes to a GPU or the CPU."""
 import os
@@ -25,14 +26,14 @@ SCRIPT = os.path.join(ROOT, 'example_train_script.sh')
 # $FAKE_LOG, then fails (notes in $FAKE_FAIL, with an `error:` line as the
 # scripts write it), hangs with a child process (FAKE_HANG=1), or writes
 # complete.json. dataset.py passes; anything else is the real interpreter, whose
-# CUDA count (the last line of the sweep's registry query) $FAKE_CUDA replaces.
+# CUDA count (CUDA_COUNT=N, from `sweep.py check-settings`) $FAKE_CUDA replaces.
 FAKE_PYTHON = r'''#!/usr/bin/env bash
 [ "${1-}" = dataset.py ] && exit 0
 case ${2-} in
     train_base.py|train_kd.py|train_dml.py) ;;
-    *) if [ -n "${FAKE_CUDA-}" ] && [ "${1-}" = -c ]; then
+    *) if [ -n "${FAKE_CUDA-}" ] && [ "${1-}" = sweep.py ]; then
            out=$("$REAL_PYTHON" "$@") || exit $?
-           printf '%s\n' "$out" | sed '$d'; echo "$FAKE_CUDA"; exit 0
+           printf '%s\n' "$out" | sed "s/^CUDA_COUNT=.*/CUDA_COUNT=$FAKE_CUDA/"; exit 0
        fi
        exec "$REAL_PYTHON" "$@" ;;
 esac
@@ -97,6 +98,13 @@ BAD_SETTINGS = [  # (setting, value, what the one-line message must name)
     ('DML_PAIRS', 'resnet20:resnet20 resnet20:resnet20', ["'resnet20:resnet20' twice"]),
     ('SEEDS', '1 2 01', ["'1' twice"]),
     ('TABLE', 'crd2', ["crd2", 'seed crd']),
+    ('DRY_RUN', 'maybe', ["'maybe'", '0/1/no/yes/false/true']),
+    # a variable that looks like a misspelt setting (test_sweep_settings.py has more): the sweep
+    # would otherwise run the default table
+    ('MODE', 'st', ['is not a setting of the sweep', 'did you mean MODES?']),
+    ('EPOCH', '2', ['did you mean EPOCHS?']),
+    ('modes', 'st', ['did you mean MODES?']),
+    ('DMLPAIRS', '', ['did you mean DML_PAIRS?']),
 ]
 
 
@@ -105,7 +113,7 @@ def test_a_bad_setting_is_one_line_and_nothing_starts(fake, name, value, named):
     p = sweep(fake['env'], **{name: value})
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stdout == '' and len(p.stderr.splitlines()) == 1, p.stderr
-    assert p.stderr.startswith(f'error: {name}') or name == 'TABLE', p.stderr
+    assert p.stderr.startswith(f'error: {name}'), p.stderr
     for text in named:
         assert text in p.stderr, (text, p.stderr)
     assert fake['started']() == [] and not fake['results'].exists()  # nothing run, nothing written
@@ -115,6 +123,17 @@ def test_a_bad_setting_is_one_line_and_nothing_starts(fake, name, value, named):
 def test_a_dry_run_checks_too(fake, name, value):
     p = sweep(fake['env'], DRY_RUN='1', **{name: value})
     assert p.returncode == 2 and p.stdout == '' and p.stderr.startswith(f'error: {name}'), p.stderr
+
+
+def test_dry_run_takes_yes_and_no_words_and_a_dry_run_starts_nothing(fake):
+    for value in ('true', 'yes', 'TRUE'):
+        p = sweep(fake['env'], DRY_RUN=value)
+        assert p.returncode == 0, p.stderr
+        assert [line.split(' ')[2] for line in p.stdout.splitlines()] == \
+            ['train_base.py'] * 2 + ['train_kd.py'] * 2 + ['train_dml.py'], p.stdout  # the commands
+        assert fake['started']() == [] and not fake['results'].exists(), value  # nothing run, nothing written
+    p = sweep(fake['env'], DRY_RUN='no')  # means what it says: the sweep runs
+    assert p.returncode == 0 and len(fake['started']()) == 5, p.stdout + p.stderr
 
 
 def test_the_default_modes_are_the_registry_and_names_follow_the_code(fake, capsys):
