@@ -2,12 +2,19 @@
 (so the real loading code runs), and a baseline run to take checkpoints from."""
 import os
 import pickle
+import tempfile
 
 import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Inductor's kernel cache is shared by every process of the machine under
+# /tmp; a suite run beside another (or a compiling run killed mid-write) could
+# then load a half-written kernel. Each suite run compiles into its own folder,
+# inherited by the runs the tests start as subprocesses.
+os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='kdzoo-inductor-')
 
 # Ten colours far apart: a tiny net separates them in a few steps.
 PALETTE = np.array([[r, g, b] for r in (30, 225) for g in (30, 225) for b in (30, 225)]
@@ -79,8 +86,10 @@ def base_run(tmp_path_factory, cifar10_root):
     trained checkpoint serve as student start and teacher in KD tests."""
     import train_base
     save_root = str(tmp_path_factory.mktemp('base'))
+    # lr 0.02: at 0.1 one epoch leaves eval-mode outputs far off (test loss ~50),
+    # and a teacher that wild makes the feature methods' first steps diverge
     train_base.main(['--data_name', 'cifar10', '--net_name', 'resnet20', '--img_root', cifar10_root,
-                     '--save_root', save_root, '--note', 'r20', '--epochs', '1',
+                     '--save_root', save_root, '--note', 'r20', '--epochs', '1', '--lr', '0.02',
                      '--batch_size', '32', '--device', 'cpu', '--no_download'])
     run_dir = os.path.join(save_root, 'r20')
     return {'dir': run_dir, 'img_root': cifar10_root,
