@@ -33,7 +33,7 @@ def test_one_epoch_writes_the_run_directory(base_run):
     assert not torch.equal(init['net']['module.conv1.weight'], ckpt['net']['module.conv1.weight'])
     log = open(os.path.join(d, 'log.txt')).read()
     line = [l for l in log.splitlines() if l.startswith('[main] epoch 1/1 |')][0]
-    for field in ('lr 0.1', 'train ce', 'top1', 'test loss', 's ('):  # top-5: metrics.csv
+    for field in ('lr 0.02', 'train ce', 'top1', 'test loss', 's ('):  # the fixture's --lr; top-5: metrics.csv
         assert field in line
     rows = list(csv.DictReader(open(os.path.join(d, 'metrics.csv'))))
     assert len(rows) == 1 and rows[0]['epoch'] == '1'
