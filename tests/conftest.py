@@ -1,7 +1,9 @@
 """Shared fixtures: tiny CIFAR datasets written in the standard python layout
 (so the real loading code runs), and a baseline run to take checkpoints from."""
+import atexit
 import os
 import pickle
+import shutil
 import tempfile
 
 import numpy as np
@@ -15,6 +17,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # then load a half-written kernel. Each suite run compiles into its own folder,
 # inherited by the runs the tests start as subprocesses.
 os.environ['TORCHINDUCTOR_CACHE_DIR'] = tempfile.mkdtemp(prefix='kdzoo-inductor-')
+atexit.register(shutil.rmtree, os.environ['TORCHINDUCTOR_CACHE_DIR'], ignore_errors=True)
 
 # Ten colours far apart: a tiny net separates them in a few steps.
 PALETTE = np.array([[r, g, b] for r in (30, 225) for g in (30, 225) for b in (30, 225)]
