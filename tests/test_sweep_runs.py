@@ -25,15 +25,16 @@ SCRIPT = os.path.join(ROOT, 'example_train_script.sh')
 # Runs train_*.py as a stand-in: it logs "pid note CUDA_VISIBLE_DEVICES" to
 # $FAKE_LOG, then fails (notes in $FAKE_FAIL, with an `error:` line as the
 # scripts write it), hangs with a child process (FAKE_HANG=1), or writes
-# complete.json. dataset.py passes; anything else is the real interpreter, whose
-# CUDA count (CUDA_COUNT=N, from `sweep.py check-settings`) $FAKE_CUDA replaces.
+# complete.json. dataset.py passes; anything else is the real interpreter, where
+# `sweep.py run` sees $FAKE_CUDA CUDA devices when it is set.
 FAKE_PYTHON = r'''#!/usr/bin/env bash
 [ "${1-}" = dataset.py ] && exit 0
 case ${2-} in
     train_base.py|train_kd.py|train_dml.py) ;;
-    *) if [ -n "${FAKE_CUDA-}" ] && [ "${1-}" = sweep.py ]; then
-           out=$("$REAL_PYTHON" "$@") || exit $?
-           printf '%s\n' "$out" | sed "s/^CUDA_COUNT=.*/CUDA_COUNT=$FAKE_CUDA/"; exit 0
+    *) if [ -n "${FAKE_CUDA-}" ] && [ "${1-}" = sweep.py ] && [ "${2-}" = run ]; then
+           exec "$REAL_PYTHON" -c 'import sys, sweep
+sweep.cuda_device_count = lambda: int(sys.argv[1])
+sweep.main(["run"])' "$FAKE_CUDA"
        fi
        exec "$REAL_PYTHON" "$@" ;;
 esac
