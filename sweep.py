@@ -591,7 +591,8 @@ def run_table(text, environ):
         return 0
     if settings['EXECUTOR'] == 'slurm':
         import sweep_slurm
-        return sweep_slurm.submit(steps, settings)
+        sweep_slurm.submit(steps, settings)
+        return 0
     import sweep_local
     return sweep_local.run_sweep(steps, settings)
 

@@ -76,21 +76,24 @@ class Pool:
         self.planned = {s.name: s for s in steps if s.kind != 'note'}
         self.started_at = time.time()
         self.durations = []
+        self.stopping = False             # set by stop(): nothing more starts
 
     # ------------------------------------------------------------------ the loop
     def run(self):
         queue = list(self.steps)
-        while queue or self.running:
+        while (queue or self.running) and not self.stopping:
             queue = self.start_what_can(queue)
             if self.running:
                 self.wait_for_one()
-            elif queue:  # nothing runs and nothing can start: steps that need each other
+            elif queue and not self.stopping:  # nothing runs and nothing can start: steps that need each other
                 names = ', '.join(s.label for s in queue)
                 raise sweep.UserError(f'the table has steps that wait for each other: {names}')
 
     def start_what_can(self, queue):
         waiting = []
         for step in queue:
+            if self.stopping:
+                return []
             if step.kind == 'note':
                 say(step.name)
                 continue
@@ -153,6 +156,8 @@ class Pool:
 
     def wait_for_one(self):
         while True:
+            if self.stopping:
+                return
             for place, run in list(self.running.items()):
                 code = run.process.poll()
                 if code is not None:
@@ -197,6 +202,7 @@ class Pool:
 
     def stop(self):
         """TERM every running step's process group, KILL what is left after STOP_GRACE_S."""
+        self.stopping = True
         runs = list(self.running.values())
         self.running.clear()
         for run in runs:
