@@ -63,7 +63,7 @@ class Pool:
     per run that failed, was not started or was stopped; `outcomes` one entry
     per step for the final table."""
 
-    def __init__(self, steps, gpus, jobs_per_gpu, cuda_count, logs_dir):
+    def __init__(self, steps, gpus, jobs_per_gpu, cuda_count, logs_dir, interrupted=lambda: None):
         self.steps = steps
         self.places = [gpus[i % len(gpus)] for i in range(len(gpus) * jobs_per_gpu)]
         self.cuda_count = cuda_count
@@ -77,6 +77,7 @@ class Pool:
         self.started_at = time.time()
         self.durations = []
         self.stopping = False             # set by stop(): nothing more starts
+        self.interrupted = interrupted    # the signal the sweep was asked to stop by, or None
 
     # ------------------------------------------------------------------ the loop
     def run(self):
@@ -92,6 +93,7 @@ class Pool:
     def start_what_can(self, queue):
         waiting = []
         for step in queue:
+            self.check_interrupted()
             if self.stopping:
                 return []
             if step.kind == 'note':
@@ -143,19 +145,15 @@ class Pool:
         say(f'[{where}] {" ".join(command)}')
         os.makedirs(self.logs_dir, exist_ok=True)
         log = os.path.join(self.logs_dir, f'{step.label}.out')
-        # INT/TERM wait until the run is in self.running, where stop() finds it
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            with open(log, 'w') as out:
-                # its own process group (session): stopping it stops what it started too
-                process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-            self.running[place] = Running(step, process, time.time(), log, where)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        with open(log, 'w') as out:
+            # its own process group (session): stopping it stops what it started too
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env=env, start_new_session=True)
+        self.running[place] = Running(step, process, time.time(), log, where)
 
     def wait_for_one(self):
         while True:
+            self.check_interrupted()
             if self.stopping:
                 return
             for place, run in list(self.running.items()):
@@ -165,6 +163,11 @@ class Pool:
                     self.ended_with(run, code)
                     return
             time.sleep(POLL_S)
+
+    def check_interrupted(self):
+        signum = self.interrupted()
+        if signum is not None:
+            raise Stop(signum)
 
     # ------------------------------------------------------------------ what happened
     def ended_with(self, run, code):
@@ -201,7 +204,8 @@ class Pool:
             f'{remaining} remaining; {clock(elapsed)} elapsed, about {clock(left)} left')
 
     def stop(self):
-        """TERM every running step's process group, KILL what is left after STOP_GRACE_S."""
+        """TERM every running step's process group, KILL what is left once its leader
+        has ended, or after STOP_GRACE_S."""
         self.stopping = True
         runs = list(self.running.values())
         self.running.clear()
@@ -209,8 +213,10 @@ class Pool:
             self.failures.append(f'stopped: {run.step.name} (the sweep was interrupted; a rerun continues it)')
             self.outcomes.append(Outcome(run.step.label, 'stopped', time.time() - run.started, run.where))
             signal_group(run.process, signal.SIGTERM)
+        # each run's leader (the training script) saves nothing more and leaves; then whatever
+        # is left of its group goes (a zombie of the group could not be waited for: none is)
         deadline = time.time() + STOP_GRACE_S
-        while time.time() < deadline and any(group_alive(run.process) for run in runs):
+        while time.time() < deadline and any(run.process.poll() is None for run in runs):
             time.sleep(0.1)
         for run in runs:
             signal_group(run.process, signal.SIGKILL)
@@ -235,18 +241,6 @@ def signal_group(process, signum):
         pass
 
 
-def group_alive(process):
-    process.poll()  # reaps the group's leader once it has ended: only the living count
-    try:
-        os.killpg(process.pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
 # ----------------------------------------------------------------------------- the sweep on this machine
 
 class Stop(Exception):
@@ -255,8 +249,18 @@ class Stop(Exception):
         self.signum = signum
 
 
-def raise_stop(signum, frame):
-    raise Stop(signum)
+class StopRequests:
+    """SIGINT and SIGTERM, noted by the handler and acted on by the loops (where
+    the runs started so far are all known, so stop() finds every one)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self):
+        return self.signum
+
+    def handle(self, signum, frame):
+        self.signum = self.signum or signum
 
 
 def run_sweep(steps, settings):
@@ -266,17 +270,16 @@ def run_sweep(steps, settings):
     os.makedirs(logs, exist_ok=True)
     started = datetime.now()
     gpus = sweep.words(settings['GPUS'])
-    pool = Pool(steps, gpus, int(settings['JOBS_PER_GPU']), sweep.cuda_device_count(), logs)
+    requests = StopRequests()
+    pool = Pool(steps, gpus, int(settings['JOBS_PER_GPU']), sweep.cuda_device_count(), logs, requests)
     interrupted, code = None, 0
-    previous = {s: signal.signal(s, raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, requests.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = check_data(settings)
+        code = check_data(settings, requests)
         if code == 0:
             pool.run()
     except Stop as stop:
         interrupted, code = stop.signum, 128 + stop.signum
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         say(f'sweep interrupted ({stop}): stopping its runs', file=sys.stderr)
     finally:
         pool.stop()
@@ -299,13 +302,24 @@ def run_sweep(steps, settings):
     return code
 
 
-def check_data(settings):
+def check_data(settings, interrupted):
     """The data, checked (and fetched if missing) once, before runs read it in parallel."""
     datasets = sweep.words(settings['DATASETS'])
     if not datasets or not sweep.words(settings['SEEDS']):
         return 0
     fetch = ['--no_download'] if '--no_download' in sweep.words(settings['EXTRA_ARGS']) else []
-    return subprocess.run([settings['PYTHON'], 'dataset.py', settings['DATA_ROOT'], *datasets, *fetch]).returncode
+    try:
+        process = subprocess.Popen([settings['PYTHON'], 'dataset.py', settings['DATA_ROOT'], *datasets, *fetch],
+                                   start_new_session=True)
+    except OSError as e:
+        raise sweep.UserError(f"PYTHON: '{settings['PYTHON']}' cannot be run ({e.strerror})") from None
+    while process.poll() is None:
+        if interrupted() is not None:
+            signal_group(process, signal.SIGTERM)
+            process.wait()
+            raise Stop(interrupted())
+        time.sleep(POLL_S)
+    return process.returncode
 
 
 def write_history(path, started, code, settings, interrupted, failures):

@@ -129,13 +129,13 @@ def record(results, submitted, jobs):
 def submit(steps, settings, executor=None):
     """Submit the table; returns the submitted jobs. `executor`: another submitit executor (a LocalExecutor in the
     tests), which has no dependencies: the second array is submitted once the first ended."""
+    on_slurm = executor is None
+    executor = executor or make_executor(settings)
     for step in steps:
         if step.kind == 'note':
             sweep_local.say(step.name)
         elif step.kind == 'run' and sweep.finished(step.name):
             sweep_local.say(f'# done, skipped: {step.name}')
-    on_slurm = executor is None
-    executor = executor or make_executor(settings)
     logs = os.path.join(settings['RESULTS'], 'logs')
     size = job_size(settings)
     first, second = phases(steps)

@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'example_train_script.sh')
 
 # Runs train_*.py as a stand-in: it logs "pid note CUDA_VISIBLE_DEVICES" to
-# $FAKE_LOG, then fails (notes in $FAKE_FAIL, with an `error:` line as the
+# $FAKE_LOG, sleeps $FAKE_SLEEP seconds if set, then fails (notes in $FAKE_FAIL, with an `error:` line as the
 # scripts write it), hangs with a child process (FAKE_HANG=1), or writes
-# complete.json. dataset.py passes; anything else is the real interpreter, where
+# complete.json (and logs the note to $FAKE_LOG.ended). dataset.py passes; anything else is the real interpreter, where
 # `sweep.py run` sees $FAKE_CUDA CUDA devices when it is set.
 FAKE_PYTHON = r'''#!/usr/bin/env bash
 [ "${1-}" = dataset.py ] && exit 0
@@ -44,6 +44,7 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$root/$note"
 echo "$$ $note ${CUDA_VISIBLE_DEVICES-unset}" >> "$FAKE_LOG"
+[ -z "${FAKE_SLEEP-}" ] || sleep "$FAKE_SLEEP"
 case " ${FAKE_FAIL-} " in
     *" $note "*) echo "error: planted failure of $note" | tee -a "$root/$note/log.txt"; exit 2 ;;
 esac
@@ -53,6 +54,7 @@ if [ -n "${FAKE_HANG-}" ]; then
     wait
 fi
 echo '{}' > "$root/$note/complete.json"
+echo "$note" >> "$FAKE_LOG.ended"
 '''
 
 
@@ -230,3 +232,44 @@ def test_the_progress_line_says_gpu_or_cpu(fake):
     lines = [line for line in out.splitlines() if line.startswith('[')]
     assert len(lines) == 3 and all(line.startswith('[cpu] ') for line in lines), out
     assert {gpu for _, _, gpu in fake['started']()} == {'unset'}  # no GPU set aside for a CPU run
+
+
+# ----------------------------------------------------------------------------- the scheduler's decisions
+
+def test_kd_runs_wait_for_their_baselines_and_progress_is_reported(fake):
+    """With places to spare, a KD or DML run still starts only once both its
+    baselines have ended; each ended run gets a progress line, the sweep a table."""
+    env = {**fake['env'], 'JOBS_PER_GPU': '4', 'FAKE_SLEEP': '1'}
+    p = sweep(env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    started = [note for _, note, _ in fake['started']()]
+    ended = fake['log'].with_name('runs.log.ended').read_text().split()
+    assert sorted(started[:2]) == ['base-c10-r110-s2-e3', 'base-c10-r20-s2-e3']
+    assert sorted(ended[:2]) == sorted(started[:2])  # both baselines ended before any run that needs them
+    progress = [line for line in p.stdout.splitlines() if line.startswith('progress: ')]
+    assert len(progress) == 5 and progress[-1].split('; ')[1] == '5 done, 0 failed, 0 not started, 0 remaining'
+    assert ' elapsed, about ' in progress[0] and progress[-1].endswith('about 0:00:00 left')
+    table = p.stdout.split('what ran:\n', 1)[1].splitlines()
+    assert table[0].split() == ['run', 'result', 'time', 'on']
+    assert sorted(line.split()[0] for line in table[1:6]) == sorted(started)
+    assert all(line.split()[1] == 'finished' for line in table[1:6])
+
+
+def test_a_sweep_killed_and_run_again_finishes_what_it_stopped(fake):
+    env = {**fake['env'], 'MODES': 'st', 'DML_PAIRS': '', 'JOBS_PER_GPU': '2'}
+    proc = subprocess.Popen(['bash', SCRIPT], env={**env, 'FAKE_HANG': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(fake['started']()) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    # the stopped baselines left directories without a checkpoint: started again, then the KD run
+    p = sweep(env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    launched = [line for line in p.stdout.splitlines() if line.startswith('[')]
+    assert len(launched) == 3 and all(line.endswith(' --overwrite') for line in launched[:2]), p.stdout
+    assert not launched[2].endswith(('--overwrite', '--resume')) and 'train_kd.py' in launched[2]
+    history = (fake['results'] / 'logs' / 'failed.txt').read_text()
+    assert history.count('=== sweep started ') == 2 and history.rstrip().endswith('no run failed')
