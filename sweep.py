@@ -114,7 +114,8 @@ def check_whole_numbers(minimum):
 def check_choice(what, choices):
     def check(name, value):
         if value not in choices:
-            raise UserError(f"{name}: '{value}' is not a {what}; {what}s: {' '.join(choices)}")
+            article = 'an' if what[0] in 'aeiou' else 'a'
+            raise UserError(f"{name}: '{value}' is not {article} {what}; {what}s: {' '.join(choices)}")
         return value
     return check
 

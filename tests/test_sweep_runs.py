@@ -102,6 +102,9 @@ BAD_SETTINGS = [  # (setting, value, what the one-line message must name)
     ('SEEDS', '1 2 01', ["'1' twice"]),
     ('TABLE', 'crd2', ["crd2", 'seed crd']),
     ('DRY_RUN', 'maybe', ["'maybe'", '0/1/no/yes/false/true']),
+    ('EXECUTOR', 'pbs', ["'pbs'", 'local slurm']),
+    ('PARTITION', 'gpu', ['EXECUTOR=slurm', 'unset PARTITION']),  # given for the local executor: a mistake
+    ('TEACHERS', '/no/such/folder', ["'/no/such/folder' is not a directory"]),
     # a variable that looks like a misspelt setting (test_sweep_settings.py has more): the sweep
     # would otherwise run the default table
     ('MODE', 'st', ['is not a setting of the sweep', 'did you mean MODES?']),

@@ -59,6 +59,18 @@ def test_dry_run_is_a_yes_or_no(value, dry):
     assert sweep.check_settings({'DRY_RUN': value})['DRY_RUN'] == dry
 
 
+@pytest.mark.parametrize('value, minutes', [('90', '90'), ('1:30:00', '90'), ('0:00:01', '1'), ('2-00', '2880'),
+                                            ('1-12:30', '2190'), (' 45 ', '45')])
+def test_time_limits_are_slurm_forms_resolved_to_minutes(value, minutes):
+    assert sweep.check_settings({'EXECUTOR': 'slurm', 'TIME_LIMIT': value})['TIME_LIMIT'] == minutes
+
+
+def test_sbatch_options_become_submitits_extra_parameters():
+    value = sweep.check_settings({'EXECUTOR': 'slurm', 'SBATCH_OPTIONS': ' --account=lab  --exclusive '
+                                                                          '--mem-per-cpu=4G'})['SBATCH_OPTIONS']
+    assert sweep.sbatch_options(value) == {'account': 'lab', 'exclusive': True, 'mem_per_cpu': '4G'}
+
+
 @pytest.mark.parametrize('gpus', ['0 1', '0,1 2,3', 'GPU-8932f937-d72c-4106-c12f-20bd9faed9f6',
                                   'MIG-GPU-8932f937-d72c-4106-c12f-20bd9faed9f6/1/0 3'])
 def test_gpus_are_what_cuda_visible_devices_takes(gpus):
@@ -90,6 +102,23 @@ BAD_VALUES = [  # (environment, what the message starts with, what else it names
     ({'DML_PAIRS': 'resnet20:'}, "DML_PAIRS: 'resnet20:' is not NET1:NET2", []),
     ({'TABLE': 'crd', 'PAIRS': 'wrn_40_2:wrn_40_3'}, "PAIRS: unknown network 'wrn_40_3' in wrn_40_2:wrn_40_3",
      [' '.join(NETWORKS)]),
+    # the executors' settings
+    ({'EXECUTOR': 'pbs'}, "EXECUTOR: 'pbs' is not an executor", ['local slurm']),
+    ({'PARTITION': 'gpu'}, 'PARTITION is a setting of EXECUTOR=slurm (EXECUTOR is local)', ['unset PARTITION']),
+    ({'EXECUTOR': 'local', 'MAX_JOBS': '4'}, 'MAX_JOBS is a setting of EXECUTOR=slurm', []),
+    ({'EXECUTOR': 'slurm', 'TIME_LIMIT': '2h'}, "TIME_LIMIT: '2h' is not a time limit", ['12:00:00']),
+    ({'EXECUTOR': 'slurm', 'TIME_LIMIT': '0'}, "TIME_LIMIT: '0' is under a minute", []),
+    ({'EXECUTOR': 'slurm', 'TIME_LIMIT': '1:75:00'}, "TIME_LIMIT: '1:75:00' is not a time limit", []),
+    ({'EXECUTOR': 'slurm', 'GPUS_PER_JOB': '-1'}, "GPUS_PER_JOB: '-1'", ['whole number >= 0']),
+    ({'EXECUTOR': 'slurm', 'MAX_JOBS': '0'}, "MAX_JOBS: '0'", ['whole number >= 1']),
+    ({'EXECUTOR': 'slurm', 'SBATCH_OPTIONS': 'account=lab'}, "SBATCH_OPTIONS: 'account=lab' is not an sbatch "
+     "option", ['--name=value']),
+    ({'EXECUTOR': 'slurm', 'SBATCH_OPTIONS': '--qos=high --time=60'}, "SBATCH_OPTIONS: '--time=60' is set by "
+     "TIME_LIMIT", []),
+    ({'EXECUTOR': 'slurm', 'SBATCH_OPTIONS': '--array=0-3'}, "SBATCH_OPTIONS: '--array=0-3' is set by MAX_JOBS", []),
+    ({'TEACHERS': '/no/such/folder'}, "TEACHERS: '/no/such/folder' is not a directory", ['released']),
+    ({'TEACHERS': '.', 'DATASETS': 'cifar10'}, 'TEACHERS: released teachers are CIFAR-100 networks',
+     ['DATASETS=cifar100']),
 ]
 
 
