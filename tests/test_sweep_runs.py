@@ -276,3 +276,44 @@ def test_a_sweep_killed_and_run_again_finishes_what_it_stopped(fake):
     assert not launched[2].endswith(('--overwrite', '--resume')) and 'train_kd.py' in launched[2]
     history = (fake['results'] / 'logs' / 'failed.txt').read_text()
     assert history.count('=== sweep started ') == 2 and history.rstrip().endswith('no run failed')
+
+
+# ----------------------------------------------------------------------------- released teachers
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, 'teachers.py')), reason='needs teachers.py')
+def test_released_teachers_are_checked_once_and_teach_without_baselines(fake, tmp_path):
+    """TEACHERS=DIR: no teacher baseline is trained; each teacher is checked once
+    (`teachers.py verify`, for real) before its KD runs, which get its file as
+    --t_model; one that fails its check stops only its own runs, with its error."""
+    import torch
+
+    from conftest import write_cifar
+    from network import build_network
+    write_cifar(str(tmp_path / 'data'), 'cifar100', n_train=100, n_test=40)
+    teachers = tmp_path / 'teachers'
+    for net in ('resnet20', 'resnet56'):  # RepDistiller's layout, the released files' keys
+        (teachers / f'{net}_vanilla').mkdir(parents=True)
+        torch.save({'epoch': 240, 'model': build_network(net, 100).state_dict(), 'accuracy': 0.0},
+                   teachers / f'{net}_vanilla' / 'ckpt_epoch_240.pth')
+    # resnet20 has no published teacher accuracy: it passes; untrained resnet56 is far below its own
+    env = {**fake['env'], 'TEACHERS': str(teachers), 'DATASETS': 'cifar100', 'DATA_ROOT': str(tmp_path / 'data'),
+           'PAIRS': 'resnet20:resnet20 resnet56:resnet20', 'DML_PAIRS': '', 'MODES': 'st at',
+           'EXTRA_ARGS': '--no_download --device cpu', 'JOBS_PER_GPU': '2'}
+    dry = sweep(env, DRY_RUN='1')
+    assert dry.returncode == 0, dry.stderr
+    cmds = [shlex.split(line) for line in dry.stdout.splitlines()]
+    assert [c[2] for c in cmds] == ['train_base.py', 'verify', 'verify'] + ['train_kd.py'] * 4
+    assert [c[c.index('--net_name') + 1] for c in cmds[:1]] == ['resnet20']  # students only
+    assert sorted(c[4] for c in cmds[1:3]) == ['resnet20', 'resnet56']  # python teachers.py verify DIR NET
+    for c in cmds[3:]:
+        t = c[c.index('--t_name') + 1]
+        assert c[c.index('--t_model') + 1] == str(teachers / f'{t}_vanilla' / 'ckpt_epoch_240.pth')
+    p = sweep(env)
+    assert p.returncode == 1, p.stdout + p.stderr
+    started = sorted(note for _, note, _ in fake['started']())
+    assert started == ['at-c100-r20-r20-s2-e3', 'base-c100-r20-s2-e3', 'st-c100-r20-r20-s2-e3']
+    for mode in ('st', 'at'):
+        line = next(x for x in p.stdout.splitlines() if x.startswith(f"# not started: {fake['results']}/{mode}/"))
+        assert f'{mode}-c100-r56-r20-s2-e3: teacher did not pass its check: error: teacher ' in line
+        assert 'below its published' in line
+    assert p.stderr.startswith('3 runs of this sweep failed')  # resnet56's check and its two runs
