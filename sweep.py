@@ -1,28 +1,36 @@
-"""The settings of the sweep (example_train_script.sh): the one table of them,
-their check, and the command the script starts with.
+"""The sweep (example_train_script.sh) in Python: the one table of its
+settings and their check, the plan of runs the script hands over, and the
+decisions every executor shares (finished, resumed or started again; on a GPU
+or the CPU). The executors are sweep_local.py (this machine) and
+sweep_slurm.py (a SLURM cluster, through submitit; imported only for it).
 
 The sweep is told what to run by environment variables (TABLE, MODES, EPOCHS,
-DRY_RUN, ...). `SETTINGS` lists each one: its name, the values it takes, its
-default and what it does. `check_settings` resolves an environment against it:
-an unset setting takes its default (some depend on TABLE), lists come out
-single-spaced, whole numbers without leading zeros, DRY_RUN as 0 or 1. A value
-that is not allowed, or an environment variable that looks like a misspelt
+DRY_RUN, EXECUTOR, ...). `SETTINGS` lists each one: its name, the values it
+takes, its default and what it does. `check_settings` resolves an environment
+against it: an unset setting takes its default (some depend on TABLE), lists
+come out single-spaced, whole numbers without leading zeros, DRY_RUN as 0 or
+1, TIME_LIMIT as minutes. A value that is not allowed, a cluster setting
+without EXECUTOR=slurm, or an environment variable that looks like a misspelt
 setting (`MODE`, `EPOCH`, `modes`, `DMLPAIRS`, `EPOHCS`: another case or
 punctuation, singular for plural, the same letters, one letter off), is a
 UserError naming the setting and a fix; other variables (PATH, HOME,
 CUDA_VISIBLE_DEVICES, SLURM_*, ...) are none of its business.
 
     python sweep.py check-settings    # the resolved settings, as shell assignments
+    python sweep.py run < TABLE       # run the script's table (what the script ends with)
+    python sweep.py status RESULTS    # queued / running / done / failed, run by run
     python sweep.py --help            # every setting: its values, default and use
 
 `check-settings` reads its environment and prints one `NAME=value` line per
 setting (shell-quoted, for the script to eval), then what the script reads
 from the code with the same interpreter start: the table's schedule length and
-run-name tag, every network's name and the number of CUDA devices. A bad
-setting ends it with one line, `error: ...`, on stderr and exit code 2, before
-the script has started anything (also in a dry run). The registered modes,
-networks and datasets come from the code, so a new method file joins the
-sweep's default MODES, and its checks, by itself.
+run-name tag and every network's name. A bad setting ends it with one line,
+`error: ...`, on stderr and exit code 2, before the script has started
+anything (also in a dry run). The registered modes, networks and datasets come
+from the code, so a new method file joins the sweep's default MODES, and its
+checks, by itself. `run` reads the table (one step a line: see "the plan of
+runs" below), checks the settings again and prints the commands (DRY_RUN=1)
+or gives the table to the executor EXECUTOR names.
 """
 import argparse
 import functools

@@ -199,7 +199,7 @@ class Pool:
         remaining = len(self.planned) - len(self.ended)
         elapsed = time.time() - self.started_at
         mean = sum(self.durations) / len(self.durations)
-        left = mean * (remaining + len(self.running) / 2) / len(self.places) if remaining else 0
+        left = mean * remaining / len(self.places)  # the runs still to end, as long as the ended ones
         say(f'progress: {label} {result}; {done} done, {failed} failed, {not_started} not started, '
             f'{remaining} remaining; {clock(elapsed)} elapsed, about {clock(left)} left')
 
