@@ -603,12 +603,13 @@ def layout_entries(groups, benchmark, data, pairs):
 
 def entry(g, record, method, teacher, student, data):
     """One comparison row's data: Δ = ours minus published at the epoch the
-    source reports (best unless it says last), with our std over seeds."""
+    source reports (best unless it says last), with our std over seeds; none
+    while a run of the cell is unfinished."""
     e = {'group': g, 'record': record, 'method': method, 'teacher': teacher, 'student': student,
          'data': data, 'key': g['key'] if g else record.method, 'delta': None, 'delta_std': None,
          'benchmark': g['table'] if g else record.benchmark,
          'n': g['net']['n'] if g and 'net' in g else 0}
-    if g is not None and 'net' in g and record is not None:
+    if g is not None and 'net' in g and record is not None and not g['unfinished']:  # partial numbers: no Δ
         e['which'] = 'last' if record.protocol.epoch == 'last' else 'best'
         mean, std = g['net'][e['which']]
         e['delta'], e['delta_std'] = mean - record.top1, std
