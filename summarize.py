@@ -15,7 +15,7 @@ replicate: the finished one is kept). Runs of the CIFAR-100 benchmark
 (`--protocol crd`) get the benchmark's table: pairs as columns, methods as rows.
 Each table has a caption saying what it holds, and an Epochs column: the
 length of the main schedule its runs were given (the published numbers':
-the benchmark's 240). A malformed or damaged run directory (a metrics.csv
+the epochs their source trained, ? where it does not say). A malformed or damaged run directory (a metrics.csv
 cut short or with a row lost or repeated, a top-1 that is not a finite
 number) is skipped with a warning naming the file and the reason, and left
 out of the numbers; the summary goes on.
