@@ -27,10 +27,11 @@ benchmark table shows: the first in RECORDS' order, which lists the method's
 own source first; the report lists them all.
 
 Sources that could not be reached when this was transcribed, and so are not
-here: the papers' own tables of CRD+KD (CRD paper), WTTM, ICKD, KDSVD, CAT-KD,
-NKD (its own paper; SDD's re-run is here), MLKD (its paper; the logit
-standardisation README's copy is here) and ReviewKD (two numbers, via Papers
-with Code).
+here: the CRD paper's CRD+KD rows, KDSVD's and CAT-KD's numbers (their
+READMEs give none), NKD's own paper (SDD's re-run is here), MLKD's paper (the
+logit standardisation README's copy is here) and ReviewKD's paper (two of its
+numbers, via Papers with Code, are here). Combinations without a mode here
+(ICKD with KD, WTTM+CRD, TTM, ITRD, HKD, SD-NKD) are left out.
 """
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -108,6 +109,11 @@ CTKD = Source('CTKD README', 'Curriculum Temperature for Knowledge Distillation 
               'README, "Main Results"', 'https://github.com/zhengli97/CTKD')
 DIST = Source('DIST README', 'Knowledge Distillation from A Stronger Teacher (Huang et al., NeurIPS 2022): '
               'README, CIFAR-100', 'https://github.com/hunto/DIST_KD')
+WTTM = Source('WTTM README', 'Knowledge Distillation Based on Transformed Teacher Matching (Zheng and '
+              'Yang, ICLR 2024): README, "Benchmark Results on CIFAR-100"', 'https://github.com/zkxufo/TTM')
+ICKD = Source('ICKD README', 'Exploring Inter-Channel Correlation for Diversity-preserved Knowledge '
+              'Distillation (Liu et al., ICCV 2021): Cifar100/README.md, "Benchmark Results on CIFAR-100"',
+              'https://github.com/ADLab-AutoDrive/ICKD')
 SIMKD = Source('SimKD README', 'Knowledge Distillation with the Reused Teacher Classifier (Chen et al., '
                'CVPR 2022): README, "Some results on CIFAR-100"', 'https://github.com/DefangChen/SimKD')
 SEMCKD = Source('SemCKD README', 'Cross-Layer Distillation with Semantic Calibration (Chen et al., '
@@ -268,6 +274,21 @@ RECORDS += _table(DIST, 'CIFAR-100', DIST_PROTOCOL,
                    ('ResNet50', 'MobileNetV2'), ('resnet32x4', 'ShuffleV1'), ('resnet32x4', 'ShuffleV2')),
                   {'dist': ((74.43, 0.24), (71.75, 0.30), (76.31, 0.19), (68.66, 0.23), (76.34, 0.18),
                             (77.35, 0.25))})
+
+# ----------------------------------------------------------------------------- WTTM and ICKD
+# Both on RepDistiller's code (train_student.py: --epochs 240, best_acc) and
+# its 13 pairs. WTTM's tables also give DIST for every pair (after DIST's own
+# README here); their TTM, ITRD and WTTM+CRD/ITRD rows have no mode here.
+RECORDS += _table(WTTM, _T1, REPDISTILLER_PROTOCOL, _RD_SAME, {
+    'wttm': (76.37, 74.58, 71.92, 71.67, 74.13, 76.06, 74.44),
+    'dist': (75.51, 74.73, 71.75, 71.65, 73.69, 76.31, 73.89)})
+RECORDS += _table(WTTM, _T2, REPDISTILLER_PROTOCOL, _RD_CROSS, {
+    'wttm': (69.16, 69.59, 74.82, 74.37, 76.55, 75.42),
+    'dist': (68.50, 68.66, 74.11, 76.34, 77.35, 76.40)})
+# ICKD's README: the "ICKD-C(w/o KL)" row is --kd_mode ickd (CE + ICKD); its
+# "ICKD-C(Ours)" adds KD, a combination with no mode here.
+RECORDS += _table(ICKD, 'same architecture type', REPDISTILLER_PROTOCOL, _RD_SAME, {
+    'ickd': (75.64, 74.33, 71.76, 71.68, 73.89, 75.25, 73.42)})
 
 # ----------------------------------------------------------------------------- SDD (and its re-runs)
 _SDD_PAIRS = (('resnet32x4', 'ShuffleV1'), ('wrn_40_2', 'ShuffleV1'), ('ResNet50', 'MobileNetV2'),
