@@ -14,6 +14,8 @@ How a record's method is keyed:
 - 'teacher' and 'student' for the baselines: the accuracy of the teacher or of
   the student trained alone, as the source gives it for that pair; the seed's
   README lists its baselines without a pair: 'student' with teacher '-';
+- 'dml' for deep mutual learning (train_dml.py): teacher and student are
+  net1 and net2, and `net` says which of the two the number is;
 - a variant is the mode and its switch joined by '+': 'st+logit_stand' is
   `--kd_mode st --logit_stand` (logit standardisation, Sun et al. 2024),
   'st+dot' is `--kd_mode st --optimizer dot` (DOT, Zhao et al. 2023);
@@ -44,6 +46,8 @@ PAIRS = (('resnet56', 'resnet20'), ('resnet110', 'resnet20'), ('resnet110', 'res
          ('ResNet50', 'vgg8'), ('resnet32x4', 'ShuffleV1'), ('resnet32x4', 'ShuffleV2'),
          ('wrn_40_2', 'ShuffleV1'))
 BASELINES = ('teacher', 'student')
+# Keys that are a training script rather than a --kd_mode.
+SCRIPT_METHODS = ('dml',)
 # Modes named by the records whose loss files are added separately.
 UPCOMING_MODES = ('mlkd', 'sdd_kd', 'sdd_dkd')
 # The switches a variant key may carry after '+', and the run flag each means.
@@ -91,6 +95,7 @@ class Record:
     std: Optional[float] = None   # the spread the source gives beside it, if any
     settings: Mapping = field(default_factory=dict)
     note: str = ''
+    net: str = 'net'              # DML: 'net1' or 'net2', the network of the pair it is
 
 
 ZERO_PAD_CROP_FLIP = 'random crop 32 of the zero-padded (4) image, horizontal flip'
@@ -368,6 +373,15 @@ for (_teacher, _student), _rows in _SEED.items():
     for _column, _dataset in enumerate(('cifar10', 'cifar100')):
         RECORDS += _table(SEED, _SEED_TABLE, SEED_PROTOCOL, ((_teacher, _student),),
                           {m: (v[_column],) for m, v in _rows.items()}, dataset=_dataset, benchmark='seed')
+# Its DML table: net1 / net2 per dataset.
+_SEED_DML = {('resnet20', 'resnet20'): ((93.07, 93.37), (70.39, 70.22)),
+             ('resnet110', 'resnet20'): ((94.45, 92.92), (74.53, 70.29)),
+             ('resnet110', 'resnet110'): ((94.74, 94.79), (74.72, 75.55))}
+for (_net1, _net2), _by_data in _SEED_DML.items():
+    for _dataset, _values in zip(('cifar10', 'cifar100'), _by_data):
+        for _net, _value in zip(('net1', 'net2'), _values):
+            RECORDS.append(Record('dml', _net1, _net2, _value, SEED, 'DML table (net1 / net2)', SEED_PROTOCOL,
+                                  dataset=_dataset, benchmark='seed', net=_net))
 
 RECORDS = tuple(RECORDS)
 SOURCES = tuple(dict.fromkeys(r.source for r in RECORDS))
@@ -394,13 +408,14 @@ def _settings_match(record, args):
     return args is None or all(args.get(k) == v for k, v in record.settings.items())
 
 
-def matching(method, teacher, student, dataset='cifar100', benchmark='crd', args=None):
+def matching(method, teacher, student, dataset='cifar100', benchmark='crd', args=None, net='net'):
     """Every record for a row of ours, in RECORDS' order. `method` is a
     variant key, or '' for a baseline of the network `student` (matched by the
-    number a source gives it as teacher or as student of any pair)."""
+    number a source gives it as teacher or as student of any pair); `net`:
+    which network of a DML pair."""
     found = []
     for r in RECORDS:
-        if r.dataset != dataset or r.benchmark != benchmark:
+        if r.dataset != dataset or r.benchmark != benchmark or r.net != net:
             continue
         if method == '':
             if (r.method == 'teacher' and r.teacher == student) or (r.method == 'student' and r.student == student):
@@ -410,10 +425,10 @@ def matching(method, teacher, student, dataset='cifar100', benchmark='crd', args
     return found
 
 
-def reference(method, teacher, student, dataset='cifar100', benchmark='crd', args=None):
+def reference(method, teacher, student, dataset='cifar100', benchmark='crd', args=None, net='net'):
     """The record the benchmark table shows for a row of ours (see the module
     docstring), or None."""
-    found = matching(method, teacher, student, dataset, benchmark, args)
+    found = matching(method, teacher, student, dataset, benchmark, args, net)
     return found[0] if found else None
 
 

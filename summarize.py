@@ -348,17 +348,15 @@ def status_of(g):
     return 'complete' if g['complete'] else 'unfinished' if g['unfinished'] else 'failed'
 
 
-def published_record(g, dataset=None):
-    """The published number set beside a group (published.reference: the
-    method's own source first), or None; DML has none."""
-    if g['script'] == 'train_dml.py':
-        return None
-    return pub.reference(g['key'], g['teacher'], g['student'], dataset or g['data'], g['table'], g['args'])
+def published_record(g, dataset=None, net='net'):
+    """The published number set beside a group's network `net` (DML: 'net1'
+    or 'net2'), from published.reference (the method's own source first), or None."""
+    return pub.reference(g['key'], g['teacher'], g['student'], dataset or g['data'], g['table'], g['args'], net)
 
 
 def csv_row(g, key, dataset):
     entry = g.get(key)
-    record = published_record(g, dataset)
+    record = published_record(g, dataset, key)
     return {'kind': g['name'].split(' ')[0], 'teacher': g['teacher'], 'student': g['student'],
             'name': g['name'], 'dataset': dataset, 'net': key, 'epochs': g['epochs'],
             'n': entry['n'] if entry else 0,
@@ -458,15 +456,16 @@ def crd_pairs(groups):
                                         natural_key(p[0]), natural_key(p[1])))
 
 
-def method_label(method, settings=None):
+def method_label(method, settings=None, net='net'):
     """A published.py key as the tables show it: 'st' -> 'KD', 'dkd+logit_stand'
-    -> 'DKD+LS', with the record's settings (SimKD's factor) in brackets."""
+    -> 'DKD+LS', with the record's settings (SimKD's factor) in brackets and
+    the network of a DML pair ('DML net1')."""
     mode, *switches = method.split('+')
     names = {**DISPLAY, **CRD_DISPLAY}
     label = '+'.join([names.get(mode, mode.upper())] + [VARIANT_DISPLAY.get(x, x) for x in switches])
     if settings:
         label += ' (' + ', '.join(f'{k}={v}' for k, v in settings.items()) + ')'
-    return label
+    return label if net == 'net' else f'{label} {net}'
 
 
 def row_order(method):
@@ -552,14 +551,14 @@ def comparison_entries(groups):
     group of a layout's pairs and every published number for those pairs (the
     benchmark's columns; the seed's pairs with runs, per dataset), each with
     its group (None: not run), its reference record (None: none published), Δ
-    and the protocol note. DML has no published numbers: left out."""
+    and the protocol note (a DML pair: one entry per network)."""
     entries = []
     crd = [g for g in groups if g['table'] == 'crd']
     entries += layout_entries(crd, 'crd', 'cifar100', crd_pairs(groups))
-    seed = [g for g in groups if g['table'] == 'seed' and g['script'] != 'train_dml.py']
+    seed = [g for g in groups if g['table'] == 'seed']
     for data in DATA_COLUMNS:
         here = [g for g in seed if g['data'] == data]
-        pairs = sorted({(g['teacher'], g['student']) for g in here if g['script'] == 'train_kd.py'},
+        pairs = sorted({(g['teacher'], g['student']) for g in here if g['script'] != 'train_base.py'},
                        key=lambda p: (natural_key(p[0]), natural_key(p[1])))
         entries += layout_entries(here, 'seed', data, pairs)
     return entries
@@ -581,37 +580,39 @@ def layout_entries(groups, benchmark, data, pairs):
         if not ours and record is not None:
             entries.append(entry(None, record, 'Baseline', '-', net, data))
     for t, s in pairs:
-        ours = sorted([g for g in groups if g['script'] == 'train_kd.py' and (g['teacher'], g['student']) == (t, s)],
+        ours = sorted([g for g in groups if g['script'] != 'train_base.py' and (g['teacher'], g['student']) == (t, s)],
                       key=lambda g: (row_order(g['key']), g['name']))
         for g in ours:
-            entries.append(entry(g, published_record(g, data), method_label(g['key']) + g['variant'], t, s, data))
+            for net in score_keys(g['script']):
+                entries.append(entry(g, published_record(g, data, net), method_label(g['key'], net=net) + g['variant'],
+                                     t, s, data, net))
         shown = set()
         for r in pub.RECORDS:
             if (r.benchmark, r.dataset, r.teacher, r.student) != (benchmark, data, t, s) or r.method in pub.BASELINES:
                 continue
-            if (r.method, tuple(r.settings.items())) in shown:
+            if (r.method, r.net, tuple(r.settings.items())) in shown:
                 continue  # a later source of a number already listed: the report lists them all
-            shown.add((r.method, tuple(r.settings.items())))
+            shown.add((r.method, r.net, tuple(r.settings.items())))
             if not any(g['key'] == r.method and all(g['args'].get(k) == v for k, v in r.settings.items())
                        for g in ours):
-                entries.append(entry(None, r, method_label(r.method, r.settings), t, s, data))
+                entries.append(entry(None, r, method_label(r.method, r.settings, r.net), t, s, data, r.net))
     order = {(t, s): i for i, (t, s) in enumerate(pairs)}
     kd = sorted((e for e in entries if e['teacher'] != '-'),
                 key=lambda e: (order[(e['teacher'], e['student'])], row_order(e['key']), e['method']))
     return [e for e in entries if e['teacher'] == '-'] + kd
 
 
-def entry(g, record, method, teacher, student, data):
+def entry(g, record, method, teacher, student, data, net='net'):
     """One comparison row's data: Δ = ours minus published at the epoch the
     source reports (best unless it says last), with our std over seeds; none
     while a run of the cell is unfinished."""
     e = {'group': g, 'record': record, 'method': method, 'teacher': teacher, 'student': student,
          'data': data, 'key': g['key'] if g else record.method, 'delta': None, 'delta_std': None,
          'benchmark': g['table'] if g else record.benchmark,
-         'n': g['net']['n'] if g and 'net' in g else 0}
-    if g is not None and 'net' in g and record is not None and not g['unfinished']:  # partial numbers: no Δ
+         'n': g[net]['n'] if g and net in g else 0, 'net': net}
+    if g is not None and net in g and record is not None and not g['unfinished']:  # partial numbers: no Δ
         e['which'] = 'last' if record.protocol.epoch == 'last' else 'best'
-        mean, std = g['net'][e['which']]
+        mean, std = g[net][e['which']]
         e['delta'], e['delta_std'] = mean - record.top1, std
     e['protocol'] = protocol_note(g, record, e['n'])
     return e
@@ -668,7 +669,8 @@ def comparison_tables(entries):
             continue
         rows = [[e['method'], e['student'] if e['teacher'] == '-' else f"{e['teacher']}→{e['student']}",
                  DATA_COLUMNS.get(e['data'], e['data']),
-                 'not run' if e['group'] is None else format_cell(e['group']) + (' (1 run)' if e['n'] == 1 else ''),
+                 'not run' if e['group'] is None else
+                 format_cell(e['group'], e['net']) + (' (1 run)' if e['n'] == 1 else ''),
                  published_number(e['record']) if e['record'] else 'none', delta_text(e), e['protocol'],
                  '' if e['record'] is None else f"{e['record'].source.name}, {e['record'].table}" +
                  (f"; {e['record'].note}" if e['record'].note else '')]
@@ -793,9 +795,9 @@ def write_report(path, root, groups, tables, entries):
 
 def protocols_table(groups, entries):
     """Our protocol (from the runs) beside each published source's."""
-    ours = [g for g in groups if g['script'] != 'train_dml.py']
+    ours = groups
     epochs = ', '.join(sorted({g['epochs'] for g in ours}, key=natural_key))
-    ns = sorted({g['net']['n'] for g in ours if 'net' in g})
+    ns = sorted({g[k]['n'] for g in ours for k in score_keys(g['script']) if k in g})
     runs = (f'{ns[0]}' if len(ns) == 1 else f'{ns[0]} to {ns[-1]}') + ' per cell' if ns else 'none finished'
     rows = [['Ours (this results root)', epochs, OUR_AUGMENTATION, 'best and last, both shown',
              runs + ', mean ± sample std', 'args.json, metrics.csv']]
@@ -810,7 +812,7 @@ def protocols_table(groups, entries):
 def all_published_table(entries):
     pairs = {(e['data'], e['teacher'], e['student']) for e in entries}
     nets = {(e['data'], e['student']) for e in entries if e['teacher'] == '-'}
-    rows = [[method_label(r.method, r.settings), f'{r.teacher}→{r.student}', DATA_COLUMNS.get(r.dataset, r.dataset),
+    rows = [[method_label(r.method, r.settings, r.net), f'{r.teacher}→{r.student}', DATA_COLUMNS.get(r.dataset, r.dataset),
              published_number(r), r.protocol.describe(), f'{r.source.name}, {r.table}' + (f'; {r.note}' if r.note else '')]
             for r in pub.RECORDS
             if (r.dataset, r.teacher, r.student) in pairs

@@ -63,7 +63,7 @@ def test_every_record_has_a_source_a_protocol_and_a_sane_number():
         assert r.dataset in ('cifar10', 'cifar100') and r.benchmark in ('crd', 'seed'), r
         assert r.student in network.NETWORKS and (r.teacher in network.NETWORKS or
                                                  (r.teacher == '-' and r.method == 'student')), r
-        key = (r.source, r.table, r.method, r.teacher, r.student, r.dataset, tuple(r.settings.items()))
+        key = (r.source, r.table, r.method, r.teacher, r.student, r.dataset, r.net, tuple(r.settings.items()))
         assert key not in seen, key   # one number per cell of a source's table
         seen.add(key)
 
@@ -71,7 +71,9 @@ def test_every_record_has_a_source_a_protocol_and_a_sane_number():
 def test_each_method_key_is_a_registered_mode_a_baseline_or_documented():
     for r in published.RECORDS:
         mode, *switches = r.method.split('+')
-        assert mode in METHODS or mode in published.BASELINES or mode in published.UPCOMING_MODES, r.method
+        assert mode in METHODS or mode in published.BASELINES + published.UPCOMING_MODES + \
+            published.SCRIPT_METHODS, r.method
+        assert r.net == 'net' or (r.method == 'dml' and r.net in ('net1', 'net2')), r
         assert all(s in published.VARIANT_SWITCHES for s in switches), r.method
         if mode in METHODS:
             assert set(r.settings) <= set(METHODS[mode].flags), r
@@ -121,6 +123,7 @@ ENV = {'device': 'cuda:0 (NVIDIA H100 80GB HBM3)', 'versions': {'python': '3.11.
 
 
 def fake_run(root, note, args, top1s, script='train_kd.py', complete=None, error=None, env=ENV):
+    # top1s: one test top-1 per epoch (DML: a (net1, net2) pair per epoch)
     """A run directory as the training scripts write it (args.json with the
     device, versions and commit records.py writes; metrics.csv; complete.json
     once finished; log.txt ending in an error line for a failed run)."""
@@ -136,16 +139,18 @@ def fake_run(root, note, args, top1s, script='train_kd.py', complete=None, error
         json.dump({'script': script, 'args': {**args, 'note': note}, **env}, f)
     with open(os.path.join(d, 'metrics.csv'), 'w', newline='') as f:
         w = csv.writer(f)
-        w.writerow(['phase', 'phase_index', 'epoch', 'test_top1'])
+        dml = script == 'train_dml.py'
+        w.writerow(['phase', 'phase_index', 'epoch'] + (['test_net1_top1', 'test_net2_top1'] if dml else ['test_top1']))
         for e, v in enumerate(top1s, start=1):
-            w.writerow(['main', 0, e, v])
+            w.writerow(['main', 0, e] + (list(v) if dml else [v]))
     return d
 
 
 def tiny_sweep(root):
     """Benchmark runs of resnet32x4 -> resnet8x4: both baselines and KD of one
     seed, CRD of three seeds, a failed DKD run, an unfinished AT run; and a
-    seed-table KD run of two seeds on CIFAR-10 (the seed's 200 epochs)."""
+    seed-table KD run of two seeds on CIFAR-10 (the seed's 200 epochs) and a
+    DML run of one."""
     fake_run(root, 'base-r32x4', {**CRD, 'net_name': 'resnet32x4', 'seed': 1}, [70.0, 79.0], 'train_base.py')
     fake_run(root, 'base-r8x4', {**CRD, 'net_name': 'resnet8x4', 'seed': 1}, [70.0, 72.0], 'train_base.py',
              env={'device': 'cpu', 'versions': {'torch': '2.11.0'}, 'git_commit': 'feedbeef'})
@@ -159,6 +164,9 @@ def tiny_sweep(root):
                'kd_mode': 'st', 'lambda_kd': 0.1}
     for seed, best in ((1, 92.0), (2, 93.0)):
         fake_run(root, f'seed-st-s{seed}', {**seed_kd, 'seed': seed}, [best - 5, best], complete=True)
+    fake_run(root, 'seed-dml', {'data_name': 'cifar10', 'epochs': 200, 'net1_name': 'resnet110',
+                                'net2_name': 'resnet20', 'seed': 1}, [(90.0, 91.0), (94.0, 92.5)],
+             'train_dml.py', complete=True)
 
 
 def comparison(lines, caption_start):
@@ -206,6 +214,11 @@ def test_published_sets_ours_beside_every_published_number(tmp_path, capsys):
     seed = comparison(lines, "the seed's tables")[('KD', 'resnet110→resnet20')]
     assert seed['published'] == '92.82' and seed['delta'] == '-0.32 ± 0.71 (within 1 std)'
     assert seed['protocol'] == '? runs averaged, best or last epoch not stated'
+    dml = comparison(lines, "the seed's tables")
+    assert dml[('DML net1', 'resnet110→resnet20')]['published'] == '94.45'            # the seed's DML table
+    assert dml[('DML net1', 'resnet110→resnet20')]['delta'] == '-0.45'
+    assert dml[('DML net2', 'resnet110→resnet20')]['ours'] == '92.50 / 92.50 (1 run)'
+    assert dml[('DML net2', 'resnet110→resnet20')]['delta'] == '-0.42'
     # the sources, with their URLs, under the table
     assert '- RepDistiller README: Contrastive Representation Distillation (Tian et al., ICLR 2020): ' \
            'RepDistiller README, "Benchmark Results on CIFAR-100", https://github.com/HobbitLong/RepDistiller' \
