@@ -29,9 +29,10 @@ benchmark table shows: the first in RECORDS' order, which lists the method's
 own source first; the report lists them all.
 
 Sources that could not be reached when this was transcribed, and so are not
-here: the CRD paper's CRD+KD rows, KDSVD's and CAT-KD's numbers (their
-READMEs give none), NKD's own paper (SDD's re-run is here), MLKD's paper (the
-logit standardisation README's copy is here) and ReviewKD's paper (two of its
+here: the CRD paper's CRD+KD rows (RepDistiller's README has none), KDSVD's
+and CAT-KD's numbers (their READMEs give none), NKD's own paper (SDD's re-run
+is here), SRRL's own paper (SimKD's re-run is here), MLKD's paper (the logit
+standardisation README's copy is here) and ReviewKD's paper (two of its
 numbers, via Papers with Code, are here). Combinations without a mode here
 (ICKD with KD, WTTM+CRD, TTM, ITRD, HKD, SD-NKD) are left out.
 """

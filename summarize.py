@@ -40,7 +40,6 @@ import time
 
 import published as pub
 from errors import ArgumentParser, UserError, cli
-from flags import PROTOCOLS
 from kd_losses import METHODS, all_flags
 from records import COMPLETE_FILE, RESULT_NEUTRAL_FLAGS, without_cut_row, write_text_atomically
 

@@ -6,7 +6,6 @@ seeds, failed and unfinished runs; `--report` writes the Markdown report, its
 plot, and keeps its tables without matplotlib."""
 import csv
 import json
-import math
 import os
 import sys
 
