@@ -687,7 +687,8 @@ def summary(argv=None):
     parser = ArgumentParser(
         prog='python summarize.py',
         description='Walk a results root and print the comparison tables (Markdown), writing '
-                    'the same data as CSV; optionally draw test-accuracy curves.')
+                    'the same data as CSV; optionally set the published numbers beside ours, write '
+                    'a report, draw test-accuracy curves.')
     parser.add_argument('root', nargs='?', default='./results')
     parser.add_argument('--csv', default=None, help='CSV path (default: ROOT/summary.csv)')
     parser.add_argument('--published', action='store_true',
@@ -696,8 +697,9 @@ def summary(argv=None):
                              'difference and how the protocols differ')
     parser.add_argument('--report', default=None, metavar='MD',
                         help='also write one Markdown report: the tables with the published numbers, the '
-                             'protocols side by side, a plot of ours minus published (MD with .png, needs '
-                             'matplotlib; without it the report says so) and the environment of each run')
+                             'protocols side by side, a plot of ours minus published (a PNG of the same name '
+                             'beside it; needs matplotlib, without which the report says so) and the '
+                             'environment of each run (device, torch, commit)')
     parser.add_argument('--plot', default=None, metavar='PNG',
                         help='draw test top-1 per epoch of the runs matching --runs (needs matplotlib)')
     parser.add_argument('--runs', nargs='+', default=['*'], metavar='PATTERN',
