@@ -783,7 +783,7 @@ def write_report(path, root, groups, tables, entries):
         lines += ['', f'Table {number}. {caption}', '', table]
     lines += ['', '## Protocols side by side', '', protocols_table(groups, entries),
               '', '## Ours minus published', '', plot,
-              '', '## Every published number for the pairs compared', '',
+              '', '## Every published number for the pairs and networks compared', '',
               'Where several sources give a number for one method and pair, the tables use the first '
               '(published.py lists each method\'s own source first); all of them:', '',
               all_published_table(entries),
@@ -811,13 +811,17 @@ def protocols_table(groups, entries):
 
 
 def all_published_table(entries):
-    pairs = {(e['data'], e['teacher'], e['student']) for e in entries}
-    nets = {(e['data'], e['student']) for e in entries if e['teacher'] == '-'}
-    rows = [[method_label(r.method, r.settings, r.net), f'{r.teacher}→{r.student}', DATA_COLUMNS.get(r.dataset, r.dataset),
-             published_number(r), r.protocol.describe(), f'{r.source.name}, {r.table}' + (f'; {r.note}' if r.note else '')]
+    """Every record for the pairs compared, and every baseline number of the
+    networks compared (as teacher or student of any pair), layout by layout."""
+    pairs = {(e['benchmark'], e['data'], e['teacher'], e['student']) for e in entries}
+    nets = {(e['benchmark'], e['data'], e['student']) for e in entries if e['teacher'] == '-'}
+    rows = [[method_label(r.method, r.settings, r.net), f'{r.teacher}→{r.student}',
+             DATA_COLUMNS.get(r.dataset, r.dataset), published_number(r), r.protocol.describe(),
+             f'{r.source.name}, {r.table}' + (f'; {r.note}' if r.note else '')]
             for r in pub.RECORDS
-            if (r.dataset, r.teacher, r.student) in pairs
-            or (r.method in pub.BASELINES and ((r.dataset, r.student) in nets or (r.dataset, r.teacher) in nets))]
+            if (r.benchmark, r.dataset, r.teacher, r.student) in pairs
+            or (r.method in pub.BASELINES and ((r.benchmark, r.dataset, r.student) in nets or
+                                               (r.benchmark, r.dataset, r.teacher) in nets))]
     return markdown_table(['Method', 'Teacher→Student', 'Data', 'Top-1', 'Protocol', 'Source'], rows) \
         if rows else 'None.'
 

@@ -252,7 +252,7 @@ def test_the_report_holds_tables_protocols_plot_and_environment(tmp_path, capsys
     assert f'report written to {tmp_path / "report.md"} (plot: {png})' in out
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and '![ours minus published](report.png)' in text
     for section in ('## Tables', '## Protocols side by side', '## Ours minus published',
-                    '## Every published number for the pairs compared', '## Environment of each run'):
+                    '## Every published number for the pairs and networks compared', '## Environment of each run'):
         assert section in text
     assert '| KD | resnet32x4→resnet8x4 | CIFAR100 | 74.00 / 73.50 (1 run) | 73.33 | +0.67 |' in text
     assert '| Teacher (published) | 240 | 79.42 |' in text
