@@ -118,16 +118,17 @@ class SDDDistiller(Distiller):
         if ctx.student is None or ctx.teacher is None:
             raise ConfigError(f"{mode} reads both networks' classifiers: the context must give them")
         self.s_key, self.t_key = last_stage(ctx.student_shapes), last_stage(ctx.teacher_shapes)
-        for who, net, key, shapes in (('student', ctx.student, self.s_key, ctx.student_shapes),
-                                      ('teacher', ctx.teacher, self.t_key, ctx.teacher_shapes)):
-            shape = tuple(shapes[key])
+        s_shape = tuple(ctx.student_shapes[self.s_key])
+        t_shape = tuple(ctx.teacher_shapes[self.t_key])
+        both = f'(student {self.s_key} {s_shape}, teacher {self.t_key} {t_shape})'
+        for who, net, shape in (('student', ctx.student, s_shape), ('teacher', ctx.teacher, t_shape)):
             if net.head.in_features != shape[0]:
                 raise ConfigError(f"{mode}: the {who}'s classifier reads {net.head.in_features} "
-                                  f'features, not its last stage {key} {shape} pooled')
+                                  f'features, not its last stage pooled {both}')
             if shape[1] % max(scales) or shape[2] % max(scales):
-                raise ConfigError(f"{mode}: the {who}'s last feature map {key} {shape} cannot be "
-                                  f'split into {max(scales)}x{max(scales)} regions (--sdd_scales '
-                                  f'{",".join(map(str, scales))})')
+                raise ConfigError(f"{mode}: the {who}'s last feature map cannot be split into "
+                                  f'{max(scales)}x{max(scales)} regions (--sdd_scales '
+                                  f'{",".join(map(str, scales))}) {both}')
         if ctx.student.head.out_features != ctx.teacher.head.out_features:
             raise ConfigError(f'{mode}: student and teacher classify different numbers of classes')
         self.sdd, self.scales, self.warmup = loss, scales, warmup
