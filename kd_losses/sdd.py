@@ -204,8 +204,8 @@ register(Method(
     name='sdd_dkd', title='scale decoupled distillation on DKD', paper='https://arxiv.org/abs/2403.13512',
     transfers="last stage post-activation pooled at scales 1,2,4, each region through each net's "
               'classifier; DKD per region, complementary regions weighted 2',
-    variant='not for MobileNetV2/ShuffleV2 (their head reads an extra conv); per-pair betas and '
-            'scales given on the command line',
+    variant='not for MobileNetV2/ShuffleV2 (their head reads an extra conv); KD weight warmed up '
+            'over 20 epochs (official: of 240); per-pair betas and scales given on the command line',
     build=build_dkd,
     defaults=DKD_SETTINGS,
     protocol_defaults={'crd': DKD_SETTINGS},
