@@ -3,7 +3,8 @@
 The student starts from --s_init (a baseline's initial weights), the teacher
 is --t_model (a trained baseline); both accept the original zoo's checkpoint
 files. The loss is ce_weight * CE + lambda_kd * KD, with the mode's defaults
-where a flag is not given. Methods with pre-training phases (AB/FSP
+where a flag is not given; `--optimizer dot` trains with DOT's separate
+momenta for the two terms. Methods with pre-training phases (AB/FSP
 initialisation, FT's paraphraser) run them first. Everything a method needs
 comes from its registry entry in kd_losses/: this script names no method.
 
@@ -174,7 +175,9 @@ def optimizer_line(args, sources):
 
 
 class KDStep:
-    """One training step: ce_weight * CE + kd_scale * KD, its gradient, SGD.
+    """One training step: ce_weight * CE + kd_scale * KD, its gradient, SGD
+    (with --optimizer dot, the gradients of the two terms apart, for DOT's
+    two momenta: two backward passes through the student).
 
     `kd_scale` (lambda_kd times the method's weight for the epoch) lives in a
     device tensor, so a new value is a write, not a new step. Two variants:

@@ -79,7 +79,8 @@ def reference(fm_s, w_s, b_s, fm_t, w_t, b_t, target, T, scales, complementary, 
                 bs, bt = np.array([p_s[y], 1 - p_s[y]]), np.array([p_t[y], 1 - p_t[y]])
                 rest = [k for k in range(len(z_s)) if k != y]
                 q_s, q_t = np_softmax(z_s[rest] / T), np_softmax(z_t[rest] / T)
-                loss = T ** 2 * (alpha * np.sum(bt * np.log(bt / bs)) + beta * np.sum(q_t * np.log(q_t / q_s)))
+                tckd, nckd = np.sum(bt * np.log(bt / bs)), np.sum(q_t * np.log(q_t / q_s))
+                loss = T ** 2 * (alpha * tckd + beta * nckd)
             weight = 1.0 if (np.argmax(z_t) == y) == global_right else complementary
             total += weight * loss
             pairs += 1
@@ -169,7 +170,8 @@ def test_pairs_it_cannot_apply_to_are_refused_with_the_shapes(mode):
 
 
 def test_official_defaults():
-    kd, dkd = METHODS['sdd_kd'].defaults_for('cifar100', 'crd'), METHODS['sdd_dkd'].defaults_for('cifar100', 'crd')
+    kd = METHODS['sdd_kd'].defaults_for('cifar100', 'crd')
+    dkd = METHODS['sdd_dkd'].defaults_for('cifar100', 'crd')
     assert (kd['ce_weight'], kd['lambda_kd'], kd['T'], kd['sdd_scales'], kd['sdd_complementary']) == \
         (0.1, 0.9, 4.0, '1,2,4', 2.0)
     assert (dkd['ce_weight'], dkd['lambda_kd'], dkd['dkd_alpha'], dkd['dkd_beta'], dkd['T'],
