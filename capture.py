@@ -179,7 +179,7 @@ class DOT(SGD):
     def update_both(self, task_grads, kd_grads):
         task = [i for i, g in enumerate(task_grads) if g is not None]
         kd = [i for i, g in enumerate(kd_grads) if g is not None]
-        if WORLD.size > 1:
+        if WORLD.size > 1 and (task or kd):  # one all-reduce for both gradients
             averaged = iter(average_gradients_of([task_grads[i] for i in task] + [kd_grads[i] for i in kd]))
             task_grads, kd_grads = list(task_grads), list(kd_grads)
             for i in task:
