@@ -6,7 +6,8 @@ method and its pre-training phases, DML, evaluation) is therefore written
 as a function of the batch alone that touches only persistent tensors:
 
 - gradients come from `torch.autograd.grad` and the update is this module's
-  `SGD.update`, whose learning rate is a device tensor and whose momentum
+  `SGD.update` (or `DOT.update_both`, the task and distillation gradients
+  apart, for --optimizer dot), whose learning rate is a device tensor and whose momentum
   buffers exist from the start: an lr drop is a write, not a new step;
 - KD weights, curricula and epoch statistics live in device tensors updated
   in place; nothing in a step reads a value back to the host.
@@ -135,7 +136,7 @@ class SGD(torch.optim.Optimizer):
 
 
 class DOT(SGD):
-    """Distillation-oriented trainer (Zhao, Song, Zhu, Li: "DOT: A
+    """Distillation-oriented trainer (Zhao, Cui, Song, Liang: "DOT: A
     Distillation-Oriented Trainer", ICCV 2023, https://arxiv.org/abs/2307.08436;
     mdistiller engine/dot.py): SGD whose task (cross-entropy) and distillation
     gradients run through momentum buffers of their own, the task's with

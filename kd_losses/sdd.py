@@ -1,6 +1,6 @@
 """Scale decoupled distillation, on KD (`sdd_kd`) and on DKD (`sdd_dkd`).
 
-Wei, Luo, Song, Wu, Yan, Liu: "Scale Decoupled Distillation", CVPR 2024,
+Wei, Luo, Luo: "Scale Decoupled Distillation", CVPR 2024,
 https://arxiv.org/abs/2403.13512 (official code: shicaiwei123/SDD-CVPR2024)
 
 Each network's last feature map (the one its classifier reads, averaged) is
