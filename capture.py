@@ -7,8 +7,9 @@ as a function of the batch alone that touches only persistent tensors:
 
 - gradients come from `torch.autograd.grad` and the update is this module's
   `SGD.update` (or `DOT.update_both`, the task and distillation gradients
-  apart, for --optimizer dot), whose learning rate is a device tensor and whose momentum
-  buffers exist from the start: an lr drop is a write, not a new step;
+  apart, for --optimizer dot), whose learning rate is a device tensor and
+  whose momentum buffers exist from the start: an lr drop is a write, not a
+  new step;
 - KD weights, curricula and epoch statistics live in device tensors updated
   in place; nothing in a step reads a value back to the host.
 
