@@ -3,7 +3,8 @@
 The student starts from --s_init (a baseline's initial weights), the teacher
 is --t_model (a trained baseline); both accept the original zoo's checkpoint
 files. The loss is ce_weight * CE + lambda_kd * KD, with the mode's defaults
-where a flag is not given. Methods with pre-training phases (AB/FSP
+where a flag is not given; `--optimizer dot` trains with DOT's separate
+momenta for the two terms. Methods with pre-training phases (AB/FSP
 initialisation, FT's paraphraser) run them first. Everything a method needs
 comes from its registry entry in kd_losses/: this script names no method.
 
@@ -28,8 +29,11 @@ from kd_losses import METHODS, ConfigError, Context, all_flags
 from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
 from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cast_frozen_weights,
-                   cross_entropy_stats, describe_device, evaluate, main_schedule, make_sgd,
-                   memory_layout, show_progress, train_phases)
+                   cross_entropy_stats, describe_device, evaluate, main_schedule, make_optimizer,
+                   make_sgd, memory_layout, show_progress, train_phases)
+
+# mdistiller engine/cfg.py SOLVER.DOT.DELTA and configs/cifar100/dot/*.yaml: 0.075
+DOT_DELTA = 0.075
 
 
 def show_value(value):
@@ -66,6 +70,14 @@ def mode_defaults(name):
 def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(parser)
+    g = parser.add_argument_group('optimiser')
+    g.add_argument('--optimizer', choices=('sgd', 'dot'), default='sgd',
+                   help='sgd: one momentum for the whole gradient; dot: the distillation-oriented '
+                        'trainer (Zhao et al., ICCV 2023): the cross-entropy gradient with momentum '
+                        '--momentum minus --dot_delta, the distillation gradient with --momentum plus '
+                        '--dot_delta, each in a buffer of its own; no Nesterov')
+    g.add_argument('--dot_delta', type=finite(float), default=None,
+                   help=f'with --optimizer dot: the momentum difference [{DOT_DELTA}]')
     g = parser.add_argument_group('teacher and student')
     g.add_argument('--s_init', required=True, help="student's initial weights (a baseline's initial_rNN.pth.tar)")
     g.add_argument('--t_model', required=True, help="teacher's trained weights (a baseline's model_best.pth.tar)")
@@ -99,7 +111,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args = finalize_common_args(parser, args, args.s_name)
     method = METHODS[args.kd_mode]
-    sources = schedule_sources(args, flags_given(parser, argv), args.s_name)
+    on_command_line = flags_given(parser, argv)
+    sources = schedule_sources(args, on_command_line, args.s_name)
+    check_optimizer(parser, args, on_command_line, sources)
     given = {name for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}
     from_protocol = method.protocol_defaults.get(args.protocol, {})
@@ -128,8 +142,42 @@ def parse_args(argv=None):
     return args, sources, ignored
 
 
+def check_optimizer(parser, args, on_command_line, sources):
+    """--optimizer dot's settings: its delta (default DOT_DELTA), both momenta
+    within [0, 1), and no Nesterov (DOT has none: off unless asked for, and
+    then refused); records where the optimiser settings came from in `sources`."""
+    sources['optimizer'] = 'command line' if 'optimizer' in on_command_line else 'default'
+    if args.optimizer != 'dot':
+        if args.dot_delta is not None:
+            parser.error('--dot_delta goes with --optimizer dot')
+        return
+    sources['dot_delta'] = 'default for --optimizer dot' if args.dot_delta is None else 'command line'
+    if args.dot_delta is None:
+        args.dot_delta = DOT_DELTA
+    if not (0 <= args.momentum - args.dot_delta and args.momentum + args.dot_delta < 1):
+        parser.error(f'--optimizer dot: --momentum {args.momentum} minus and plus --dot_delta '
+                     f'{args.dot_delta} must both lie in [0, 1)')
+    if args.nesterov and 'nesterov' in on_command_line:
+        parser.error('--optimizer dot has no Nesterov form: leave out --nesterov')
+    if args.nesterov:
+        args.nesterov = False
+        sources['nesterov'] = f"off: --optimizer dot has none ({sources['nesterov']}: on)"
+
+
+def optimizer_line(args, sources):
+    """The log's line on the optimiser."""
+    if args.optimizer != 'dot':
+        return f"  optimizer = sgd ({sources['optimizer']})"
+    return (f'  optimizer = dot (command line): cross-entropy gradient momentum '
+            f'{args.momentum - args.dot_delta:g}, distillation gradient momentum '
+            f'{args.momentum + args.dot_delta:g}, each its own buffer; dot_delta = {args.dot_delta} '
+            f"({sources['dot_delta']})")
+
+
 class KDStep:
-    """One training step: ce_weight * CE + kd_scale * KD, its gradient, SGD.
+    """One training step: ce_weight * CE + kd_scale * KD, its gradient, SGD
+    (with --optimizer dot, the gradients of the two terms apart, for DOT's
+    two momenta: two backward passes through the student).
 
     `kd_scale` (lambda_kd times the method's weight for the epoch) lives in a
     device tensor, so a new value is a write, not a new step. Two variants:
@@ -142,6 +190,7 @@ class KDStep:
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.optimizer, self.args = optimizer, args
         self.params = optimizer.params
+        self.two_momenta = hasattr(optimizer, 'update_both')
         self.terms = tuple(distiller.loss_terms)
         self.loss_names = ['ce', 'kd'] + [f'kd_{t}' for t in self.terms]
         self.stat_names = self.loss_names + ['correct1', 'correct5', 'n']
@@ -193,8 +242,12 @@ class KDStep:
             if self.terms:  # a dict of named terms whose sum is the KD loss
                 terms = [kd[name] for name in self.terms]
                 kd = sum(terms)
-            loss = self.args.ce_weight * ce + self.kd_scale * kd
-        self.optimizer.update(grads_of(loss, self.params))
+            task, distillation = self.args.ce_weight * ce, self.kd_scale * kd
+        if self.two_momenta:  # DOT: the two gradients reach the optimiser apart
+            self.optimizer.update_both(grads_of(task, self.params, retain_graph=True),
+                                       grads_of(distillation, self.params))
+        else:
+            self.optimizer.update(grads_of(task + distillation, self.params))
         return self.record(s.out, batch.target, ce, kd, terms)
 
     def record(self, logits, target, ce, kd, terms):
@@ -278,8 +331,8 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
     # the main schedule: ce_weight * CE + lambda_kd * kd_weight(epoch) * KD, on one SGD
     # that also holds the parameters of the phases sharing it (the seed's AB/FSP)
     shared = [p for pp in pretrain if pp.shares_main_optimizer for p in pp.params]
-    optimizer = make_sgd(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
-                         args)
+    optimizer = make_optimizer(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
+                               args)
     step = KDStep(model, teacher, distiller, optimizer, args)
 
     def pretrain_phase(pp):
@@ -357,6 +410,7 @@ def main(argv=None):
     # the method's settings and stages, and what in them defeats the method
     for line in schedule_lines(args, sources):
         LOG.info(line)
+    LOG.info(optimizer_line(args, sources))
     method = METHODS[args.kd_mode]
     LOG.info(f'kd_mode {args.kd_mode} ({method.title}, {method.paper}): {method.transfers}')
     for name in method.defaults_for(args.data_name, args.protocol):

@@ -64,8 +64,9 @@ class DKD(nn.Module):
         self.alpha, self.beta, self.T = alpha, beta, T
         self.logit_stand = bool(logit_stand)
 
-    def terms(self, out_s, out_t, target):
-        """{'tckd': alpha * TCKD, 'nckd': beta * NCKD}, float32 scalars."""
+    def log_distributions(self, out_s, out_t, target):
+        """The log-probabilities both terms compare, student's then teacher's:
+        the binary (target, rest) pairs [B, 2] and the non-target softmaxes [B, C - 1]."""
         out_s, out_t = maybe_standardize(out_s.float(), out_t.float(), self.logit_stand)
         z_s, z_t = out_s / self.T, out_t / self.T
         idx = non_target_index(target, z_s.shape[1])
@@ -78,11 +79,25 @@ class DKD(nn.Module):
             binary.append(torch.cat([z.gather(1, tgt) - log_all,
                                      torch.logsumexp(non_target, dim=1, keepdim=True) - log_all], 1))
         b_s, b_t = binary
-        scale = self.T ** 2 / z_s.shape[0]
-        tckd = F.kl_div(b_s, b_t, reduction='sum', log_target=True) * scale
         log_q_s = F.log_softmax(z_s.gather(1, idx), dim=1)
         log_q_t = F.log_softmax(z_t.gather(1, idx), dim=1)
+        return b_s, b_t, log_q_s, log_q_t
+
+    def terms(self, out_s, out_t, target):
+        """{'tckd': alpha * TCKD, 'nckd': beta * NCKD}, float32 scalars."""
+        b_s, b_t, log_q_s, log_q_t = self.log_distributions(out_s, out_t, target)
+        scale = self.T ** 2 / b_s.shape[0]
+        tckd = F.kl_div(b_s, b_t, reduction='sum', log_target=True) * scale
         nckd = F.kl_div(log_q_s, log_q_t, reduction='sum', log_target=True) * scale
+        return {'tckd': self.alpha * tckd, 'nckd': self.beta * nckd}
+
+    def sample_terms(self, out_s, out_t, target):
+        """The same terms per sample, not averaged over the batch: [B] each
+        (for losses that weight the samples, e.g. SDD's regions)."""
+        b_s, b_t, log_q_s, log_q_t = self.log_distributions(out_s, out_t, target)
+        scale = self.T ** 2
+        tckd = F.kl_div(b_s, b_t, reduction='none', log_target=True).sum(1) * scale
+        nckd = F.kl_div(log_q_s, log_q_t, reduction='none', log_target=True).sum(1) * scale
         return {'tckd': self.alpha * tckd, 'nckd': self.beta * nckd}
 
     def forward(self, out_s, out_t, target):
