@@ -220,11 +220,11 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.pair is not None and args.defaults is None:
         parser.error('--pair goes with --defaults')
-    if args.why and args.applies is None:
-        parser.error('--why goes with --applies')
+    if args.applies is None and (args.why or (args.defaults is None and (
+            '--data_name' in argv or '--protocol' in argv))):
+        parser.error('--why, --data_name and --protocol go with --applies (the last two '
+                     'also with --defaults)')
     if args.applies is None and args.defaults is None:
-        if '--data_name' in argv or '--protocol' in argv:
-            parser.error('--data_name and --protocol go with --applies or --defaults')
         return args
     from network import NETWORKS
     if args.defaults is not None:
