@@ -169,6 +169,7 @@ def register(method):
     missing = [k for k in method.flags if k not in method.defaults]
     if 'lambda_kd' not in method.defaults or missing:
         raise ValueError(f'{method.name}: defaults must give lambda_kd and every flag ({missing})')
+    check_pairs(method)
     given = [k for d in (method.defaults, *method.dataset_defaults.values(),
                          *method.protocol_defaults.values(), *method.switch_defaults.values(),
                          *(p.values for p in method.pair_defaults.values())) for k in d]
@@ -179,7 +180,6 @@ def register(method):
     unknown = [k for k in given if k not in method.flags and k != 'lambda_kd' and k not in COMMON_DEFAULTS]
     if unknown:
         raise ValueError(f'{method.name}: defaults for undeclared flags {unknown}')
-    check_pairs(method)
     for name, flag in method.flags.items():
         for other in METHODS.values():
             if name in other.flags and other.flags[name] != flag:
