@@ -121,7 +121,8 @@ def parse_args(argv=None):
         # for its own and its pairs' values
         reference = protocol_epochs(args.protocol) if default.level in ('protocol', 'pair') else None
         flag = method.flags.get(name)
-        if default.level != 'switch' and flag is not None and flag.scaled(value, args.epochs, reference) != value:
+        scales = flag is not None and default.level != 'switch'  # a switch's values are taken as they are
+        if scales and flag.scaled(value, args.epochs, reference) != value:
             sources[name] += (f', {value} of {reference or flag.epochs_of} epochs scaled to '
                               f'{args.epochs}')
             value = flag.scaled(value, args.epochs, reference)
