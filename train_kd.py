@@ -46,7 +46,9 @@ def show_value(value):
 def mode_defaults(name):
     """--help's default of a distillation setting: each mode's that reads it
     (a default every mode shares once, then the modes that differ), with the
-    values a dataset, a --protocol or a switch of the mode gives instead."""
+    values a dataset, a --protocol or a switch of the mode gives instead, and
+    whether the official configs set it per teacher:student pair (`python -m
+    kd_losses --defaults MODE --pair T:S` shows a pair's)."""
     shared = COMMON_DEFAULTS.get(name)
     parts = []
     for mode in sorted(METHODS):
@@ -59,6 +61,8 @@ def mode_defaults(name):
         others += [(f'with --{switch}', o) for switch, o in m.switch_defaults.items()]
         differs = [f'{where} {show_value(o[name])}' for where, o in others
                    if name in o and o[name] != value]
+        if any(name in p.values for p in m.pair_defaults.values()):
+            differs.append('per pair under --protocol crd')
         if value == shared and not differs:
             continue
         parts.append(f'{mode} {show_value(value)}' + (f' ({"; ".join(differs)})' if differs else ''))
@@ -106,7 +110,12 @@ def build_parser():
 def parse_args(argv=None):
     """Parsed flags, the mode's defaults filled in; also returns where each
     schedule and method setting came from, for the log, and the method flags
-    given that the mode does not read."""
+    given that the mode does not read.
+
+    A method setting left out takes, in this order of precedence, the mode's
+    default with its on/off switch on (switch_defaults), the teacher:student
+    pair's official setting under --protocol crd (pair_defaults), the
+    protocol's, the dataset's, the mode's own (kd_losses/registry.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args = finalize_common_args(parser, args, args.s_name)
@@ -114,30 +123,24 @@ def parse_args(argv=None):
     on_command_line = flags_given(parser, argv)
     sources = schedule_sources(args, on_command_line, args.s_name)
     check_optimizer(parser, args, on_command_line, sources)
-    given = {name for name in method.defaults_for(args.data_name, args.protocol)
+    given = {name: getattr(args, name) for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}
-    from_protocol = method.protocol_defaults.get(args.protocol, {})
-    for name, value in method.defaults_for(args.data_name, args.protocol).items():
+    resolved = method.resolve(args.data_name, args.protocol, args.t_name, args.s_name, given)
+    for name, default in resolved.items():
         if name in given:
             sources[name] = 'command line'
             continue
-        sources[name] = f'default for {args.kd_mode} on {args.data_name}'
-        reference = None  # the schedule a default number of epochs is meant for
-        if name in from_protocol:
-            sources[name] += f' under --protocol {args.protocol}'
-            reference = protocol_epochs(args.protocol)
+        value, sources[name] = default.value, default.where
+        # the schedule a default number of epochs is meant for: the protocol's
+        # for its own and its pairs' values
+        reference = protocol_epochs(args.protocol) if default.level in ('protocol', 'pair') else None
         flag = method.flags.get(name)
-        if flag is not None and flag.scaled(value, args.epochs, reference) != value:
+        scales = flag is not None and default.level != 'switch'  # a switch's values are taken as they are
+        if scales and flag.scaled(value, args.epochs, reference) != value:
             sources[name] += (f', {value} of {reference or flag.epochs_of} epochs scaled to '
                               f'{args.epochs}')
             value = flag.scaled(value, args.epochs, reference)
         setattr(args, name, value)
-    for switch, settings in method.switch_defaults.items():  # the paper's settings for a switch
-        if getattr(args, switch):
-            for name, value in settings.items():
-                if name not in given:
-                    setattr(args, name, value)
-                    sources[name] = f'default for {args.kd_mode} with --{switch}'
     ignored = [f'--{n}' for n in all_flags() if n not in method.flags and getattr(args, n) is not None]
     return args, sources, ignored
 
