@@ -33,8 +33,9 @@ alpha 1, beta 8, T 4) with the 20-epoch linear warm-up of the KD weight
 scales 1,2,4 (the README's command and the shell scripts' --M [1,2,4]),
 complementary weight 2 (KD.py lines 87-90). The same under --protocol crd.
 
-Per-pair official CIFAR-100 settings (configs/cifar100/sdd_{kd,dkd}/*.yaml
-and the --M of teacher_resnet32x4.sh, teacher_vgg.sh): --sdd_scales 1,2 for
+Per-pair official CIFAR-100 settings, applied under --protocol crd
+(`pair_defaults`; configs/cifar100/sdd_{kd,dkd}/*.yaml and the --M of
+teacher_resnet32x4.sh, teacher_vgg.sh): --sdd_scales 1,2 for
 resnet32x4 -> resnet8x4 (sdd_kd) and vgg13 -> vgg8 (both); for sdd_dkd,
 --dkd_beta 2 for resnet56 -> resnet20 and resnet110 -> resnet32, --dkd_beta 6
 for vgg13 -> vgg8 / ShuffleV1 / MobileNetV2, wrn_40_2 -> wrn_16_2 /
@@ -56,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dkd import DKD
-from .registry import METHODS, ConfigError, Distiller, Flag, Method, pick, register
+from .registry import METHODS, ConfigError, Distiller, Flag, Method, PairSetting, pick, register
 
 __all__ = ['SDD', 'region_pool']
 
@@ -188,15 +189,29 @@ DKD_SETTINGS = {'ce_weight': 1.0, 'lambda_kd': 1.0, 'dkd_alpha': 1.0, 'dkd_beta'
                 'dkd_warmup': 20, **SDD_DEFAULTS}
 DKD_FLAGS = METHODS['dkd'].flags  # the same flags as dkd's, with the same meaning
 
+# The official per-pair CIFAR-100 settings (SDD-CVPR2024), applied under --protocol crd.
+SCALES_SOURCE = {'resnet32x4': 'SDD-CVPR2024 teacher_resnet32x4.sh (--M [1,2])',
+                 'vgg13': 'SDD-CVPR2024 teacher_vgg.sh (--M [1,2])'}
+BETA_SOURCE = 'SDD-CVPR2024 configs/cifar100/sdd_dkd/ (the pair\'s config, DKD.BETA)'
+KD_PAIRS = {pair: PairSetting({'sdd_scales': '1,2'}, SCALES_SOURCE[pair.split(':')[0]])
+            for pair in ('resnet32x4:resnet8x4', 'vgg13:vgg8')}
+DKD_PAIRS = {
+    'vgg13:vgg8': PairSetting({'sdd_scales': '1,2', 'dkd_beta': 6.0},
+                              f"{SCALES_SOURCE['vgg13']}; {BETA_SOURCE}"),
+    **{pair: PairSetting({'dkd_beta': beta}, BETA_SOURCE)
+       for pair, beta in (('resnet56:resnet20', 2.0), ('resnet110:resnet32', 2.0),
+                          ('wrn_40_2:wrn_16_2', 6.0), ('wrn_40_2:wrn_40_1', 6.0))}}
+
 register(Method(
     name='sdd_kd', title='scale decoupled distillation on KD', paper='https://arxiv.org/abs/2403.13512',
     transfers="last stage post-activation pooled at scales 1,2,4, each region through each net's "
               'classifier; KD per region, complementary regions weighted 2',
     variant='not for MobileNetV2/ShuffleV2 (their head reads an extra conv); per-pair scales '
-            'given on the command line',
+            'under --protocol crd only',
     build=build_kd,
     defaults=KD_SETTINGS,
     protocol_defaults={'crd': KD_SETTINGS},
+    pair_defaults=KD_PAIRS,
     flags={'T': DKD_FLAGS['T'], **FLAGS},
 ))
 
@@ -205,9 +220,10 @@ register(Method(
     transfers="last stage post-activation pooled at scales 1,2,4, each region through each net's "
               'classifier; DKD per region, complementary regions weighted 2',
     variant='not for MobileNetV2/ShuffleV2 (their head reads an extra conv); KD weight warmed up '
-            'over 20 epochs (official: of 240); per-pair betas and scales given on the command line',
+            'over 20 epochs (official: of 240); per-pair betas and scales under --protocol crd only',
     build=build_dkd,
     defaults=DKD_SETTINGS,
     protocol_defaults={'crd': DKD_SETTINGS},
+    pair_defaults=DKD_PAIRS,
     flags={**{name: DKD_FLAGS[name] for name in ('dkd_alpha', 'dkd_beta', 'T', 'dkd_warmup')}, **FLAGS},
 ))

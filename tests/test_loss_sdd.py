@@ -194,3 +194,23 @@ def test_train_kd_runs_and_resumes(base_run, tmp_path, monkeypatch):
     assert [float(r['kd_weight']) for r in rows] == [0.5, 1.0]  # the warm-up
     stop_after_first_epoch_then_resume(monkeypatch, kd_argv(base_run, tmp_path, 'resumed'))
     assert_same_run(tmp_path / 'straight', tmp_path / 'resumed')
+
+
+@pytest.mark.parametrize('mode, pair, expected', [
+    # SDD-CVPR2024: teacher_resnet32x4.sh / teacher_vgg.sh run --M [1,2] for these pairs
+    ('sdd_kd', ('resnet32x4', 'resnet8x4'), {'sdd_scales': '1,2'}),
+    ('sdd_kd', ('vgg13', 'vgg8'), {'sdd_scales': '1,2'}),
+    # SDD-CVPR2024 configs/cifar100/sdd_dkd: DKD.BETA of the pair's config
+    ('sdd_dkd', ('vgg13', 'vgg8'), {'sdd_scales': '1,2', 'dkd_beta': 6.0}),
+    ('sdd_dkd', ('resnet56', 'resnet20'), {'sdd_scales': '1,2,4', 'dkd_beta': 2.0}),
+    ('sdd_dkd', ('wrn_40_2', 'wrn_16_2'), {'sdd_scales': '1,2,4', 'dkd_beta': 6.0}),
+    ('sdd_dkd', ('resnet32x4', 'resnet8x4'), {'sdd_scales': '1,2,4', 'dkd_beta': 8.0}),
+])
+def test_the_official_per_pair_settings_hold_under_protocol_crd_only(mode, pair, expected):
+    crd = METHODS[mode].resolve('cifar100', 'crd', *pair)
+    seed = METHODS[mode].resolve('cifar100', 'seed', *pair)
+    for name, value in expected.items():
+        assert crd[name].value == value
+        assert seed[name].value == {'sdd_scales': '1,2,4', 'dkd_beta': 8.0}[name]
+        if value != seed[name].value:  # a per-pair value: the log cites its source
+            assert 'SDD-CVPR2024' in crd[name].where
