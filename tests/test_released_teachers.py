@@ -57,7 +57,7 @@ def sha256_of(path):
 @pytest.fixture(scope='module')
 def cifar100_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('cifar100')
-    write_cifar(str(root), 'cifar100', n_train=100, n_test=40, learnable=True)
+    write_cifar(str(root), 'cifar100', n_train=40, n_test=20, learnable=True)
     return str(root)
 
 
@@ -74,7 +74,7 @@ def released(tmp_path_factory):
 def kd_argv(root, save_root, note, t_model, *extra, epochs=1):
     return ['--data_name', 'cifar100', '--img_root', root, '--save_root', str(save_root), '--note', note,
             '--t_name', 'resnet8', '--s_name', 'resnet8', '--t_model', t_model, '--kd_mode', 'st',
-            '--epochs', str(epochs), '--batch_size', '50', '--device', 'cpu', '--no_download', *extra]
+            '--epochs', str(epochs), '--batch_size', '20', '--device', 'cpu', '--no_download', *extra]
 
 
 @pytest.mark.parametrize('layout', ['RepDistiller', 'mdistiller'])
@@ -169,7 +169,7 @@ def test_verify_measures_once_then_reads_the_cache(released, cifar100_root, tmp_
     teachers.main(argv)
     first = capsys.readouterr().out
     entry = json.loads(cache.read_text())[sha256_of(path)]
-    assert (entry['network'], entry['num_class'], entry['test_images']) == ('resnet8', 100, 40)
+    assert (entry['network'], entry['num_class'], entry['test_images']) == ('resnet8', 100, 20)
     # the same number as evaluating the file with train_base.py
     import train_base
     base = train_base.evaluate_checkpoint(train_base.parse_args(
