@@ -255,8 +255,9 @@ INITIAL_FILE = 'initial.pth.tar'  # a student's fresh initialisation, in its run
 
 def fresh_initialisation(net_name, num_class, seed):
     """The network `net_name` as initialised right after seeding torch with
-    `seed`: the same weights for every run of one seed and network, drawn
-    without touching the global random stream."""
+    `seed`: the same weights for every run of one seed and network (and the
+    initial weights train_base.py saves for that seed), drawn without
+    touching the global random stream."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_network(net_name, num_class)

@@ -193,3 +193,12 @@ def test_a_teacher_below_its_published_accuracy_is_refused(cifar100_root, tmp_pa
     assert 'more than 1 point below its published 72.34' in err
     cache = json.loads((tmp_path / 'released_teachers.json').read_text())  # default: beside DIR
     assert list(cache) == [sha256_of(os.path.join(folder, 'resnet56_vanilla', 'ckpt_epoch_240.pth'))]
+
+
+def test_a_fresh_student_starts_where_the_baseline_of_its_seed_starts(base_run):
+    """train_base.py seeds torch with --seed before building its network: the
+    initial weights it saves are the fresh initialisation of that seed."""
+    saved = torch.load(base_run['initial'], weights_only=True)['net']
+    fresh = train_kd.fresh_initialisation('resnet20', 10, 2).state_dict()  # base_run: seed 2
+    assert saved.keys() == {'module.' + k for k in fresh}
+    assert all(torch.equal(saved['module.' + k], v) for k, v in fresh.items())
