@@ -128,12 +128,14 @@ def require(teacher, net_name, num_class=None):
 
 def published_teacher_top1(net_name):
     """The published CIFAR-100 test top-1 (%) of the benchmark's teacher
-    `net_name`, or None for a network the benchmark releases no teacher of.
-    The one place the published numbers are looked up from."""
-    import summarize  # the published table lives with the summary that prints it
-    for i, (teacher, _) in enumerate(summarize.CRD_PAIRS):
-        if teacher == net_name:
-            return summarize.PUBLISHED['Teacher'][i]
+    `net_name` (published.py's first record of it: RepDistiller's README), or
+    None for a network the benchmark releases no teacher of. The one place
+    the published numbers are looked up from."""
+    import published
+    for record in published.RECORDS:
+        if (record.method, record.teacher, record.dataset, record.benchmark, record.net) == (
+                'teacher', net_name, 'cifar100', 'crd', 'net'):
+            return record.top1
     return None
 
 
