@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -95,10 +95,6 @@ class TeacherFile:
 
     def describe(self):
         return f'{self.network} with {self.num_class} classes, sha256 {self.sha256[:12]}'
-
-    def record(self):
-        """What a student's args.json records of its teacher."""
-        return {**asdict(self), 'path': os.path.abspath(self.path)}
 
 
 def identify(path, what='teacher'):

@@ -6,8 +6,8 @@ directory as initial.pth.tar (the same for every run of one seed and
 network). The teacher is --t_model: a trained baseline, a released
 benchmark teacher, or a folder of released teachers (teachers.py finds
 --t_name's there); its identity and sha256 go to args.json. Both accept the
-original zoo's checkpoint files. The loss is ce_weight * CE + lambda_kd * KD, with the mode's defaults
-where a flag is not given. Methods with pre-training phases (AB/FSP
+original zoo's checkpoint files. The loss is ce_weight * CE + lambda_kd * KD,
+with the mode's defaults where a flag is not given. Methods with pre-training phases (AB/FSP
 initialisation, FT's paraphraser) run them first. Everything a method needs
 comes from its registry entry in kd_losses/: this script names no method.
 
@@ -281,7 +281,8 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True, s_
         if s_init:
             load_network_weights(student, s_init, 'student initialisation (--s_init)')
         else:
-            student.load_state_dict(fresh_initialisation(args.s_name, args.num_class, args.seed).state_dict())
+            fresh = fresh_initialisation(args.s_name, args.num_class, args.seed)
+            student.load_state_dict(fresh.state_dict())
         load_network_weights(teacher, args.t_model, 'teacher (--t_model)')
     student = memory_layout(sync_batchnorm(student.to(device), args.sync_bn), args)  # torchrun: global-batch BN
     teacher = memory_layout(teacher.to(device), args).eval().requires_grad_(False)
