@@ -1,10 +1,14 @@
 """Distil a frozen teacher into a student with one method of kd_losses/.
 
-The student starts from --s_init (a baseline's initial weights), the teacher
-is --t_model (a trained baseline); both accept the original zoo's checkpoint
-files. The loss is ce_weight * CE + lambda_kd * KD, with the mode's defaults
-where a flag is not given; `--optimizer dot` trains with DOT's separate
-momenta for the two terms. Methods with pre-training phases (AB/FSP
+The student starts from --s_init (a baseline's initial weights) or, without
+it, from a fresh initialisation drawn from --seed and saved in the run
+directory as initial.pth.tar (the same for every run of one seed and
+network). The teacher is --t_model: a trained baseline, a released
+benchmark teacher, or a folder of released teachers (teachers.py finds
+--t_name's there); its identity and sha256 go to args.json. Both accept the
+original zoo's checkpoint files. The loss is ce_weight * CE + lambda_kd * KD,
+with the mode's defaults where a flag is not given; `--optimizer dot` trains
+with DOT's separate momenta for the two terms. Methods with pre-training phases (AB/FSP
 initialisation, FT's paraphraser) run them first. Everything a method needs
 comes from its registry entry in kd_losses/: this script names no method.
 
@@ -14,20 +18,22 @@ comes from its registry entry in kd_losses/: this script names no method.
         --kd_mode at --save_root ./results/at --note at-c10-r110-r20
 """
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 
 from capture import grads_of
-from checkpoints import load_network_weights
+from checkpoints import file_digest, load_network_weights, save_checkpoint, zoo_record
 from dataset import make_loaders
-from distributed import sync_batchnorm
+from distributed import WORLD, sync_batchnorm
 from errors import ArgumentParser, cli, UserError
 from flags import (HelpFormatter, add_common_args, finalize_common_args, finite, flags_given,
                    non_negative, positive, protocol_epochs, schedule_lines, schedule_sources)
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
+from teachers import find_teacher, layout_of
 from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cast_frozen_weights,
                    cross_entropy_stats, describe_device, evaluate, main_schedule, make_optimizer,
                    make_sgd, memory_layout, show_progress, train_phases)
@@ -83,8 +89,13 @@ def build_parser():
     g.add_argument('--dot_delta', type=finite(float), default=None,
                    help=f'with --optimizer dot: the momentum difference [{DOT_DELTA}]')
     g = parser.add_argument_group('teacher and student')
-    g.add_argument('--s_init', required=True, help="student's initial weights (a baseline's initial_rNN.pth.tar)")
-    g.add_argument('--t_model', required=True, help="teacher's trained weights (a baseline's model_best.pth.tar)")
+    g.add_argument('--s_init', default=None,
+                   help="student's initial weights (a baseline's initial_rNN.pth.tar) [none: a fresh "
+                        "initialisation drawn from --seed, saved as initial.pth.tar in the run directory]")
+    g.add_argument('--t_model', required=True,
+                   help="teacher's trained weights: a baseline's model_best.pth.tar, a released "
+                        "teacher's ckpt_epoch_240.pth, or a folder of released teachers "
+                        "(RepDistiller's or mdistiller's layout), where --t_name's is found")
     g.add_argument('--s_name', required=True, choices=sorted(NETWORKS))
     g.add_argument('--t_name', required=True, choices=sorted(NETWORKS))
     g = parser.add_argument_group('distillation (a flag left out takes the mode\'s default, '
@@ -119,6 +130,8 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     args = finalize_common_args(parser, args, args.s_name)
+    if os.path.isdir(args.t_model):  # a folder of released teachers: --t_name's file in it
+        args.t_model = find_teacher(args.t_model, args.t_name)
     method = METHODS[args.kd_mode]
     on_command_line = flags_given(parser, argv)
     sources = schedule_sources(args, on_command_line, args.s_name)
@@ -293,10 +306,25 @@ class PretrainStep:
         return sums
 
 
-def build_distillation(args, device, n_data, train_labels, load_weights=True):
+INITIAL_FILE = 'initial.pth.tar'  # a student's fresh initialisation, in its run directory
+
+
+def fresh_initialisation(net_name, num_class, seed):
+    """The network `net_name` as initialised right after seeding torch with
+    `seed`: the same weights for every run of one seed and network (and the
+    initial weights train_base.py saves for that seed), drawn without
+    touching the global random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(net_name, num_class)
+
+
+def build_distillation(args, device, n_data, train_labels, load_weights=True, s_init=None):
     """Student, teacher, the method's distiller and the training phases, as
     train_kd.py runs them (bench.py builds its KD configurations here too,
-    with load_weights=False: random weights). Returns (model, teacher,
+    with load_weights=False: random weights). The student starts from the
+    file `s_init` (default --s_init) or, with neither, from
+    fresh_initialisation(--s_name, classes, --seed). Returns (model, teacher,
     distiller, pretrain phases, main phase, KDStep): `model` is what is
     trained, evaluated and saved as the student. A phase that shares the
     main optimiser (AB/FSP's init) holds the same SGD object as the main
@@ -305,7 +333,12 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
     student = build_network(args.s_name, args.num_class)
     teacher = build_network(args.t_name, args.num_class)
     if load_weights:
-        load_network_weights(student, args.s_init, 'student initialisation (--s_init)')
+        s_init = s_init or args.s_init
+        if s_init:
+            load_network_weights(student, s_init, 'student initialisation (--s_init)')
+        else:
+            fresh = fresh_initialisation(args.s_name, args.num_class, args.seed)
+            student.load_state_dict(fresh.state_dict())
         load_network_weights(teacher, args.t_model, 'teacher (--t_model)')
     student = memory_layout(sync_batchnorm(student.to(device), args.sync_bn), args)  # torchrun: global-batch BN
     teacher = memory_layout(teacher.to(device), args).eval().requires_grad_(False)
@@ -427,16 +460,36 @@ def main(argv=None):
         LOG.info(f'warning: {warning}')
 
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
+    # Without --s_init, a resumed run's student is built from the initial weights
+    # its fresh start saved (the checkpoint then restores its training).
+    initial = os.path.join(run.dir, INITIAL_FILE)
+    saved_initial = initial if not args.s_init and resume is not None and os.path.isfile(initial) else None
     model, teacher, distiller, pretrain, main_phase, _ = build_distillation(
-        args, device, len(train_loader.labels), train_loader.labels)
+        args, device, len(train_loader.labels), train_loader.labels, s_init=saved_initial)
     main_phase.evaluate = Evaluator(model, test_loader, args.amp, args.compile, show_progress(args))
-    LOG.info(f'student {args.s_name} from {args.s_init}; teacher {args.t_name} from '
+    start = (args.s_init or saved_initial or
+             f'a fresh initialisation drawn from --seed {args.seed} (saved to {initial})')
+    LOG.info(f'student {args.s_name} from {start}; teacher {args.t_name} from '
              f'{args.t_model}; on {describe_device(device)}')
+    # args.json names the teacher file by content: the network and classes it
+    # holds (the strict load above checked them) and its sha256
+    run.records['teacher'] = {'path': os.path.abspath(args.t_model), 'network': args.t_name,
+                              'num_class': args.num_class, 'sha256': run.inputs['t_model'],
+                              'layout': layout_of(args.t_model)}
+    if args.s_init:
+        run.records['student_init'] = {'path': os.path.abspath(args.s_init),
+                                       'sha256': run.inputs['s_init']}
     n_extra = sum(p.numel() for p in distiller.learnable_parameters())
     if n_extra:
         LOG.info(f'{args.kd_mode} adds {n_extra / 1e6:.3f}M learnable parameters')
 
     def on_fresh_start():
+        if not args.s_init:  # the start every run of this seed and network shares
+            save_checkpoint(zoo_record(fresh_initialisation(args.s_name, args.num_class, args.seed), 0),
+                            initial)
+            if WORLD.main:  # rank 0 wrote it
+                run.record('student_init', {'path': os.path.abspath(initial),
+                                            'sha256': file_digest(initial), 'seed': args.seed})
         teacher_test = evaluate(teacher, test_loader, amp=args.amp)
         LOG.info(f"teacher test top-1 {teacher_test['top1']:.2f} top-5 {teacher_test['top5']:.2f}")
 
