@@ -75,7 +75,7 @@ def reset_logger():
 
 # What a run writes in its directory (--overwrite removes exactly these).
 RUN_FILES = ('checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'metrics.csv', 'args.json',
-             'complete.json', 'run.lock')
+             'complete.json', 'run.lock', 'initial.pth.tar')
 RUN_FILE_PATTERNS = ('model_best_*.pth.tar', 'initial_*.pth.tar', '*.tmp', 'args.resume.json')
 LOCK_FILE, COMPLETE_FILE = 'run.lock', 'complete.json'
 
@@ -107,6 +107,9 @@ class Run:
     def __init__(self, args, script, argv=()):
         self.args, self.script, self.argv = args, script, list(argv)
         self.columns, self.tensorboard, self._lock = None, None, None
+        # What args.json records beside the flags, by key (e.g. the teacher file's
+        # identity and sha256): set before `open`, or added later with `record`.
+        self.records = {}
         self.dir = os.path.join(args.save_root, args.note)
         self.ckpt_path = os.path.join(self.dir, 'checkpoint.pth.tar')
         self.metrics_path = os.path.join(self.dir, 'metrics.csv')
@@ -312,9 +315,9 @@ class Run:
 
     # -- records
     def write_args(self, device_name, resumed):
-        """args.json: every resolved flag, the command, versions, device; a
-        resume adds itself to its 'resumes' list (args.json is rewritten if
-        it was lost)."""
+        """args.json: every resolved flag, the command, versions, device and
+        `records`; a resume adds itself to its 'resumes' list (args.json is
+        rewritten if it was lost)."""
         path = os.path.join(self.dir, 'args.json')
         now = time.strftime('%Y-%m-%d %H:%M:%S')
         command = command_line(self.script, self.argv)
@@ -332,8 +335,20 @@ class Run:
                       'device': device_name, 'processes': WORLD.size,
                       'versions': {'python': platform.python_version(), 'torch': torch.__version__,
                                    'numpy': np.__version__, **_optional_versions()},
-                      'git_commit': _git_commit(), 'started': now}
+                      'git_commit': _git_commit(), 'started': now, **self.records}
         write_text_atomically(path, json.dumps(record, indent=2, default=str))
+
+    def record(self, key, value):
+        """Add `key: value` to args.json (rewritten atomically), e.g. the
+        sha256 of a file the run wrote after args.json was first written."""
+        self.records[key] = value
+        if not WORLD.main:
+            return
+        path = os.path.join(self.dir, 'args.json')
+        with open(path) as f:
+            saved = json.load(f)
+        saved[key] = value
+        write_text_atomically(path, json.dumps(saved, indent=2, default=str))
 
     def check_resume_args(self, saved):
         """Refuse to resume with flags that would change the result (`saved`:

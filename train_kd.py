@@ -1,9 +1,14 @@
 """Distil a frozen teacher into a student with one method of kd_losses/.
 
-The student starts from --s_init (a baseline's initial weights), the teacher
-is --t_model (a trained baseline); both accept the original zoo's checkpoint
-files. The loss is ce_weight * CE + lambda_kd * KD, with the mode's defaults
-where a flag is not given. Methods with pre-training phases (AB/FSP
+The student starts from --s_init (a baseline's initial weights) or, without
+it, from a fresh initialisation drawn from --seed and saved in the run
+directory as initial.pth.tar (the same for every run of one seed and
+network). The teacher is --t_model: a trained baseline, a released
+benchmark teacher, or a folder of released teachers (teachers.py finds
+--t_name's there); its identity and sha256 go to args.json. Both accept the
+original zoo's checkpoint files. The loss is ce_weight * CE + lambda_kd * KD,
+with the mode's defaults where a flag is not given; `--optimizer dot` trains
+with DOT's separate momenta for the two terms. Methods with pre-training phases (AB/FSP
 initialisation, FT's paraphraser) run them first. Everything a method needs
 comes from its registry entry in kd_losses/: this script names no method.
 
@@ -13,23 +18,28 @@ comes from its registry entry in kd_losses/: this script names no method.
         --kd_mode at --save_root ./results/at --note at-c10-r110-r20
 """
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
 
 from capture import grads_of
-from checkpoints import load_network_weights
+from checkpoints import file_digest, load_network_weights, save_checkpoint, zoo_record
 from dataset import make_loaders
-from distributed import sync_batchnorm
+from distributed import WORLD, sync_batchnorm
 from errors import ArgumentParser, cli, UserError
 from flags import (HelpFormatter, add_common_args, finalize_common_args, finite, flags_given,
                    non_negative, positive, protocol_epochs, schedule_lines, schedule_sources)
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
+from teachers import find_teacher, layout_of
 from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cast_frozen_weights,
-                   cross_entropy_stats, describe_device, evaluate, main_schedule, make_sgd,
-                   memory_layout, show_progress, train_phases)
+                   cross_entropy_stats, describe_device, evaluate, main_schedule, make_optimizer,
+                   make_sgd, memory_layout, show_progress, train_phases)
+
+# mdistiller engine/cfg.py SOLVER.DOT.DELTA and configs/cifar100/dot/*.yaml: 0.075
+DOT_DELTA = 0.075
 
 
 def show_value(value):
@@ -42,7 +52,9 @@ def show_value(value):
 def mode_defaults(name):
     """--help's default of a distillation setting: each mode's that reads it
     (a default every mode shares once, then the modes that differ), with the
-    values a dataset, a --protocol or a switch of the mode gives instead."""
+    values a dataset, a --protocol or a switch of the mode gives instead, and
+    whether the official configs set it per teacher:student pair (`python -m
+    kd_losses --defaults MODE --pair T:S` shows a pair's)."""
     shared = COMMON_DEFAULTS.get(name)
     parts = []
     for mode in sorted(METHODS):
@@ -55,6 +67,8 @@ def mode_defaults(name):
         others += [(f'with --{switch}', o) for switch, o in m.switch_defaults.items()]
         differs = [f'{where} {show_value(o[name])}' for where, o in others
                    if name in o and o[name] != value]
+        if any(name in p.values for p in m.pair_defaults.values()):
+            differs.append('per pair under --protocol crd')
         if value == shared and not differs:
             continue
         parts.append(f'{mode} {show_value(value)}' + (f' ({"; ".join(differs)})' if differs else ''))
@@ -66,9 +80,22 @@ def mode_defaults(name):
 def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(parser)
+    g = parser.add_argument_group('optimiser')
+    g.add_argument('--optimizer', choices=('sgd', 'dot'), default='sgd',
+                   help='sgd: one momentum for the whole gradient; dot: the distillation-oriented '
+                        'trainer (Zhao et al., ICCV 2023): the cross-entropy gradient with momentum '
+                        '--momentum minus --dot_delta, the distillation gradient with --momentum plus '
+                        '--dot_delta, each in a buffer of its own; no Nesterov')
+    g.add_argument('--dot_delta', type=finite(float), default=None,
+                   help=f'with --optimizer dot: the momentum difference [{DOT_DELTA}]')
     g = parser.add_argument_group('teacher and student')
-    g.add_argument('--s_init', required=True, help="student's initial weights (a baseline's initial_rNN.pth.tar)")
-    g.add_argument('--t_model', required=True, help="teacher's trained weights (a baseline's model_best.pth.tar)")
+    g.add_argument('--s_init', default=None,
+                   help="student's initial weights (a baseline's initial_rNN.pth.tar) [none: a fresh "
+                        "initialisation drawn from --seed, saved as initial.pth.tar in the run directory]")
+    g.add_argument('--t_model', required=True,
+                   help="teacher's trained weights: a baseline's model_best.pth.tar, a released "
+                        "teacher's ckpt_epoch_240.pth, or a folder of released teachers "
+                        "(RepDistiller's or mdistiller's layout), where --t_name's is found")
     g.add_argument('--s_name', required=True, choices=sorted(NETWORKS))
     g.add_argument('--t_name', required=True, choices=sorted(NETWORKS))
     g = parser.add_argument_group('distillation (a flag left out takes the mode\'s default, '
@@ -94,42 +121,79 @@ def build_parser():
 def parse_args(argv=None):
     """Parsed flags, the mode's defaults filled in; also returns where each
     schedule and method setting came from, for the log, and the method flags
-    given that the mode does not read."""
+    given that the mode does not read.
+
+    A method setting left out takes, in this order of precedence, the mode's
+    default with its on/off switch on (switch_defaults), the teacher:student
+    pair's official setting under --protocol crd (pair_defaults), the
+    protocol's, the dataset's, the mode's own (kd_losses/registry.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args = finalize_common_args(parser, args, args.s_name)
+    if os.path.isdir(args.t_model):  # a folder of released teachers: --t_name's file in it
+        args.t_model = find_teacher(args.t_model, args.t_name)
     method = METHODS[args.kd_mode]
-    sources = schedule_sources(args, flags_given(parser, argv), args.s_name)
-    given = {name for name in method.defaults_for(args.data_name, args.protocol)
+    on_command_line = flags_given(parser, argv)
+    sources = schedule_sources(args, on_command_line, args.s_name)
+    check_optimizer(parser, args, on_command_line, sources)
+    given = {name: getattr(args, name) for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}
-    from_protocol = method.protocol_defaults.get(args.protocol, {})
-    for name, value in method.defaults_for(args.data_name, args.protocol).items():
+    resolved = method.resolve(args.data_name, args.protocol, args.t_name, args.s_name, given)
+    for name, default in resolved.items():
         if name in given:
             sources[name] = 'command line'
             continue
-        sources[name] = f'default for {args.kd_mode} on {args.data_name}'
-        reference = None  # the schedule a default number of epochs is meant for
-        if name in from_protocol:
-            sources[name] += f' under --protocol {args.protocol}'
-            reference = protocol_epochs(args.protocol)
+        value, sources[name] = default.value, default.where
+        # the schedule a default number of epochs is meant for: the protocol's
+        # for its own and its pairs' values
+        reference = protocol_epochs(args.protocol) if default.level in ('protocol', 'pair') else None
         flag = method.flags.get(name)
-        if flag is not None and flag.scaled(value, args.epochs, reference) != value:
+        scales = flag is not None and default.level != 'switch'  # a switch's values are taken as they are
+        if scales and flag.scaled(value, args.epochs, reference) != value:
             sources[name] += (f', {value} of {reference or flag.epochs_of} epochs scaled to '
                               f'{args.epochs}')
             value = flag.scaled(value, args.epochs, reference)
         setattr(args, name, value)
-    for switch, settings in method.switch_defaults.items():  # the paper's settings for a switch
-        if getattr(args, switch):
-            for name, value in settings.items():
-                if name not in given:
-                    setattr(args, name, value)
-                    sources[name] = f'default for {args.kd_mode} with --{switch}'
     ignored = [f'--{n}' for n in all_flags() if n not in method.flags and getattr(args, n) is not None]
     return args, sources, ignored
 
 
+def check_optimizer(parser, args, on_command_line, sources):
+    """--optimizer dot's settings: its delta (default DOT_DELTA), both momenta
+    within [0, 1), and no Nesterov (DOT has none: off unless asked for, and
+    then refused); records where the optimiser settings came from in `sources`."""
+    sources['optimizer'] = 'command line' if 'optimizer' in on_command_line else 'default'
+    if args.optimizer != 'dot':
+        if args.dot_delta is not None:
+            parser.error('--dot_delta goes with --optimizer dot')
+        return
+    sources['dot_delta'] = 'default for --optimizer dot' if args.dot_delta is None else 'command line'
+    if args.dot_delta is None:
+        args.dot_delta = DOT_DELTA
+    if not (0 <= args.momentum - args.dot_delta and args.momentum + args.dot_delta < 1):
+        parser.error(f'--optimizer dot: --momentum {args.momentum} minus and plus --dot_delta '
+                     f'{args.dot_delta} must both lie in [0, 1)')
+    if args.nesterov and 'nesterov' in on_command_line:
+        parser.error('--optimizer dot has no Nesterov form: leave out --nesterov')
+    if args.nesterov:
+        args.nesterov = False
+        sources['nesterov'] = f"off: --optimizer dot has none ({sources['nesterov']}: on)"
+
+
+def optimizer_line(args, sources):
+    """The log's line on the optimiser."""
+    if args.optimizer != 'dot':
+        return f"  optimizer = sgd ({sources['optimizer']})"
+    return (f'  optimizer = dot (command line): cross-entropy gradient momentum '
+            f'{args.momentum - args.dot_delta:g}, distillation gradient momentum '
+            f'{args.momentum + args.dot_delta:g}, each its own buffer; dot_delta = {args.dot_delta} '
+            f"({sources['dot_delta']})")
+
+
 class KDStep:
-    """One training step: ce_weight * CE + kd_scale * KD, its gradient, SGD.
+    """One training step: ce_weight * CE + kd_scale * KD, its gradient, SGD
+    (with --optimizer dot, the gradients of the two terms apart, for DOT's
+    two momenta: two backward passes through the student).
 
     `kd_scale` (lambda_kd times the method's weight for the epoch) lives in a
     device tensor, so a new value is a write, not a new step. Two variants:
@@ -142,6 +206,7 @@ class KDStep:
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.optimizer, self.args = optimizer, args
         self.params = optimizer.params
+        self.two_momenta = hasattr(optimizer, 'update_both')
         self.terms = tuple(distiller.loss_terms)
         self.loss_names = ['ce', 'kd'] + [f'kd_{t}' for t in self.terms]
         self.stat_names = self.loss_names + ['correct1', 'correct5', 'n']
@@ -193,8 +258,12 @@ class KDStep:
             if self.terms:  # a dict of named terms whose sum is the KD loss
                 terms = [kd[name] for name in self.terms]
                 kd = sum(terms)
-            loss = self.args.ce_weight * ce + self.kd_scale * kd
-        self.optimizer.update(grads_of(loss, self.params))
+            task, distillation = self.args.ce_weight * ce, self.kd_scale * kd
+        if self.two_momenta:  # DOT: the two gradients reach the optimiser apart
+            self.optimizer.update_both(grads_of(task, self.params, retain_graph=True),
+                                       grads_of(distillation, self.params))
+        else:
+            self.optimizer.update(grads_of(task + distillation, self.params))
         return self.record(s.out, batch.target, ce, kd, terms)
 
     def record(self, logits, target, ce, kd, terms):
@@ -237,10 +306,25 @@ class PretrainStep:
         return sums
 
 
-def build_distillation(args, device, n_data, train_labels, load_weights=True):
+INITIAL_FILE = 'initial.pth.tar'  # a student's fresh initialisation, in its run directory
+
+
+def fresh_initialisation(net_name, num_class, seed):
+    """The network `net_name` as initialised right after seeding torch with
+    `seed`: the same weights for every run of one seed and network (and the
+    initial weights train_base.py saves for that seed), drawn without
+    touching the global random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(net_name, num_class)
+
+
+def build_distillation(args, device, n_data, train_labels, load_weights=True, s_init=None):
     """Student, teacher, the method's distiller and the training phases, as
     train_kd.py runs them (bench.py builds its KD configurations here too,
-    with load_weights=False: random weights). Returns (model, teacher,
+    with load_weights=False: random weights). The student starts from the
+    file `s_init` (default --s_init) or, with neither, from
+    fresh_initialisation(--s_name, classes, --seed). Returns (model, teacher,
     distiller, pretrain phases, main phase, KDStep): `model` is what is
     trained, evaluated and saved as the student. A phase that shares the
     main optimiser (AB/FSP's init) holds the same SGD object as the main
@@ -249,7 +333,12 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
     student = build_network(args.s_name, args.num_class)
     teacher = build_network(args.t_name, args.num_class)
     if load_weights:
-        load_network_weights(student, args.s_init, 'student initialisation (--s_init)')
+        s_init = s_init or args.s_init
+        if s_init:
+            load_network_weights(student, s_init, 'student initialisation (--s_init)')
+        else:
+            fresh = fresh_initialisation(args.s_name, args.num_class, args.seed)
+            student.load_state_dict(fresh.state_dict())
         load_network_weights(teacher, args.t_model, 'teacher (--t_model)')
     student = memory_layout(sync_batchnorm(student.to(device), args.sync_bn), args)  # torchrun: global-batch BN
     teacher = memory_layout(teacher.to(device), args).eval().requires_grad_(False)
@@ -278,8 +367,8 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
     # the main schedule: ce_weight * CE + lambda_kd * kd_weight(epoch) * KD, on one SGD
     # that also holds the parameters of the phases sharing it (the seed's AB/FSP)
     shared = [p for pp in pretrain if pp.shares_main_optimizer for p in pp.params]
-    optimizer = make_sgd(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
-                         args)
+    optimizer = make_optimizer(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
+                               args)
     step = KDStep(model, teacher, distiller, optimizer, args)
 
     def pretrain_phase(pp):
@@ -357,6 +446,7 @@ def main(argv=None):
     # the method's settings and stages, and what in them defeats the method
     for line in schedule_lines(args, sources):
         LOG.info(line)
+    LOG.info(optimizer_line(args, sources))
     method = METHODS[args.kd_mode]
     LOG.info(f'kd_mode {args.kd_mode} ({method.title}, {method.paper}): {method.transfers}')
     for name in method.defaults_for(args.data_name, args.protocol):
@@ -370,16 +460,36 @@ def main(argv=None):
         LOG.info(f'warning: {warning}')
 
     train_loader, test_loader = make_loaders(args, device, log=LOG.info)
+    # Without --s_init, a resumed run's student is built from the initial weights
+    # its fresh start saved (the checkpoint then restores its training).
+    initial = os.path.join(run.dir, INITIAL_FILE)
+    saved_initial = initial if not args.s_init and resume is not None and os.path.isfile(initial) else None
     model, teacher, distiller, pretrain, main_phase, _ = build_distillation(
-        args, device, len(train_loader.labels), train_loader.labels)
+        args, device, len(train_loader.labels), train_loader.labels, s_init=saved_initial)
     main_phase.evaluate = Evaluator(model, test_loader, args.amp, args.compile, show_progress(args))
-    LOG.info(f'student {args.s_name} from {args.s_init}; teacher {args.t_name} from '
+    start = (args.s_init or saved_initial or
+             f'a fresh initialisation drawn from --seed {args.seed} (saved to {initial})')
+    LOG.info(f'student {args.s_name} from {start}; teacher {args.t_name} from '
              f'{args.t_model}; on {describe_device(device)}')
+    # args.json names the teacher file by content: the network and classes it
+    # holds (the strict load above checked them) and its sha256
+    run.records['teacher'] = {'path': os.path.abspath(args.t_model), 'network': args.t_name,
+                              'num_class': args.num_class, 'sha256': run.inputs['t_model'],
+                              'layout': layout_of(args.t_model)}
+    if args.s_init:
+        run.records['student_init'] = {'path': os.path.abspath(args.s_init),
+                                       'sha256': run.inputs['s_init']}
     n_extra = sum(p.numel() for p in distiller.learnable_parameters())
     if n_extra:
         LOG.info(f'{args.kd_mode} adds {n_extra / 1e6:.3f}M learnable parameters')
 
     def on_fresh_start():
+        if not args.s_init:  # the start every run of this seed and network shares
+            save_checkpoint(zoo_record(fresh_initialisation(args.s_name, args.num_class, args.seed), 0),
+                            initial)
+            if WORLD.main:  # rank 0 wrote it
+                run.record('student_init', {'path': os.path.abspath(initial),
+                                            'sha256': file_digest(initial), 'seed': args.seed})
         teacher_test = evaluate(teacher, test_loader, amp=args.amp)
         LOG.info(f"teacher test top-1 {teacher_test['top1']:.2f} top-5 {teacher_test['top5']:.2f}")
 
