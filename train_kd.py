@@ -22,8 +22,9 @@ from checkpoints import load_network_weights
 from dataset import make_loaders
 from distributed import sync_batchnorm
 from errors import ArgumentParser, cli, UserError
-from flags import (HelpFormatter, add_common_args, finalize_common_args, finite, flags_given,
-                   non_negative, positive, protocol_epochs, schedule_lines, schedule_sources)
+from flags import (CRD_SMALL_LR_NETS, HelpFormatter, add_common_args, finalize_common_args, finite,
+                   flags_given, non_negative, positive, protocol_epochs, schedule_lines,
+                   schedule_sources)
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
@@ -91,15 +92,31 @@ def build_parser():
     return parser
 
 
+def method_schedule(method, args, given):
+    """The schedule flags the mode sets under args.protocol (its
+    `schedule_defaults`) that the command line leaves out; its lr gives way to
+    the protocol's own lower lr for small students (CRD_SMALL_LR_NETS)."""
+    values = dict(method.schedule_defaults.get(args.protocol, {}))
+    if args.protocol == 'crd' and args.s_name in CRD_SMALL_LR_NETS:
+        values.pop('lr', None)
+    return {name: value for name, value in values.items() if name not in given}
+
+
 def parse_args(argv=None):
     """Parsed flags, the mode's defaults filled in; also returns where each
     schedule and method setting came from, for the log, and the method flags
     given that the mode does not read."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args = finalize_common_args(parser, args, args.s_name)
     method = METHODS[args.kd_mode]
-    sources = schedule_sources(args, flags_given(parser, argv), args.s_name)
+    flags = flags_given(parser, argv)
+    from_method = method_schedule(method, args, flags)
+    for name, value in from_method.items():
+        setattr(args, name, value)
+    args = finalize_common_args(parser, args, args.s_name)
+    sources = schedule_sources(args, flags, args.s_name)
+    for name in from_method:
+        sources[name] = f'default for {args.kd_mode} under --protocol {args.protocol}'
     given = {name for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}
     from_protocol = method.protocol_defaults.get(args.protocol, {})
@@ -136,11 +153,19 @@ class KDStep:
     `distill`, and `cross_entropy` alone (no teacher forward) for epochs
     whose KD weight is 0; `current()` is the one in use. Each adds the
     batch's sums to `stats` (named by `stat_names`: CE, KD, the method's own
-    loss terms, accuracy) and returns them."""
+    loss terms, accuracy) and returns them.
 
-    def __init__(self, student, teacher, distiller, optimizer, args):
+    A mode with two `views` (weak, strong: MLKD) distils on both: the student
+    runs once per view (BatchNorm sees each view's batch alone), the frozen
+    teacher once on both together; CE is the sum of both views' CE, and the
+    accuracy is the weak view's. One-view modes run exactly as before."""
+
+    def __init__(self, student, teacher, distiller, optimizer, args, views=('weak',)):
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.optimizer, self.args = optimizer, args
+        self.two_views = len(views) == 2
+        if self.two_views and distiller.teacher_grad:
+            raise ValueError('a two-view step runs the teacher without autograd')
         self.params = optimizer.params
         self.terms = tuple(distiller.loss_terms)
         self.loss_names = ['ce', 'kd'] + [f'kd_{t}' for t in self.terms]
@@ -179,6 +204,8 @@ class KDStep:
         return self.record(s.out, batch.target, ce, self.zero, [self.zero] * len(self.terms))
 
     def distill(self, batch):
+        if self.two_views:
+            return self.distill_two_views(batch)
         img = batch.img
         with autocast(self.args):
             if self.distiller.teacher_grad:  # the loss differentiates through the teacher
@@ -197,10 +224,40 @@ class KDStep:
         self.optimizer.update(grads_of(loss, self.params))
         return self.record(s.out, batch.target, ce, kd, terms)
 
+    def distill_two_views(self, batch):
+        """The step of a ('weak', 'strong') mode: the distiller gets (weak,
+        strong) pairs of the student's and the teacher's features."""
+        n = batch.img.shape[0]
+        with autocast(self.args):
+            s = (self.student(batch.img), self.student(batch.strong))
+            with torch.no_grad():
+                t = split_views(self.teacher(torch.cat([batch.img, batch.strong])), n)
+            ce = (F.cross_entropy(s[0].out.float(), batch.target)
+                  + F.cross_entropy(s[1].out.float(), batch.target))
+            kd = self.distiller(s, t, batch)
+            terms = []
+            if self.terms:
+                terms = [kd[name] for name in self.terms]
+                kd = sum(terms)
+            loss = self.args.ce_weight * ce + self.kd_scale * kd
+        self.optimizer.update(grads_of(loss, self.params))
+        return self.record(s[0].out, batch.target, ce, kd, terms)
+
     def record(self, logits, target, ce, kd, terms):
         sums = cross_entropy_stats(logits, target, ce, kd, *terms)
         self.stats.add(sums)
         return sums
+
+
+def split_views(features, n):
+    """Features of a batch of two views stacked ([2n, ...] each, pairs of
+    tensors too) -> (first view's, second view's)."""
+    def part(value, rows):
+        if isinstance(value, tuple):
+            return tuple(part(v, rows) for v in value)
+        return value[rows]
+    return tuple(type(features)(*(part(v, rows) for v in features))
+                 for rows in (slice(0, n), slice(n, None)))
 
 
 class PretrainStep:
@@ -280,7 +337,7 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True):
     shared = [p for pp in pretrain if pp.shares_main_optimizer for p in pp.params]
     optimizer = make_sgd(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
                          args)
-    step = KDStep(model, teacher, distiller, optimizer, args)
+    step = KDStep(model, teacher, distiller, optimizer, args, views=method.views)
 
     def pretrain_phase(pp):
         if not pp.shares_main_optimizer:
@@ -369,7 +426,11 @@ def main(argv=None):
     for warning in warnings:
         LOG.info(f'warning: {warning}')
 
-    train_loader, test_loader = make_loaders(args, device, log=LOG.info)
+    if method.views == ('weak', 'strong'):
+        LOG.info(f'  views: weak (crop, flip) and strong (crop, flip, RandAugment 2 ops, Cutout: '
+                 f'strong_augment.py), student and teacher on both')
+    train_loader, test_loader = make_loaders(args, device, log=LOG.info,
+                                             strong_view='strong' in method.views)
     model, teacher, distiller, pretrain, main_phase, _ = build_distillation(
         args, device, len(train_loader.labels), train_loader.labels)
     main_phase.evaluate = Evaluator(model, test_loader, args.amp, args.compile, show_progress(args))
