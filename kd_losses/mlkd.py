@@ -103,12 +103,12 @@ def batch_consistency(out_s, out_t, T):
 def masked_fractions(out_t_weak):
     """(fraction of samples, fraction of classes) at or below the median of the
     teacher's weak-view confidence: top probability per sample, summed
-    probability per class; float32 scalars on the device."""
+    probability per class; scalars of the logits' dtype, on the device."""
     p = F.softmax(out_t_weak, dim=1)
     confidence = p.amax(dim=1)
     per_class = p.sum(dim=0)
-    samples = (confidence <= torch.quantile(confidence, 0.5)).float().mean()
-    classes = (per_class <= torch.quantile(per_class, 0.5)).float().mean()
+    samples = (confidence <= torch.quantile(confidence, 0.5)).to(p.dtype).mean()
+    classes = (per_class <= torch.quantile(per_class, 0.5)).to(p.dtype).mean()
     return samples, classes
 
 
