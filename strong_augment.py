@@ -3,7 +3,8 @@
 Multi-Level Logit Distillation (kd_losses/mlkd.py) trains on a second,
 strongly augmented view of every image. Its official code
 (Jin-Ying/Multi-Level-Logit-Distillation, mdistiller/dataset/cifar100.py:
-`get_cifar100_train_transform_strong`, `RandAugment`, `augment_list`) builds
+the operations lines 144-269, `augment_list` 272-289, `RandAugment` 292-305,
+`get_cifar100_train_transform_strong` 321-342) builds
 it per image with PIL: a random crop and flip drawn independently of the weak
 view's, then `RandAugment(2, 10)`:
 

@@ -22,9 +22,9 @@ from checkpoints import load_network_weights
 from dataset import make_loaders
 from distributed import sync_batchnorm
 from errors import ArgumentParser, cli, UserError
-from flags import (CRD_SMALL_LR_NETS, HelpFormatter, add_common_args, finalize_common_args, finite,
-                   flags_given, non_negative, positive, protocol_epochs, schedule_lines,
-                   schedule_sources)
+from flags import (CRD_SMALL_LR_NETS, SCHEDULE_FLAGS, HelpFormatter, add_common_args,
+                   finalize_common_args, finite, flags_given, non_negative, positive,
+                   protocol_epochs, schedule_lines, schedule_sources)
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
@@ -97,6 +97,9 @@ def method_schedule(method, args, given):
     `schedule_defaults`) that the command line leaves out; its lr gives way to
     the protocol's own lower lr for small students (CRD_SMALL_LR_NETS)."""
     values = dict(method.schedule_defaults.get(args.protocol, {}))
+    unknown = sorted(set(values) - set(SCHEDULE_FLAGS))
+    if unknown:
+        raise ValueError(f'{method.name}: schedule_defaults for flags that are not schedule flags {unknown}')
     if args.protocol == 'crd' and args.s_name in CRD_SMALL_LR_NETS:
         values.pop('lr', None)
     return {name: value for name, value in values.items() if name not in given}

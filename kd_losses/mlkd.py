@@ -3,7 +3,9 @@
 Jin, Wang, Lin: "Multi-Level Logit Distillation", CVPR 2023,
 https://openaccess.thecvf.com/content/CVPR2023/html/Jin_Multi-Level_Logit_Distillation_CVPR_2023_paper.html
 (official code: Jin-Ying/Multi-Level-Logit-Distillation,
-mdistiller/distillers/KD_ours.py, `KD_ours.forward_train`)
+mdistiller/distillers/KD_ours.py: the terms `kd_loss`, `cc_loss`, `bc_loss`
+lines 13-47, `KD_ours.forward_train` lines 89-255: masks 98-111, CE 114,
+the loss 115-254)
 
 Student and teacher each see two views of every image: the weak one (crop
 and flip) and a strong one (RandAugment and Cutout: strong_augment.py). With
