@@ -16,6 +16,11 @@ training loop uses it:
   refuses a second declaration with another type, choices or help text; the
   chosen method's default applies when the flag is not given.
 
+A method can also declare a second, strongly augmented view of every image
+(`views=('weak', 'strong')`: its loader computes it, its step runs student
+and teacher on both) and its own values of schedule flags under a protocol
+(`schedule_defaults`, e.g. MLKD's lr).
+
 A Distiller can also ask for pre-training phases (`pretrain_phases`), a
 per-epoch weight schedule (`kd_weight`), per-epoch state (`begin_epoch`),
 a differentiable teacher (`teacher_grad`), a student that classifies through
