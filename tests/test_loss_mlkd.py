@@ -223,7 +223,7 @@ def test_schedule_defaults_under_protocol_crd():
 
 def test_mlkd_trains_and_resumes_bitwise(base_run, tmp_path, monkeypatch):
     def argv(note):
-        return distill_argv(base_run, tmp_path, note, 'mlkd', 2, 25, ['--seed', '3'])
+        return distill_argv(base_run, tmp_path, note, 'mlkd', 2, 50, ['--seed', '3', '--lr', '0.025'])
     train_kd.main(argv('straight'))
     stop_after_first_epoch_then_resume(monkeypatch, argv('resumed'))
     assert_same_run(str(tmp_path / 'straight'), str(tmp_path / 'resumed'))
