@@ -158,10 +158,11 @@ class KDStep:
     batch's sums to `stats` (named by `stat_names`: CE, KD, the method's own
     loss terms, accuracy) and returns them.
 
-    A mode with two `views` (weak, strong: MLKD) distils on both: the student
+    A mode with two `views` (weak, strong: MLKD) trains on both: the student
     runs once per view (BatchNorm sees each view's batch alone), the frozen
-    teacher once on both together; CE is the sum of both views' CE, and the
-    accuracy is the weak view's. One-view modes run exactly as before."""
+    teacher once on both together; CE is the sum of both views' CE (in the
+    CE-only step too), and the accuracy is the weak view's. One-view modes
+    run exactly as before."""
 
     def __init__(self, student, teacher, distiller, optimizer, args, views=('weak',)):
         self.student, self.teacher, self.distiller = student, teacher, distiller
@@ -199,10 +200,13 @@ class KDStep:
         return self.current()(batch)
 
     def cross_entropy(self, batch):
-        """CE only (warm-up, or the main schedule after an initialisation phase)."""
+        """CE only (warm-up, or the main schedule after an initialisation phase);
+        a two-view mode's on both views, as its distillation step."""
         with autocast(self.args):
             s = self.student(batch.img)
             ce = F.cross_entropy(s.out.float(), batch.target)
+            if self.two_views:
+                ce = ce + F.cross_entropy(self.student(batch.strong).out.float(), batch.target)
         self.optimizer.update(grads_of(self.args.ce_weight * ce, self.params))
         return self.record(s.out, batch.target, ce, self.zero, [self.zero] * len(self.terms))
 

@@ -182,11 +182,16 @@ def test_one_two_view_step_is_sgd_on_ce_of_both_views_plus_lambda_mlkd():
     kd = sum(terms.values()).float()
     loss = args.ce_weight * ce + args.lambda_kd * kd
     params, ref_params = list(model.parameters()), list(ref_model.parameters())
-    grads = torch.autograd.grad(loss, ref_params)
+    grads = torch.autograd.grad(loss, ref_params, retain_graph=True)
+    ce_grads = torch.autograd.grad(args.ce_weight * ce, ref_params)
     lr, m, wd = args.lr, args.momentum, args.weight_decay
-    for i, (p, p0, grad) in enumerate(zip(params, ref_params, grads)):
+    kd_mattered = 0
+    for i, (p, p0, grad, ce_grad) in enumerate(zip(params, ref_params, grads, ce_grads)):
         expected = p0.detach() - lr * (1 + m) * (grad + wd * p0.detach())   # first Nesterov step
         assert torch.allclose(p, expected, rtol=1e-4, atol=1e-6), f'parameter {i}'
+        without_kd = p0.detach() - lr * (1 + m) * (ce_grad + wd * p0.detach())
+        kd_mattered += not torch.allclose(p, without_kd, rtol=1e-4, atol=1e-6)
+    assert kd_mattered > len(params) // 4, kd_mattered   # the comparison can tell the KD term
     for (name, b), rb in zip(model.named_buffers(), ref_model.buffers()):  # BN: two forwards
         assert torch.allclose(b.float(), rb.float(), rtol=1e-5, atol=1e-6), name
     # logged: CE of both views, the KD sum and its terms, the weak view's accuracy
@@ -232,3 +237,20 @@ def test_mlkd_trains_and_resumes_bitwise(base_run, tmp_path, monkeypatch):
     assert 'views: weak' in log and 'strong' in log
     assert 'train_kd_instance' in open(os.path.join(tmp_path, 'straight', 'metrics.csv')).readline()
     assert METHODS['mlkd'].views == ('weak', 'strong')
+
+
+def test_a_zero_kd_weight_trains_on_ce_of_both_views_without_the_teacher():
+    args, _, (model, teacher, distiller, _, main_phase, step) = build(['--lambda_kd', '0'])
+    main_phase.begin_epoch(1)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    g = torch.Generator().manual_seed(2)
+    weak, strong = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (4,), generator=g)
+    ref = copy.deepcopy(model)
+    sums = step(TwoViewBatch(weak, y, torch.arange(4), strong))
+    assert calls == [] and sums[1].item() == 0.0
+    ce = F.cross_entropy(ref(weak).out, y) + F.cross_entropy(ref(strong).out, y)
+    grads = torch.autograd.grad(args.ce_weight * ce, list(ref.parameters()))
+    for p, p0, grad in zip(model.parameters(), ref.parameters(), grads):
+        assert torch.allclose(p, p0 - 0.1 * 1.9 * (grad + 1e-4 * p0), rtol=1e-4, atol=1e-6)
