@@ -15,7 +15,7 @@ import train_kd
 from conftest import assert_same_run, distill_argv, stop_after_first_epoch_then_resume
 from dataset import TwoViewBatch
 from kd_losses import METHODS
-from kd_losses.mlkd import MLKD, masked_fractions
+from kd_losses.mlkd import MLKD, masked_fractions, median
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -114,6 +114,15 @@ def test_class_mask_hand_cases():
     # five classes, sums 0.9, 0.5, 0.3, 0.2, 0.1: the middle one (0.3) and those below
     p = torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05], [0.4, 0.2, 0.2, 0.15, 0.05]], dtype=torch.float64)
     assert masked_fractions(p.log())[1] == pytest.approx(3 / 5)
+
+
+def test_median_is_numpys_50th_percentile():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 8, 9, 64):
+        x = torch.rand(n, generator=g, dtype=torch.float64)
+        assert median(x).item() == pytest.approx(np.percentile(x.numpy(), 50), rel=1e-15)
+    assert median(torch.tensor([3.0, 1.0, 3.0, 2.0])).item() == 2.5
+    assert median(torch.tensor([0.2, 0.7, 0.7, 0.9])).item() == pytest.approx(0.7)
 
 
 def test_masks_never_leave_the_device():
