@@ -210,3 +210,13 @@ def test_drawn_operations_values_and_cutouts_follow_the_official_distribution():
     h = np.minimum(SIZE - 1, np.minimum(SIZE, y0 + side).astype(int)) - y0 + 1
     expected = (w * h).astype(float)
     assert abs(float(area.mean()) - expected.mean()) < 5 * expected.std() / math.sqrt(2000)
+
+
+def test_the_strong_view_never_reads_a_value_back_to_the_host():
+    from test_capture import SYNCING_OPS, OpRecorder
+    two = loader(True)
+    recorder = OpRecorder()
+    with recorder:
+        for _ in two:
+            pass
+    assert not recorder.ops & set(SYNCING_OPS), sorted(recorder.ops & set(SYNCING_OPS))
