@@ -40,7 +40,8 @@ the generator passed in (the loader's own), on the device: no host sync,
 reproducible, and restored exactly with the generator's state.
 
 The crop and flip before it are the project's own (dataset.augment: reflect
-padding; the official code pads with zeros), so both views share one crop.
+padding; the official code pads with zeros), drawn apart from the weak
+view's: both views are cropped the same way, each with its own offsets.
 """
 import torch
 import torch.nn.functional as F
