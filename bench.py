@@ -34,6 +34,7 @@ import platform
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -229,8 +230,15 @@ def under_torchrun(name, device, path, batch_size, warmup, steps, processes, siz
     return {**json.loads(lines[-1]), 'threads_per_process': env.get('OMP_NUM_THREADS')}
 
 
+class BenchHelpFormatter(HelpFormatter):
+    """--help that never breaks a configuration's name (kd-st) at its hyphen."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser():
-    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=BenchHelpFormatter)
     parser.add_argument('--configs', nargs='+', default=None, metavar='PATTERN',
                         help=f'configurations (shell patterns) among: {" ".join(config_names())} '
                              f'[every one on CUDA; {" ".join(CPU_CONFIGS)} on the CPU]')
