@@ -263,3 +263,24 @@ def test_a_zero_kd_weight_trains_on_ce_of_both_views_without_the_teacher():
     grads = torch.autograd.grad(args.ce_weight * ce, list(ref.parameters()))
     for p, p0, grad in zip(model.parameters(), ref.parameters(), grads):
         assert torch.allclose(p, p0 - 0.1 * 1.9 * (grad + 1e-4 * p0), rtol=1e-4, atol=1e-6)
+
+
+def test_dot_with_equal_momenta_is_sgd_on_the_two_view_step():
+    """--optimizer dot hands the two-view step's CE and KD gradients over apart;
+    with --dot_delta 0 its two momenta are equal and the step is SGD's (later
+    steps: tests/test_dot.py, on the optimiser alone, where float32 rounding
+    of MLKD's large gradients cannot amplify through BatchNorm)."""
+    g = torch.Generator().manual_seed(3)
+    batches = [TwoViewBatch(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g),
+                            torch.arange(4), torch.randn(4, 3, 32, 32, generator=g))]
+    models = []
+    for extra in (['--optimizer', 'dot', '--dot_delta', '0'], ['--no-nesterov']):
+        _, _, (model, _, _, _, main_phase, step) = build(extra)
+        main_phase.begin_epoch(1)
+        for batch in batches:
+            step(batch)
+        models.append(model)
+        if extra[0] == '--optimizer':   # the distillation gradient went to its own buffers
+            assert step.optimizer.kd_started.item() == 1
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
