@@ -37,6 +37,12 @@ RESULT_NEUTRAL_FLAGS = frozenset({
     'print_freq', 'no_progress', 'eval_batch_size', 'no_download', 's_init', 't_model',
     'net1_init', 'net2_init', 'tensorboard', 'deterministic'})
 
+# Result-changing flags added after runs had been saved, with the value every
+# run saved before them trained with: --resume compares a checkpoint that lacks
+# one against this value (so `--optimizer dot` cannot resume an SGD run).
+FLAGS_ADDED_SINCE = {'optimizer': 'sgd', 'dot_delta': None}
+
+
 class _Buffer(logging.Handler):
     """Keeps records until the run directory exists, so log.txt starts at the first line."""
 
@@ -352,8 +358,10 @@ class Run:
 
     def check_resume_args(self, saved):
         """Refuse to resume with flags that would change the result (`saved`:
-        the flags the checkpoint was written with)."""
+        the flags the checkpoint was written with; a flag the zoo gained since
+        counts as the value such a run trained with, FLAGS_ADDED_SINCE)."""
         now = json_args(self.args)
+        saved = {**{k: v for k, v in FLAGS_ADDED_SINCE.items() if k in now}, **saved}
         diff = [k for k in now if k in saved and k not in RESULT_NEUTRAL_FLAGS and saved[k] != now[k]]
         if diff:
             raise UserError('--resume with flags that differ from the run being resumed: ' +

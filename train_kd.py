@@ -28,8 +28,9 @@ from checkpoints import file_digest, load_network_weights, save_checkpoint, zoo_
 from dataset import make_loaders
 from distributed import WORLD, sync_batchnorm
 from errors import ArgumentParser, cli, UserError
-from flags import (HelpFormatter, add_common_args, finalize_common_args, finite, flags_given,
-                   non_negative, positive, protocol_epochs, schedule_lines, schedule_sources)
+from flags import (CRD_SMALL_LR_NETS, SCHEDULE_FLAGS, HelpFormatter, add_common_args,
+                   finalize_common_args, finite, flags_given, non_negative, positive,
+                   protocol_epochs, schedule_lines, schedule_sources)
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
@@ -118,6 +119,19 @@ def build_parser():
     return parser
 
 
+def method_schedule(method, args, given):
+    """The schedule flags the mode sets under args.protocol (its
+    `schedule_defaults`) that the command line leaves out; its lr gives way to
+    the protocol's own lower lr for small students (CRD_SMALL_LR_NETS)."""
+    values = dict(method.schedule_defaults.get(args.protocol, {}))
+    unknown = sorted(set(values) - set(SCHEDULE_FLAGS))
+    if unknown:
+        raise ValueError(f'{method.name}: schedule_defaults for flags that are not schedule flags {unknown}')
+    if args.protocol == 'crd' and args.s_name in CRD_SMALL_LR_NETS:
+        values.pop('lr', None)
+    return {name: value for name, value in values.items() if name not in given}
+
+
 def parse_args(argv=None):
     """Parsed flags, the mode's defaults filled in; also returns where each
     schedule and method setting came from, for the log, and the method flags
@@ -129,12 +143,17 @@ def parse_args(argv=None):
     protocol's, the dataset's, the mode's own (kd_losses/registry.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    method = METHODS[args.kd_mode]
+    on_command_line = flags_given(parser, argv)
+    from_method = method_schedule(method, args, on_command_line)
+    for name, value in from_method.items():
+        setattr(args, name, value)
     args = finalize_common_args(parser, args, args.s_name)
     if os.path.isdir(args.t_model):  # a folder of released teachers: --t_name's file in it
         args.t_model = find_teacher(args.t_model, args.t_name)
-    method = METHODS[args.kd_mode]
-    on_command_line = flags_given(parser, argv)
     sources = schedule_sources(args, on_command_line, args.s_name)
+    for name in from_method:
+        sources[name] = f'default for {args.kd_mode} under --protocol {args.protocol}'
     check_optimizer(parser, args, on_command_line, sources)
     given = {name: getattr(args, name) for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}
@@ -200,11 +219,20 @@ class KDStep:
     `distill`, and `cross_entropy` alone (no teacher forward) for epochs
     whose KD weight is 0; `current()` is the one in use. Each adds the
     batch's sums to `stats` (named by `stat_names`: CE, KD, the method's own
-    loss terms, accuracy) and returns them."""
+    loss terms, accuracy) and returns them.
 
-    def __init__(self, student, teacher, distiller, optimizer, args):
+    A mode with two `views` (weak, strong: MLKD) trains on both: the student
+    runs once per view (BatchNorm sees each view's batch alone), the frozen
+    teacher once on both together; CE is the sum of both views' CE (in the
+    CE-only step too), and the accuracy is the weak view's. One-view modes
+    run exactly as before."""
+
+    def __init__(self, student, teacher, distiller, optimizer, args, views=('weak',)):
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.optimizer, self.args = optimizer, args
+        self.two_views = len(views) == 2
+        if self.two_views and distiller.teacher_grad:
+            raise ValueError('a two-view step runs the teacher without autograd')
         self.params = optimizer.params
         self.two_momenta = hasattr(optimizer, 'update_both')
         self.terms = tuple(distiller.loss_terms)
@@ -236,14 +264,19 @@ class KDStep:
         return self.current()(batch)
 
     def cross_entropy(self, batch):
-        """CE only (warm-up, or the main schedule after an initialisation phase)."""
+        """CE only (warm-up, or the main schedule after an initialisation phase);
+        a two-view mode's on both views, as its distillation step."""
         with autocast(self.args):
             s = self.student(batch.img)
             ce = F.cross_entropy(s.out.float(), batch.target)
+            if self.two_views:
+                ce = ce + F.cross_entropy(self.student(batch.strong).out.float(), batch.target)
         self.optimizer.update(grads_of(self.args.ce_weight * ce, self.params))
         return self.record(s.out, batch.target, ce, self.zero, [self.zero] * len(self.terms))
 
     def distill(self, batch):
+        if self.two_views:
+            return self.distill_two_views(batch)
         img = batch.img
         with autocast(self.args):
             if self.distiller.teacher_grad:  # the loss differentiates through the teacher
@@ -259,17 +292,51 @@ class KDStep:
                 terms = [kd[name] for name in self.terms]
                 kd = sum(terms)
             task, distillation = self.args.ce_weight * ce, self.kd_scale * kd
+        self.update(task, distillation)
+        return self.record(s.out, batch.target, ce, kd, terms)
+
+    def update(self, task, distillation):
+        """The optimiser's step on the task (CE) and distillation losses."""
         if self.two_momenta:  # DOT: the two gradients reach the optimiser apart
             self.optimizer.update_both(grads_of(task, self.params, retain_graph=True),
                                        grads_of(distillation, self.params))
         else:
             self.optimizer.update(grads_of(task + distillation, self.params))
-        return self.record(s.out, batch.target, ce, kd, terms)
+
+    def distill_two_views(self, batch):
+        """The step of a ('weak', 'strong') mode: the distiller gets (weak,
+        strong) pairs of the student's and the teacher's features."""
+        n = batch.img.shape[0]
+        with autocast(self.args):
+            s = (self.student(batch.img), self.student(batch.strong))
+            with torch.no_grad():
+                t = split_views(self.teacher(torch.cat([batch.img, batch.strong])), n)
+            ce = (F.cross_entropy(s[0].out.float(), batch.target)
+                  + F.cross_entropy(s[1].out.float(), batch.target))
+            kd = self.distiller(s, t, batch)
+            terms = []
+            if self.terms:
+                terms = [kd[name] for name in self.terms]
+                kd = sum(terms)
+            task, distillation = self.args.ce_weight * ce, self.kd_scale * kd
+        self.update(task, distillation)
+        return self.record(s[0].out, batch.target, ce, kd, terms)
 
     def record(self, logits, target, ce, kd, terms):
         sums = cross_entropy_stats(logits, target, ce, kd, *terms)
         self.stats.add(sums)
         return sums
+
+
+def split_views(features, n):
+    """Features of a batch of two views stacked ([2n, ...] each, pairs of
+    tensors too) -> (first view's, second view's)."""
+    def part(value, rows):
+        if isinstance(value, tuple):
+            return tuple(part(v, rows) for v in value)
+        return value[rows]
+    return tuple(type(features)(*(part(v, rows) for v in features))
+                 for rows in (slice(0, n), slice(n, None)))
 
 
 class PretrainStep:
@@ -369,7 +436,7 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True, s_
     shared = [p for pp in pretrain if pp.shares_main_optimizer for p in pp.params]
     optimizer = make_optimizer(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
                                args)
-    step = KDStep(model, teacher, distiller, optimizer, args)
+    step = KDStep(model, teacher, distiller, optimizer, args, views=method.views)
 
     def pretrain_phase(pp):
         if not pp.shares_main_optimizer:
@@ -459,7 +526,11 @@ def main(argv=None):
     for warning in warnings:
         LOG.info(f'warning: {warning}')
 
-    train_loader, test_loader = make_loaders(args, device, log=LOG.info)
+    if method.views == ('weak', 'strong'):
+        LOG.info(f'  views: weak (crop, flip) and strong (crop, flip, RandAugment 2 ops, Cutout: '
+                 f'strong_augment.py), student and teacher on both')
+    train_loader, test_loader = make_loaders(args, device, log=LOG.info,
+                                             strong_view='strong' in method.views)
     # Without --s_init, a resumed run's student is built from the initial weights
     # its fresh start saved (the checkpoint then restores its training).
     initial = os.path.join(run.dir, INITIAL_FILE)
