@@ -587,6 +587,18 @@ def print_plan(steps):
             print(' '.join(step.shown + flags) + ' ')
 
 
+def slurm_executor():
+    """sweep_slurm, whose submitit is an optional dependency: a one-line error
+    naming the requirements file where it is not installed."""
+    try:
+        import submitit  # noqa: F401  (only checked here: sweep_slurm imports it)
+    except ImportError:
+        raise UserError('EXECUTOR=slurm and `sweep.py status` need submitit: '
+                        'pip install -r requirements-cluster.txt') from None
+    import sweep_slurm
+    return sweep_slurm
+
+
 def run_table(text, environ):
     """`sweep.py run`: the table (the script's output) run by the executor the
     settings name, or printed (DRY_RUN=1). Returns the exit code."""
@@ -595,12 +607,10 @@ def run_table(text, environ):
     if settings['DRY_RUN'] == '1':
         print_plan(steps)
         if settings['EXECUTOR'] == 'slurm':
-            import sweep_slurm
-            sweep_slurm.describe(steps, settings)
+            slurm_executor().describe(steps, settings)
         return 0
     if settings['EXECUTOR'] == 'slurm':
-        import sweep_slurm
-        sweep_slurm.submit(steps, settings)
+        slurm_executor().submit(steps, settings)
         return 0
     import sweep_local
     return sweep_local.run_sweep(steps, settings)
@@ -635,8 +645,7 @@ def main(argv=None):
         if code:
             raise SystemExit(code)
     elif args.command == 'status':
-        import sweep_slurm
-        for line in sweep_slurm.status_lines(args.results):
+        for line in slurm_executor().status_lines(args.results):
             print(line)
 
 

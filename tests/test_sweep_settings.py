@@ -242,3 +242,18 @@ def test_the_scripts_list_of_settings_is_the_table():
                                timeout=300).stdout
     for s in sweep.SETTINGS:
         assert f'\n  {s.name}' in help_text and s.help in help_text, s.name
+
+
+def test_the_slurm_executor_without_submitit_is_one_line(monkeypatch):
+    """submitit is optional (requirements-cluster.txt): without it, EXECUTOR=slurm
+    and `sweep.py status` say what to install instead of a traceback."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_submitit(name, *args, **kwargs):
+        if name == 'submitit':
+            raise ImportError('No module named submitit')
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', no_submitit)
+    with pytest.raises(UserError, match='pip install -r requirements-cluster.txt'):
+        sweep.slurm_executor()
