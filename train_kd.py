@@ -150,7 +150,10 @@ def parse_args(argv=None):
         setattr(args, name, value)
     args = finalize_common_args(parser, args, args.s_name)
     if os.path.isdir(args.t_model):  # a folder of released teachers: --t_name's file in it
-        args.t_model = find_teacher(args.t_model, args.t_name)
+        try:
+            args.t_model = find_teacher(args.t_model, args.t_name)
+        except UserError as e:
+            raise UserError(f'--t_model: {e}') from None
     sources = schedule_sources(args, on_command_line, args.s_name)
     for name in from_method:
         sources[name] = f'default for {args.kd_mode} under --protocol {args.protocol}'

@@ -208,17 +208,19 @@ def test_a_checkpoint_with_flipped_bytes_is_refused(base_run, tmp_path, capsys):
     fails(train_base.main, argv, capsys, 'damaged.pth.tar')
 
 
-@pytest.mark.parametrize('make, message', [
-    (lambda p: p.write_bytes(b''), 'is empty (0 bytes)'),
-    (lambda p: p.mkdir(), 'is not a regular file'),
+@pytest.mark.parametrize('make, message, teacher_message', [
+    (lambda p: p.write_bytes(b''), 'is empty (0 bytes)', 'is empty (0 bytes)'),
+    # a folder as --t_model is one of released teachers: this one holds none
+    (lambda p: p.mkdir(), 'is not a regular file', 'no released teacher for resnet20'),
 ])
-def test_empty_files_and_directories_as_checkpoints(base_run, tmp_path, capsys, make, message):
+def test_empty_files_and_directories_as_checkpoints(base_run, tmp_path, capsys, make, message,
+                                                    teacher_message):
     bad = tmp_path / 'bad.pth.tar'
     make(bad)
-    for flag in ('--t_model', '--s_init'):
+    for flag, expected in (('--t_model', teacher_message), ('--s_init', message)):
         argv = kd(base_run, tmp_path / 'res')
         argv[argv.index(flag) + 1] = str(bad)
-        fails(train_kd.main, argv, capsys, flag, message)
+        fails(train_kd.main, argv, capsys, flag, expected)
     fails(train_dml.main, ['--data_name', 'cifar10', '--net1_name', 'resnet20', '--net2_name', 'resnet20',
                            '--net1_init', str(bad), '--net2_init', 'random', '--device', 'cpu',
                            '--img_root', base_run['img_root'], '--save_root', str(tmp_path / 'res')],
