@@ -37,8 +37,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from capture import StepRunner
 from errors import UserError
 from records import LOG, describe_device, logging_to, run_handlers
-from utils import (RunTrainer, autocast, check_finite, finish_run, rng_state, set_rng_state,
-                   start_run)
+from utils import RunTrainer, autocast, check_finite, finish_run, rng_state, set_rng_state, start_run
 
 
 class TeacherPass:
@@ -140,6 +139,13 @@ class Student:
         self.trainer = RunTrainer(self.phases, loader, self.args, self.checkpointer, start,
                                   watched=[*self.nets.values(), *self.state.values()])
 
+    def finish(self):
+        """Mark its run complete (complete.json, the final line) and close it."""
+        with self.active():
+            finish_run(self.run, self.checkpointer, self.args)
+        self.finished = True
+        self.close()
+
     def fail(self, message):
         """Stop this student alone: its error on stdout and in its log.txt
         (its run directory opened for it if it was not yet, as a separate
@@ -192,6 +198,8 @@ def train_students(students, teacher_pass, loader, args, device, teacher_test):
             if s.error is None and not s.finished:
                 with s.active():
                     s.start(loader, device, teacher_line)
+                if s.trainer.finished:  # killed after its last checkpoint, before complete.json
+                    s.finish()
         # the loader resumes at the least advanced student; those ahead sit out until it catches up
         behind = [s for s in students if s.running]
         clock = min((s.trainer.done for s in behind), default=0)
@@ -262,13 +270,10 @@ def train_shared_epoch(members, teacher_pass, loader, args):
                 error = str(e)
             else:
                 error = None
-                if s.trainer.finished:
-                    finish_run(s.run, s.checkpointer, s.args)
-                    s.finished = True
         if error is not None:
             s.fail(error)
-        elif s.finished:
-            s.close()
+        elif s.trainer.finished:
+            s.finish()
 
 
 def progress(s, i, n, start):
