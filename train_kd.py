@@ -11,6 +11,14 @@ comes from its registry entry in kd_losses/: this script names no method.
         --t_model ./results/base/base-c10-r110/model_best.pth.tar \\
         --s_init ./results/base/base-c10-r20/initial_r20.pth.tar \\
         --kd_mode at --save_root ./results/at --note at-c10-r110-r20
+
+A comma list of modes trains one student per mode on one teacher pass, each
+in its own run directory <save_root>/<note>/<mode>/ (see --kd_mode):
+
+    python train_kd.py --data_name cifar10 --t_name resnet110 --s_name resnet20 \\
+        --t_model ./results/base/base-c10-r110/model_best.pth.tar \\
+        --s_init ./results/base/base-c10-r20/initial_r20.pth.tar \\
+        --kd_mode st,at,fitnet,crd,ab,dkd,simkd --save_root ./results/row --note row-c10-r110-r20
 """
 import argparse
 import os
