@@ -48,9 +48,9 @@ class TeacherPass:
     captured, they are copied into tensors kept per batch size, which the
     students' captured steps read."""
 
-    def __init__(self, teacher, args, device):
+    def __init__(self, teacher, args, device, backend='inductor'):
         self.teacher, self.args = teacher, args
-        self.runner = StepRunner(self.forward, args.compile, device, log=LOG.info)
+        self.runner = StepRunner(self.forward, args.compile, device, backend=backend, log=LOG.info)
         self.persistent = self.runner.mode != 'off'
         self.outputs = {}  # batch size -> the features' persistent tensors
         self.features = None

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 import records
 import train_kd
@@ -149,3 +150,52 @@ def test_the_registry_says_which_modes_share(capsys):
     shared = lines[0].split()
     assert 'st' in shared and 'crd' in shared and 'lwm' not in shared and 'sobolev' not in shared
     assert any(line.startswith('# not shareable: lwm: ') for line in lines[1:])
+
+
+def test_a_compiled_teacher_pass_runs_once_per_batch_into_the_same_tensors():
+    """--compile inductor (traced here with the eager backend, as the CPU
+    affords): the teacher's pass is one traced step, run once per batch, and
+    writes its features into the same tensors every batch (what the
+    students' captured steps read), equal to an eager forward's."""
+    from dataset import Batch
+    from shared_teacher import TeacherPass
+    from test_capture import CountingBackend
+    argv = ['--data_name', 'cifar10', '--kd_mode', 'st', '--t_name', 'resnet8', '--s_name', 'resnet8',
+            '--t_model', 'random', '--s_init', 'random', '--device', 'cpu', '--compile', 'inductor']
+    args, _, _ = train_kd.parse_args(argv)
+    torch.manual_seed(0)
+    teacher = train_kd.frozen_teacher(build_network('resnet8', 10), args, 'cpu', load_weights=False)
+    backend = CountingBackend()
+    teacher_pass = TeacherPass(teacher, args, 'cpu', backend=backend)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    seen = None
+    for _ in range(2):
+        batch = Batch(torch.randn(4, 3, 32, 32, generator=g), torch.zeros(4, dtype=torch.long), torch.arange(4))
+        teacher_pass.run(batch)
+        features = teacher_pass(batch.img)
+        leaves = [t.data_ptr() for t in tree_leaves(features)]
+        assert seen is None or leaves == seen  # the same tensors, written in place
+        seen = leaves
+        with torch.no_grad():
+            expected = teacher(batch.img)
+        for got, want in zip(tree_leaves(features), tree_leaves(expected)):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert backend.graphs == 1 and teacher_pass.runner.record() == ('inductor', '')
+    torch._dynamo.reset()
+
+
+def test_students_share_a_teacher_under_torchrun(base_run, tmp_path):
+    """Two CPU processes train the shared students as one process does (within
+    the rounding tests/test_distributed.py allows)."""
+    from conftest import distill_argv
+    from test_distributed import BATCH, LR, assert_same, load, run
+
+    def args(note):
+        return distill_argv(base_run, tmp_path, note, 'st,crd', 1, BATCH,
+                            ['--seed', '4', '--lr', LR, '--nce_n', '16', '--feat_dim', '16'])
+    run('train_kd.py', args('one'), 1)
+    p = run('train_kd.py', args('two'), 2)
+    assert p.stdout.count('2 students share one teacher pass') == 1  # rank 0 alone logs
+    for mode in ('st', 'crd'):
+        assert_same(str(tmp_path / 'one' / mode), str(tmp_path / 'two' / mode), {'net': load(base_run['initial'])})
