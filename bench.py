@@ -185,7 +185,10 @@ def measure(name, device, path, batch_size, warmup, steps, start_at=None, n_trai
 def shared_teacher_runs(names, device, path, batch_size, warmup, steps, k, n_train=50000):
     """K students (the KD configurations `names`, in turn) on one teacher
     pass against the same K each with its own teacher forward, over the
-    same batches: images/s per student and in all, peak memory."""
+    same batches: images/s per student and in all, peak memory. Both
+    variants are built at once and their steps alternate, so that a machine
+    whose load changes meanwhile slows both alike; each one's peak memory
+    leaves out what the other's networks hold."""
     import shared_teacher
     modes = [names[i % len(names)][len('kd-'):] for i in range(k)]
     torch.manual_seed(0)
@@ -197,12 +200,10 @@ def shared_teacher_runs(names, device, path, batch_size, warmup, steps, k, n_tra
     loader = DeviceLoader(images, labels, DATASETS['cifar10'], batch_size, device, train=True,
                           channels_last=args.channels_last)
     cuda = device.type == 'cuda'
-    result = {'config': f'{k} x ({" ".join(sorted(set(modes)))})', 'path': path, 'students': k,
-              'device': describe_device(device), 'batch_size': batch_size, 'timed_steps': steps}
+    allocated = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
+    variants = {}
     for how in ('separate', 'shared'):
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        before = allocated()
         teacher = teacher_pass = None
         if how == 'shared':
             teacher = train_kd.frozen_teacher(train_kd.build_network(TEACHER, 10), args, device,
@@ -218,31 +219,42 @@ def shared_teacher_runs(names, device, path, batch_size, warmup, steps, k, n_tra
             step.set_kd_scale(student_args.lambda_kd)
             runners.append(StepRunner(step, student_args.compile, device))
             streams.append({'torch': torch.get_rng_state()})
+        variants[how] = {'teacher_pass': teacher_pass, 'runners': runners, 'streams': streams,
+                         'built_bytes': allocated() - before, 'seconds': 0.0, 'peak': 0}
 
-        def train_step(batch):
-            if teacher_pass is not None:
-                teacher_pass.run(batch)
-            for runner, rng in zip(runners, streams):
-                shared_teacher.swap_torch_rng(rng)  # as the shared loop does (each student's stream)
-                runner(batch)
-                shared_teacher.save_torch_rng(rng)
+    def train_step(v, batch):
+        if v['teacher_pass'] is not None:
+            v['teacher_pass'].run(batch)
+        for runner, rng in zip(v['runners'], v['streams']):
+            shared_teacher.swap_torch_rng(rng)  # as the shared loop does (each student's stream)
+            runner(batch)
+            shared_teacher.save_torch_rng(rng)
 
-        def batches():
-            while True:
-                yield from loader
-        stream = batches()
-        for _ in range(warmup):
-            train_step(next(stream))
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            train_step(next(stream))
-        synchronize(device)
-        per_student = steps * batch_size / (time.perf_counter() - start)
+    def batches():
+        while True:
+            yield from loader
+    stream = batches()
+    for i in range(warmup + steps):
+        batch = next(stream)
+        for how, v in variants.items():
+            other = variants['shared' if how == 'separate' else 'separate']
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            synchronize(device)
+            start = time.perf_counter()
+            train_step(v, batch)
+            synchronize(device)
+            if i >= warmup:
+                v['seconds'] += time.perf_counter() - start
+                if cuda:
+                    v['peak'] = max(v['peak'], torch.cuda.max_memory_allocated(device) - other['built_bytes'])
+    result = {'config': f'{k} x ({" ".join(sorted(set(modes)))})', 'path': path, 'students': k,
+              'device': describe_device(device), 'batch_size': batch_size, 'timed_steps': steps}
+    for how, v in variants.items():
+        per_student = steps * batch_size / v['seconds']
         result[how] = {'img_per_s_per_student': per_student, 'img_per_s': per_student * k,
-                       'peak_mem_mb': torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None,
-                       'step_path': runners[0].record()[0]}
-        del runners, teacher, teacher_pass
+                       'peak_mem_mb': v['peak'] / 2 ** 20 if cuda else None,
+                       'step_path': v['runners'][0].record()[0]}
     result['speedup'] = result['shared']['img_per_s'] / result['separate']['img_per_s']
     return result
 
@@ -358,9 +370,15 @@ def main(argv=None):
     if not names:
         parser.error(f'no configuration matches {" ".join(configs)}')
     if args.shared:
-        kd = [n for n in names if n.startswith('kd-')]
+        from kd_losses.__main__ import sharing
+        reasons = sharing()
+        kd = [n for n in names if n.startswith('kd-') and not reasons[n[len('kd-'):]]]
+        for n in names:
+            if n.startswith('kd-') and reasons[n[len('kd-'):]]:
+                print(f'--shared: {n} left out: {reasons[n[len("kd-"):]]}', flush=True)
         if not kd:
-            parser.error('--shared: select KD configurations (e.g. --configs kd-st or \'kd-*\')')
+            parser.error('--shared: select KD configurations that can share a teacher pass (e.g. '
+                         '--configs kd-st or \'kd-*\')')
         print(f"bench.py on {describe_device(args.device)}: K students of {TEACHER} -> {STUDENT} "
               f"({' '.join(kd)}, in turn) on one teacher pass against K separate runs, for K = "
               f"{' '.join(map(str, args.shared))}; {warmup} untimed and {steps} timed steps of batch "
