@@ -6,8 +6,10 @@ method and its pre-training phases, DML, evaluation) is therefore written
 as a function of the batch alone that touches only persistent tensors:
 
 - gradients come from `torch.autograd.grad` and the update is this module's
-  `SGD.update`, whose learning rate is a device tensor and whose momentum
-  buffers exist from the start: an lr drop is a write, not a new step;
+  `SGD.update` (or `DOT.update_both`, the task and distillation gradients
+  apart, for --optimizer dot), whose learning rate is a device tensor and
+  whose momentum buffers exist from the start: an lr drop is a write, not a
+  new step;
 - KD weights, curricula and epoch statistics live in device tensors updated
   in place; nothing in a step reads a value back to the host.
 
@@ -134,9 +136,113 @@ class SGD(torch.optim.Optimizer):
         self.set_lr(groups[0]['lr'])
 
 
-def grads_of(loss, params):
-    """d loss / d params, None for a parameter the loss does not use."""
-    return torch.autograd.grad(loss, params, allow_unused=True)
+class DOT(SGD):
+    """Distillation-oriented trainer (Zhao, Cui, Song, Liang: "DOT: A
+    Distillation-Oriented Trainer", ICCV 2023, https://arxiv.org/abs/2307.08436;
+    mdistiller engine/dot.py): SGD whose task (cross-entropy) and distillation
+    gradients run through momentum buffers of their own, the task's with
+    momentum - delta, the distillation's with momentum + delta, so the
+    distillation gradient carries more of the past.
+
+    `update_both(task_grads, kd_grads)` applies one step as mdistiller's
+    `step_kd()` then `step()` do, parameter by parameter:
+    - one with a task gradient: b = m_task * b + (g_task + wd * p) where it
+      also has a distillation gradient, else momentum (m_task + m_kd) / 2;
+      then p -= lr * b;
+    - one with a distillation gradient: b_kd = m_kd * b_kd + g_kd where it
+      also has a task gradient (weight decay is the task's), else
+      b_kd = (m_task + m_kd) / 2 * b_kd + (g_kd + wd * p), without the weight
+      decay in the very first distillation step (mdistiller starts that buffer
+      from the bare gradient); then p -= lr * b_kd.
+    `update(grads)` is a step with a task gradient alone (a cross-entropy-only
+    epoch, a pre-training phase): plain SGD with momentum (m_task + m_kd) / 2.
+    With delta 0 the two buffers sum to plain SGD's. The distillation
+    buffers are saved as `momentum_kd_buffer` beside torch's `momentum_buffer`
+    (mdistiller's names), and restored into the existing tensors."""
+
+    def __init__(self, params, lr, momentum, delta, weight_decay=0.0):
+        if not 0.0 <= momentum - delta and momentum + delta < 1.0:
+            raise ValueError(f'DOT: the momenta {momentum} - {delta} and {momentum} + {delta} must '
+                             f'lie in [0, 1)')
+        super().__init__(params, lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
+        self.fused = False  # the two-buffer update is written with foreach kernels
+        self.delta, self.task_momentum, self.kd_momentum = delta, momentum - delta, momentum + delta
+        self.kd_buffers = []
+        for p in self.params:
+            self.state[p]['momentum_kd_buffer'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self.kd_buffers.append(self.state[p]['momentum_kd_buffer'])
+        # 0 until the first distillation step: that step's KD-only parameters skip weight decay
+        self.kd_started = torch.zeros((), device=self.lr_tensor.device)
+
+    def update(self, grads):
+        self.update_both(grads, [None] * len(grads))
+
+    @torch.no_grad()
+    def update_both(self, task_grads, kd_grads):
+        task = [i for i, g in enumerate(task_grads) if g is not None]
+        kd = [i for i, g in enumerate(kd_grads) if g is not None]
+        if WORLD.size > 1 and (task or kd):  # one all-reduce for both gradients
+            averaged = iter(average_gradients_of([task_grads[i] for i in task] + [kd_grads[i] for i in kd]))
+            task_grads, kd_grads = list(task_grads), list(kd_grads)
+            for i in task:
+                task_grads[i] = next(averaged)
+            for i in kd:
+                kd_grads[i] = next(averaged)
+        in_task, in_kd = set(task), set(kd)
+        # the task step, in two groups by momentum (both gradients, the task's alone)
+        for momentum, group in ((self.task_momentum, [i for i in task if i in in_kd]),
+                                (self.momentum, [i for i in task if i not in in_kd])):
+            if group:
+                self._momentum_step(group, [task_grads[i] for i in group], self.buffers, momentum,
+                                    self.weight_decay)
+        # the distillation step (its weight decay only where there is no task gradient)
+        both = [i for i in kd if i in in_task]
+        if both:
+            self._momentum_step(both, [kd_grads[i] for i in both], self.kd_buffers, self.kd_momentum, 0.0)
+        alone = [i for i in kd if i not in in_task]
+        if alone:
+            self._momentum_step(alone, [kd_grads[i] for i in alone], self.kd_buffers, self.momentum,
+                                self.weight_decay, decay_scale=self.kd_started)
+        if kd:
+            self.kd_started.fill_(1.0)
+
+    def _momentum_step(self, index, grads, buffers, momentum, weight_decay, decay_scale=None):
+        """b = momentum * b + (g + weight_decay [* decay_scale] * p); p -= lr * b."""
+        params = [self.params[i] for i in index]
+        bufs = [buffers[i] for i in index]
+        if weight_decay:
+            decay = torch._foreach_mul(params, weight_decay)
+            if decay_scale is not None:
+                torch._foreach_mul_(decay, decay_scale)
+            grads = torch._foreach_add(grads, decay)
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        torch._foreach_sub_(params, torch._foreach_mul(bufs, self.lr_tensor))
+
+    def state_dict(self):
+        state = super().state_dict()
+        state['dot_kd_started'] = self.kd_started.clone()
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Both momenta's buffers and lr, copied into this optimiser's own tensors."""
+        super().load_state_dict(state_dict)
+        if 'dot_kd_started' not in state_dict:
+            raise ValueError('the saved optimiser is not DOT (it has no distillation momentum)')
+        saved = [i for g in state_dict['param_groups'] for i in g['params']]
+        for index, buf in zip(saved, self.kd_buffers):
+            value = state_dict['state'].get(index, {}).get('momentum_kd_buffer')
+            if value is None:
+                buf.zero_()
+            else:
+                buf.copy_(value)
+        self.kd_started.copy_(state_dict['dot_kd_started'])
+
+
+def grads_of(loss, params, retain_graph=None):
+    """d loss / d params, None for a parameter the loss does not use
+    (`retain_graph`: the graph serves another gradient after this one)."""
+    return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
 
 
 def configure_dynamo():

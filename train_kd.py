@@ -3,7 +3,8 @@
 The student starts from --s_init (a baseline's initial weights), the teacher
 is --t_model (a trained baseline); both accept the original zoo's checkpoint
 files. The loss is ce_weight * CE + lambda_kd * KD, with the mode's defaults
-where a flag is not given. Methods with pre-training phases (AB/FSP
+where a flag is not given; `--optimizer dot` trains with DOT's separate
+momenta for the two terms. Methods with pre-training phases (AB/FSP
 initialisation, FT's paraphraser) run them first. Everything a method needs
 comes from its registry entry in kd_losses/: this script names no method.
 
@@ -39,8 +40,11 @@ from network import NETWORKS, build_network
 import shared_teacher
 from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, begin_process, cast_frozen_weights,
                    check_run, configure_backend, cross_entropy_stats, describe_device, evaluate,
-                   main_schedule, make_sgd, memory_layout, rng_state, seed_everything, set_rng_state,
-                   show_progress, train_phases)
+                   main_schedule, make_optimizer, make_sgd, memory_layout, rng_state, seed_everything,
+                   set_rng_state, show_progress, train_phases)
+
+# mdistiller engine/cfg.py SOLVER.DOT.DELTA and configs/cifar100/dot/*.yaml: 0.075
+DOT_DELTA = 0.075
 
 
 def show_value(value):
@@ -53,7 +57,9 @@ def show_value(value):
 def mode_defaults(name):
     """--help's default of a distillation setting: each mode's that reads it
     (a default every mode shares once, then the modes that differ), with the
-    values a dataset, a --protocol or a switch of the mode gives instead."""
+    values a dataset, a --protocol or a switch of the mode gives instead, and
+    whether the official configs set it per teacher:student pair (`python -m
+    kd_losses --defaults MODE --pair T:S` shows a pair's)."""
     shared = COMMON_DEFAULTS.get(name)
     parts = []
     for mode in sorted(METHODS):
@@ -66,6 +72,8 @@ def mode_defaults(name):
         others += [(f'with --{switch}', o) for switch, o in m.switch_defaults.items()]
         differs = [f'{where} {show_value(o[name])}' for where, o in others
                    if name in o and o[name] != value]
+        if any(name in p.values for p in m.pair_defaults.values()):
+            differs.append('per pair under --protocol crd')
         if value == shared and not differs:
             continue
         parts.append(f'{mode} {show_value(value)}' + (f' ({"; ".join(differs)})' if differs else ''))
@@ -90,6 +98,14 @@ def kd_modes(text):
 def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(parser)
+    g = parser.add_argument_group('optimiser')
+    g.add_argument('--optimizer', choices=('sgd', 'dot'), default='sgd',
+                   help='sgd: one momentum for the whole gradient; dot: the distillation-oriented '
+                        'trainer (Zhao et al., ICCV 2023): the cross-entropy gradient with momentum '
+                        '--momentum minus --dot_delta, the distillation gradient with --momentum plus '
+                        '--dot_delta, each in a buffer of its own; no Nesterov')
+    g.add_argument('--dot_delta', type=finite(float), default=None,
+                   help=f'with --optimizer dot: the momentum difference [{DOT_DELTA}]')
     g = parser.add_argument_group('teacher and student')
     g.add_argument('--s_init', required=True, help="student's initial weights (a baseline's initial_rNN.pth.tar)")
     g.add_argument('--t_model', required=True, help="teacher's trained weights (a baseline's model_best.pth.tar)")
@@ -125,44 +141,79 @@ def parse_args(argv=None, mode=None):
     """Parsed flags, the mode's defaults filled in; also returns where each
     schedule and method setting came from, for the log, and the method flags
     given that the mode does not read. `mode`: one mode of a --kd_mode list
-    (the flags as that student's separate run resolves them)."""
+    (the flags as that student's separate run resolves them).
+
+    A method setting left out takes, in this order of precedence, the mode's
+    default with its on/off switch on (switch_defaults), the teacher:student
+    pair's official setting under --protocol crd (pair_defaults), the
+    protocol's, the dataset's, the mode's own (kd_losses/registry.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if mode is not None:
         args.kd_mode = mode
     args = finalize_common_args(parser, args, args.s_name)
     method = METHODS[args.kd_mode]
-    sources = schedule_sources(args, flags_given(parser, argv), args.s_name)
-    given = {name for name in method.defaults_for(args.data_name, args.protocol)
+    on_command_line = flags_given(parser, argv)
+    sources = schedule_sources(args, on_command_line, args.s_name)
+    check_optimizer(parser, args, on_command_line, sources)
+    given = {name: getattr(args, name) for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}
-    from_protocol = method.protocol_defaults.get(args.protocol, {})
-    for name, value in method.defaults_for(args.data_name, args.protocol).items():
+    resolved = method.resolve(args.data_name, args.protocol, args.t_name, args.s_name, given)
+    for name, default in resolved.items():
         if name in given:
             sources[name] = 'command line'
             continue
-        sources[name] = f'default for {args.kd_mode} on {args.data_name}'
-        reference = None  # the schedule a default number of epochs is meant for
-        if name in from_protocol:
-            sources[name] += f' under --protocol {args.protocol}'
-            reference = protocol_epochs(args.protocol)
+        value, sources[name] = default.value, default.where
+        # the schedule a default number of epochs is meant for: the protocol's
+        # for its own and its pairs' values
+        reference = protocol_epochs(args.protocol) if default.level in ('protocol', 'pair') else None
         flag = method.flags.get(name)
-        if flag is not None and flag.scaled(value, args.epochs, reference) != value:
+        scales = flag is not None and default.level != 'switch'  # a switch's values are taken as they are
+        if scales and flag.scaled(value, args.epochs, reference) != value:
             sources[name] += (f', {value} of {reference or flag.epochs_of} epochs scaled to '
                               f'{args.epochs}')
             value = flag.scaled(value, args.epochs, reference)
         setattr(args, name, value)
-    for switch, settings in method.switch_defaults.items():  # the paper's settings for a switch
-        if getattr(args, switch):
-            for name, value in settings.items():
-                if name not in given:
-                    setattr(args, name, value)
-                    sources[name] = f'default for {args.kd_mode} with --{switch}'
     ignored = [f'--{n}' for n in all_flags() if n not in method.flags and getattr(args, n) is not None]
     return args, sources, ignored
 
 
+def check_optimizer(parser, args, on_command_line, sources):
+    """--optimizer dot's settings: its delta (default DOT_DELTA), both momenta
+    within [0, 1), and no Nesterov (DOT has none: off unless asked for, and
+    then refused); records where the optimiser settings came from in `sources`."""
+    sources['optimizer'] = 'command line' if 'optimizer' in on_command_line else 'default'
+    if args.optimizer != 'dot':
+        if args.dot_delta is not None:
+            parser.error('--dot_delta goes with --optimizer dot')
+        return
+    sources['dot_delta'] = 'default for --optimizer dot' if args.dot_delta is None else 'command line'
+    if args.dot_delta is None:
+        args.dot_delta = DOT_DELTA
+    if not (0 <= args.momentum - args.dot_delta and args.momentum + args.dot_delta < 1):
+        parser.error(f'--optimizer dot: --momentum {args.momentum} minus and plus --dot_delta '
+                     f'{args.dot_delta} must both lie in [0, 1)')
+    if args.nesterov and 'nesterov' in on_command_line:
+        parser.error('--optimizer dot has no Nesterov form: leave out --nesterov')
+    if args.nesterov:
+        args.nesterov = False
+        sources['nesterov'] = f"off: --optimizer dot has none ({sources['nesterov']}: on)"
+
+
+def optimizer_line(args, sources):
+    """The log's line on the optimiser."""
+    if args.optimizer != 'dot':
+        return f"  optimizer = sgd ({sources['optimizer']})"
+    return (f'  optimizer = dot (command line): cross-entropy gradient momentum '
+            f'{args.momentum - args.dot_delta:g}, distillation gradient momentum '
+            f'{args.momentum + args.dot_delta:g}, each its own buffer; dot_delta = {args.dot_delta} '
+            f"({sources['dot_delta']})")
+
+
 class KDStep:
-    """One training step: ce_weight * CE + kd_scale * KD, its gradient, SGD.
+    """One training step: ce_weight * CE + kd_scale * KD, its gradient, SGD
+    (with --optimizer dot, the gradients of the two terms apart, for DOT's
+    two momenta: two backward passes through the student).
 
     `kd_scale` (lambda_kd times the method's weight for the epoch) lives in a
     device tensor, so a new value is a write, not a new step. Two variants:
@@ -175,6 +226,7 @@ class KDStep:
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.optimizer, self.args = optimizer, args
         self.params = optimizer.params
+        self.two_momenta = hasattr(optimizer, 'update_both')
         self.terms = tuple(distiller.loss_terms)
         self.loss_names = ['ce', 'kd'] + [f'kd_{t}' for t in self.terms]
         self.stat_names = self.loss_names + ['correct1', 'correct5', 'n']
@@ -231,8 +283,12 @@ class KDStep:
             if self.terms:  # a dict of named terms whose sum is the KD loss
                 terms = [kd[name] for name in self.terms]
                 kd = sum(terms)
-            loss = self.args.ce_weight * ce + self.kd_scale * kd
-        self.optimizer.update(grads_of(loss, self.params))
+            task, distillation = self.args.ce_weight * ce, self.kd_scale * kd
+        if self.two_momenta:  # DOT: the two gradients reach the optimiser apart
+            self.optimizer.update_both(grads_of(task, self.params, retain_graph=True),
+                                       grads_of(distillation, self.params))
+        else:
+            self.optimizer.update(grads_of(task + distillation, self.params))
         return self.record(s.out, batch.target, ce, kd, terms)
 
     def record(self, logits, target, ce, kd, terms):
@@ -336,8 +392,8 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True, te
     # the main schedule: ce_weight * CE + lambda_kd * kd_weight(epoch) * KD, on one SGD
     # that also holds the parameters of the phases sharing it (the seed's AB/FSP)
     shared = [p for pp in pretrain if pp.shares_main_optimizer for p in pp.params]
-    optimizer = make_sgd(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
-                         args)
+    optimizer = make_optimizer(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
+                               args)
     step = KDStep(model, forward, distiller, optimizer, args)
 
     def pretrain_phase(pp):
@@ -410,6 +466,7 @@ def log_schedule(args, sources, ignored):
     from, the method's settings and stages, and what in them defeats the method."""
     for line in schedule_lines(args, sources):
         LOG.info(line)
+    LOG.info(optimizer_line(args, sources))
     method = METHODS[args.kd_mode]
     LOG.info(f'kd_mode {args.kd_mode} ({method.title}, {method.paper}): {method.transfers}')
     for name in method.defaults_for(args.data_name, args.protocol):

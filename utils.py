@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capture import SGD, StepRunner
+from capture import DOT, SGD, StepRunner
 from checkpoints import file_digest, load_checkpoint
 from distributed import WORLD, init_distributed, min_over_processes, sum_over_processes
 from errors import UserError
@@ -122,6 +122,16 @@ def decay_milestones(epochs, decay_epochs=None):
 def main_schedule(args):
     """lr(epoch) of the main schedule, from --lr, --lr_decay_epochs, --lr_decay_rate."""
     return lambda epoch: lr_at(epoch, args.epochs, args.lr, args.lr_decay_epochs, args.lr_decay_rate)
+
+
+def make_optimizer(params, args):
+    """The main optimiser of a distillation run: make_sgd's, or with
+    --optimizer dot the distillation-oriented trainer (capture.DOT: momentum
+    minus / plus --dot_delta for the task / distillation gradients)."""
+    if getattr(args, 'optimizer', 'sgd') == 'dot':
+        return DOT(params, lr=args.lr, momentum=args.momentum, delta=args.dot_delta,
+                   weight_decay=args.weight_decay)
+    return make_sgd(params, args)
 
 
 def make_sgd(params, args, lr=None, nesterov=None):

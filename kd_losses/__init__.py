@@ -9,7 +9,7 @@ import importlib
 import pkgutil
 
 from .registry import (METHODS, ConfigError, Context, Distiller, FeatureDistiller, Flag,
-                       Method, PretrainPhase, all_flags, pick, register)
+                       Method, PairSetting, PretrainPhase, all_flags, pick, register)
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name != 'registry' and not _info.name.startswith('_'):

@@ -5,6 +5,17 @@
     python -m kd_losses --names                # the --kd_mode names, one line
     python -m kd_losses --applies resnet32x4 ShuffleV1 [TEACHER STUDENT ...] [--why]
     python -m kd_losses --shareable            # the modes that can share one teacher pass
+    python -m kd_losses --defaults dkd --pair resnet56:resnet20
+
+`--defaults MODE` prints each setting a run of MODE takes when its flag is
+left out, its value and where it comes from, as the run's log names it:
+under `--protocol` (crd unless given) on `--data_name` (cifar100 unless
+given), for the teacher:student `--pair` if given (under --protocol crd a
+pair may have the official per-pair setting), then what the mode's on/off
+switches change when on. Precedence (kd_losses/registry.py): the command
+line, a switch's defaults, the pair's, the protocol's, the dataset's, the
+mode's own. Numbers of epochs are the protocol's own; train_kd.py scales
+them to --epochs.
 
 `--applies` says, without training, which methods can distil TEACHER into
 STUDENT: it builds each method as train_kd.py does (the flags train_kd.py
@@ -27,6 +38,7 @@ import tempfile
 import textwrap
 
 from . import METHODS, ConfigError, Context
+from .registry import PAIR_PROTOCOL
 
 # Both CIFAR train splits: 50000 images, the same number per class. Methods
 # that sample negatives (CRD) check their counts against this.
@@ -174,6 +186,25 @@ def sharing():
             for mode in mode_names()}
 
 
+def defaults_lines(mode, data_name='cifar100', protocol='crd', pair=None):
+    """The lines of `--defaults`: each setting of `mode` with its value and
+    source, then the settings each on/off switch of the mode changes."""
+    method = METHODS[mode]
+    teacher, student = pair or (None, None)
+    resolved = method.resolve(data_name, protocol, teacher, student)
+    where = f' for {teacher}->{student}' if pair else ''
+    if pair and protocol != PAIR_PROTOCOL:
+        where += f' (a pair\'s official settings apply under --protocol {PAIR_PROTOCOL} only)'
+    lines = [f'{mode} on {data_name} under --protocol {protocol}{where}:']
+    lines += [f'  {name} = {d.value} ({d.where})' for name, d in resolved.items()]
+    for switch in method.switch_defaults:
+        switched = method.resolve(data_name, protocol, teacher, student, {switch: True})
+        lines.append(f'with --{switch}:')
+        lines += [f'  {name} = {d.value} ({d.where})' for name, d in switched.items()
+                  if name != switch and d != resolved[name]]
+    return lines
+
+
 def build_parser():
     from errors import ArgumentParser  # a mistake is one line, `error: ...`, exit code 2
     from flags import HelpFormatter
@@ -190,26 +221,48 @@ def build_parser():
     what.add_argument('--applies', nargs='+', metavar='NET',
                       help='TEACHER STUDENT [TEACHER STUDENT ...]: print, one line per pair, the '
                            'modes that can distil TEACHER into STUDENT')
+    what.add_argument('--defaults', metavar='MODE',
+                      help="print each setting of MODE left out on the command line: its value "
+                           "and where it comes from (the method's, the dataset's, the protocol's, "
+                           "the pair's, a switch's)")
+    parser.add_argument('--pair', metavar='TEACHER:STUDENT',
+                        help=f'with --defaults: the pair, whose official setting applies under '
+                             f'--protocol {PAIR_PROTOCOL} [none]')
     parser.add_argument('--why', action='store_true',
                         help='with --applies: a "# skipped: ..." line for each mode that does not apply')
-    parser.add_argument('--data_name', default='cifar100', help='with --applies [cifar100]')
-    parser.add_argument('--protocol', default='crd', help='with --applies [crd: the CIFAR-100 benchmark]')
+    parser.add_argument('--data_name', default='cifar100', help='with --applies or --defaults [cifar100]')
+    parser.add_argument('--protocol', default='crd',
+                        help='with --applies or --defaults [crd: the CIFAR-100 benchmark]')
     return parser
 
 
 def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.applies is None:
-        if args.why or '--data_name' in argv or '--protocol' in argv:
-            parser.error('--why, --data_name and --protocol go with --applies')
+    if args.pair is not None and args.defaults is None:
+        parser.error('--pair goes with --defaults')
+    if args.applies is None and (args.why or (args.defaults is None and (
+            '--data_name' in argv or '--protocol' in argv))):
+        parser.error('--why, --data_name and --protocol go with --applies (the last two '
+                     'also with --defaults)')
+    if args.applies is None and args.defaults is None:
         return args
     from network import NETWORKS
-    if len(args.applies) % 2:
-        parser.error(f'--applies takes TEACHER STUDENT pairs, got {len(args.applies)} names')
-    unknown = [n for n in args.applies if n not in NETWORKS]
-    if unknown:
-        parser.error(f'--applies: unknown network {unknown[0]!r}; networks: {" ".join(NETWORKS)}')
+    if args.defaults is not None:
+        if args.defaults not in METHODS:
+            parser.error(f'--defaults: unknown mode {args.defaults!r}; modes: {" ".join(mode_names())}')
+        if args.pair is not None:
+            nets = args.pair.split(':')
+            if len(nets) != 2 or any(n not in NETWORKS for n in nets):
+                parser.error(f'--pair {args.pair!r} is not TEACHER:STUDENT of known networks; '
+                             f'networks: {" ".join(NETWORKS)}')
+            args.pair = tuple(nets)
+    else:
+        if len(args.applies) % 2:
+            parser.error(f'--applies takes TEACHER STUDENT pairs, got {len(args.applies)} names')
+        unknown = [n for n in args.applies if n not in NETWORKS]
+        if unknown:
+            parser.error(f'--applies: unknown network {unknown[0]!r}; networks: {" ".join(NETWORKS)}')
     import train_kd  # its own choices, wherever they are defined
     choices = {a.dest: a.choices for a in train_kd.build_parser()._actions}
     for name in ('data_name', 'protocol'):
@@ -229,6 +282,8 @@ def main(argv=None):
         for mode, reason in reasons.items():
             if reason:
                 print(f'# not shareable: {mode}: {reason}')
+    elif args.defaults:
+        print('\n'.join(defaults_lines(args.defaults, args.data_name, args.protocol, args.pair)))
     elif args.applies:
         for teacher, student in zip(args.applies[::2], args.applies[1::2]):
             result = applicability(teacher, student, args.data_name, args.protocol)

@@ -9,23 +9,36 @@ z-scored per sample over the classes before the temperature divides them:
     z -> (z - mean(z)) / (std(z) + 1e-7)
 
 with the unbiased standard deviation (over the C classes, divided by C - 1)
-and the epsilon of the authors' mdistiller-based code (their copy of the
-CTKD code adds none). Both sides then have zero mean and unit deviation, so
-the student matches the teacher's logit relations, not their magnitude; the
-temperature becomes a "base temperature" on standardised logits. Off (the
-default), every method computes exactly what it did before.
+and the epsilon 1e-7 of the authors' code, which every copy of their
+`normalize` adds (sunshangquan/logit-standardization-KD @ f6e5aa5:
+mdistiller/distillers/KD.py line 10, DKD.py line 10, MLKD.py line 15,
+CTKD/distiller_zoo/KD.py line 10). Both sides then have zero mean and unit
+deviation, so the student matches the teacher's logit relations, not their
+magnitude; the temperature becomes a "base temperature" on standardised
+logits. Off (the default), every method computes exactly what it did before.
 
 The authors apply it to KD, DKD, MLKD and CTKD (their code and logs); neither
 the NKD nor the WTTM paper or code uses it, so only st, dkd and ctkd declare
-the switch. The settings the authors train with when it is on, on CIFAR-100
-(their README and configs): base temperature 2 and KD weight 9 with CE weight
-1 for KD (`--kd_mode st --logit_stand --T 2 --lambda_kd 9`); CE weight 0.1
-and KD weight 9 for CTKD (`--kd_mode ctkd --logit_stand --lambda_kd 9`, its
-learnable temperature unchanged); for DKD base temperature 2 and the loss
-scaled up about 9-fold (their per-pair logs use 9 to 18), e.g.
-`--kd_mode dkd --logit_stand --T 2 --lambda_kd 9`. These are not applied
-automatically: the registry gives a flag one default per mode and dataset,
-not one per switch state, so they are given on the command line.
+the switch. Their CIFAR-100 settings with it on become each mode's defaults
+when the switch is on (the mode's `switch_defaults`; a flag given on the
+command line still wins), each cited in the mode's docstring:
+
+- st: base temperature 2, KD weight 9, CE weight 0.1 (mdistiller/engine/cfg.py
+  lines 62-65; tools/train.py lines 103-104 and 112-114);
+- dkd: base temperature 2 and alpha and beta multiplied by 9 (tools/train.py
+  lines 103-104 and 115-118), i.e. `--T 2 --lambda_kd 9`, CE weight 1;
+- ctkd: KD weight 9 with CE weight 0.1 (CTKD/scripts/run_cifar_distill.sh
+  line 19, `-r 0.1 -a 9`), the learned temperature unchanged. That copy's
+  switch is inverted (CTKD/train_student.py line 314 standardises when
+  --logit_stand is *not* given; the script gives none), so its runs are
+  the standardised ones.
+
+Their README's logs (README.md line 83: files named
+KD_TYPE,TEACHER,STUDENT,BASE_TEMPERATURE,KD_WEIGHT[,BETA]) show that some
+pairs were run with other values (e.g. KD resnet110->resnet20 T 4 weight 12,
+DKD resnet56->resnet20 T 3 weight 18 beta 2); these per-pair values depend
+on the switch, which per-pair defaults do not, so they are not applied:
+give them on the command line.
 
 This module is private (its name starts with '_'): it registers no method.
 """

@@ -28,7 +28,12 @@ lr 0.05 (0.01 for ShuffleNet/MobileNet students), batch 64.
 
 Under --protocol crd (the CIFAR-100 benchmark's schedule): the same official
 resnet56 -> resnet20 setting (CE weight 1, beta 0.7, resolution 2, no
-normalisation); the other pairs' settings above are given on the command line.
+normalisation), and for each pair above its own official config
+(`pair_defaults`: beta as lambda_kd, CAM_RESOLUTION as cat_resolution,
+IF_NORMALIZE as cat_normalize; GzyAftermath/CAT-KD
+configs/cifar100/CAT_KD/<pair>.yaml, the `CAT_KD: LOSS:` block), named in
+the log. The 13 benchmark pairs without an official config
+(resnet110->resnet20, ResNet50->vgg8) keep the resnet56 -> resnet20 setting.
 
 Departures: the official student's classifier is a bias-free 1x1 conv; ours
 keeps its Linear head with bias (the bias is not part of the CAM). Needs
@@ -40,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import ConfigError, Distiller, Flag, Method, pick, register
+from .registry import ConfigError, Distiller, Flag, Method, PairSetting, pick, register
 
 __all__ = ['CATKD']
 
@@ -98,7 +103,8 @@ register(Method(
     name='catkd', title='class attention transfer', paper='https://arxiv.org/abs/2304.12777',
     transfers="last stage post-activation x each net's classifier weights (class activation "
               'maps), average-pooled, MSE',
-    variant="official resnet56->resnet20 settings (beta 0.7); the student's head keeps its bias",
+    variant="official resnet56->resnet20 settings (beta 0.7), per pair under --protocol crd; "
+            "the student's head keeps its bias",
     build=build,
     defaults={'lambda_kd': 0.7, 'cat_resolution': 2, 'cat_normalize': False},
     protocol_defaults={'crd': {'ce_weight': 1.0, 'lambda_kd': 0.7, 'cat_resolution': 2,
@@ -106,4 +112,21 @@ register(Method(
     flags={'cat_resolution': Flag(int, 'catkd: CAMs are average-pooled to this size (square)',
                                   positive=True),
            'cat_normalize': Flag(bool, 'catkd: L2-normalise each CAM over its positions')},
+    # GzyAftermath/CAT-KD configs/cifar100/CAT_KD/*.yaml: (CAT_loss_weight, CAM_RESOLUTION,
+    # IF_NORMALIZE) of each official pair, CE_WEIGHT 1 in all
+    pair_defaults={f'{teacher}:{student}': PairSetting(
+        {'lambda_kd': beta, 'cat_resolution': resolution, 'cat_normalize': normalize},
+        f'CAT-KD configs/cifar100/CAT_KD/{config}.yaml')
+        for teacher, student, config, beta, resolution, normalize in (
+            ('resnet56', 'resnet20', 'res56_res20', 0.7, 2, False),
+            ('resnet110', 'resnet32', 'res110_res32', 1.8, 2, False),
+            ('resnet32x4', 'resnet8x4', 'res32x4_res8x4', 15.0, 2, False),
+            ('resnet32x4', 'ShuffleV1', 'res32x4_shuv1', 600.0, 4, True),
+            ('resnet32x4', 'ShuffleV2', 'res32x4_shuv2', 600.0, 4, True),
+            ('ResNet50', 'MobileNetV2', 'res50_mv2', 40.0, 2, True),
+            ('vgg13', 'vgg8', 'vgg13_vgg8', 4.5, 2, False),
+            ('vgg13', 'MobileNetV2', 'vgg13_mv2', 15.0, 2, True),
+            ('wrn_40_2', 'wrn_16_2', 'wrn_40_2_wrn_16_2', 12.0, 2, False),
+            ('wrn_40_2', 'wrn_40_1', 'wrn_40_2_wrn_40_1', 1.5, 2, False),
+            ('wrn_40_2', 'ShuffleV1', 'wrn40_2_shuv1', 80.0, 4, True))},
 ))

@@ -10,7 +10,13 @@ training loop uses it:
   lambda_kd). Its parameters (connectors, embeddings, ...) are optimised with
   the student; its buffers (memory banks) are checkpointed with it.
 - `defaults` are the method's hyperparameters (`lambda_kd` and the method's
-  flags); `dataset_defaults` override them per dataset.
+  flags); `dataset_defaults` override them per dataset, `protocol_defaults`
+  per --protocol, `pair_defaults` per teacher:student pair under --protocol
+  crd (the official per-pair configs, each with its source), and
+  `switch_defaults` when an on/off flag of the method is on. A setting left
+  out on the command line takes, in this order of precedence:
+  switch_defaults > pair_defaults > protocol_defaults > dataset_defaults >
+  defaults (`Method.resolve`); the command line wins over all of them.
 - `flags` declares the command-line flags the method reads. A flag shared by
   several methods (e.g. `--T`) must mean the same everywhere: the registry
   refuses a second declaration with another type, choices or help text; the
@@ -22,7 +28,8 @@ a differentiable teacher (`teacher_grad`), a student that classifies through
 another head (`wrap_student`), and named loss terms logged on their own
 (`loss_terms`).
 
-Nothing here imports a network or the training loop.
+Nothing here builds a network or imports the training loop (`register`
+reads the network names, to check the pairs of `pair_defaults`).
 """
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -64,6 +71,30 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class PairSetting:
+    """The authors' setting for one teacher -> student pair: flag values
+    (e.g. {'dkd_beta': 2.0}) and where they come from (repository and file,
+    e.g. 'mdistiller configs/cifar100/dkd/res56_res20.yaml')."""
+    values: Mapping[str, Any]
+    source: str
+
+
+# The protocol under which `pair_defaults` apply: the CIFAR-100 benchmark, whose
+# pairs the official per-pair configs are written for.
+PAIR_PROTOCOL = 'crd'
+
+
+@dataclass(frozen=True)
+class Default:
+    """A setting's default and where it comes from: `level` is 'method',
+    'dataset', 'protocol', 'pair' or 'switch' (see Method.resolve), `where`
+    says it in words for the log."""
+    value: Any
+    level: str
+    where: str
+
+
+@dataclass(frozen=True)
 class Method:
     name: str                               # the --kd_mode value
     title: str                              # what it is, e.g. 'attention transfer'
@@ -79,12 +110,48 @@ class Method:
     # Defaults that hold when an on/off flag of the method is on, e.g.
     # {'logit_stand': {'T': 2.0, 'lambda_kd': 9.0}}: the paper's settings for the switch.
     switch_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The official per-pair configs, keyed 'teacher:student' (network.NETWORKS
+    # names): applied under --protocol crd only, over protocol_defaults.
+    pair_defaults: Mapping[str, PairSetting] = field(default_factory=dict)
 
     def defaults_for(self, data_name, protocol='seed'):
         """Every setting's default on `data_name` under `protocol`: the common
         ones, the method's, the dataset's, the protocol's."""
         return {**COMMON_DEFAULTS, **self.defaults, **self.dataset_defaults.get(data_name, {}),
                 **self.protocol_defaults.get(protocol, {})}
+
+    def pair_setting(self, protocol, teacher, student):
+        """The PairSetting of teacher -> student under `protocol`, or None."""
+        if protocol != PAIR_PROTOCOL:
+            return None
+        return self.pair_defaults.get(f'{teacher}:{student}')
+
+    def resolve(self, data_name, protocol='seed', teacher=None, student=None, given=()):
+        """{setting: Default} for every setting the method reads, on
+        `data_name` under `protocol` for teacher -> student, `given` being the
+        settings the command line sets (with their values: a switch given
+        there decides whether its switch_defaults hold). Precedence, lowest
+        first: the method's defaults (and the common ones), the dataset's,
+        the protocol's, the pair's (under --protocol crd), the switch's; the
+        settings in `given` are left to the caller (they win)."""
+        given = dict(given)
+        where = f'default for {self.name} on {data_name}'
+        out = {name: Default(value, 'method', where) for name, value in
+               {**COMMON_DEFAULTS, **self.defaults}.items()}
+        out.update({name: Default(value, 'dataset', where)
+                    for name, value in self.dataset_defaults.get(data_name, {}).items()})
+        out.update({name: Default(value, 'protocol', f'{where} under --protocol {protocol}')
+                    for name, value in self.protocol_defaults.get(protocol, {}).items()})
+        pair = self.pair_setting(protocol, teacher, student)
+        if pair is not None:
+            out.update({name: Default(value, 'pair', f'{where} under --protocol {protocol} for '
+                                                     f'{teacher}->{student} ({pair.source})')
+                        for name, value in pair.values.items()})
+        for switch, settings in self.switch_defaults.items():
+            if given.get(switch, out[switch].value):
+                out.update({name: Default(value, 'switch', f'default for {self.name} with --{switch}')
+                            for name, value in settings.items()})
+        return out
 
 
 METHODS: Dict[str, Method] = {}
@@ -102,8 +169,10 @@ def register(method):
     missing = [k for k in method.flags if k not in method.defaults]
     if 'lambda_kd' not in method.defaults or missing:
         raise ValueError(f'{method.name}: defaults must give lambda_kd and every flag ({missing})')
+    check_pairs(method)
     given = [k for d in (method.defaults, *method.dataset_defaults.values(),
-                         *method.protocol_defaults.values(), *method.switch_defaults.values()) for k in d]
+                         *method.protocol_defaults.values(), *method.switch_defaults.values(),
+                         *(p.values for p in method.pair_defaults.values())) for k in d]
     switches = [k for k in method.switch_defaults
                 if k not in method.flags or method.flags[k].type is not bool]
     if switches:
@@ -119,6 +188,22 @@ def register(method):
                                  f'method-specific name')
     METHODS[method.name] = method
     return method
+
+
+def check_pairs(method):
+    """Refuses a pair_defaults key that is not 'teacher:student' of known
+    network names, and a PairSetting without values or source."""
+    if not method.pair_defaults:
+        return
+    from network import NETWORKS  # the names only; nothing is built
+    for key, setting in method.pair_defaults.items():
+        nets = key.split(':') if isinstance(key, str) else ()
+        if len(nets) != 2 or any(n not in NETWORKS for n in nets):
+            raise ValueError(f'{method.name}: pair_defaults key {key!r} is not TEACHER:STUDENT of '
+                             f'known networks ({" ".join(NETWORKS)})')
+        if not isinstance(setting, PairSetting) or not setting.values or not setting.source:
+            raise ValueError(f'{method.name}: pair_defaults[{key!r}] must be a PairSetting with '
+                             f'values and a source')
 
 
 def all_flags():

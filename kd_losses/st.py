@@ -8,8 +8,13 @@ T^2 so that gradient magnitudes do not shrink with the temperature.
 
 With --logit_stand (Sun et al., CVPR 2024; kd_losses/_logit_stand.py) both
 logits are z-scored per sample before the temperature, and the authors'
-CIFAR-100 setting for it becomes the default (--T 2 --lambda_kd 9, CE weight 1;
-flags given on the command line win). Off (the default), the loss is exactly
+CIFAR-100 setting for it becomes the default (flags given on the command
+line win): T 2, KD weight 9, CE weight 0.1, on every dataset and protocol.
+Source: sunshangquan/logit-standardization-KD @ f6e5aa5,
+mdistiller/engine/cfg.py lines 62-65 (KD: TEMPERATURE 2, CE_WEIGHT 0.1,
+KD_WEIGHT 9), and tools/train.py lines 103-104 (--base-temp 2, --kd-weight 9)
+and 112-114 (which set them for KD under --logit-stand); README.md line 57
+runs KD+theirs with exactly these. Off (the default), the loss is exactly
 the one above. Only the logits are read: any student and teacher with the
 same classes pair.
 
@@ -17,7 +22,8 @@ Under --protocol crd (the CIFAR-100 benchmark's KD): CE weight 0.1, KD weight
 0.9, T 4 (RepDistiller scripts/run_cifar_distill.sh `--distill kd -r 0.1
 -a 0.9 -b 0`, `--kd_T 4`; mdistiller engine/cfg.py KD: CE_WEIGHT 0.1,
 KD_WEIGHT 0.9, TEMPERATURE 4). With --logit_stand the authors' setting above
-applies instead (T 2, lambda 9, CE weight 1).
+applies instead (T 2, KD weight 9, CE weight 0.1). No official config sets a
+value per teacher -> student pair.
 """
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,12 +50,14 @@ class SoftTarget(nn.Module):
 register(Method(
     name='st', title='soft target', paper='https://arxiv.org/abs/1503.02531',
     transfers='logits, softened at temperature T',
-    variant='--logit_stand: z-scored logits, with the authors\' --T 2 --lambda_kd 9 (Sun et al., CVPR 2024)',
+    variant='--logit_stand: z-scored logits, with the authors\' --T 2 --lambda_kd 9 '
+            '--ce_weight 0.1 (Sun et al., CVPR 2024)',
     build=lambda ctx: FeatureDistiller(SoftTarget(ctx.args.T, ctx.args.logit_stand), ['out']),
     defaults={'lambda_kd': 0.1, 'T': 4.0, 'logit_stand': False},
     protocol_defaults={'crd': {'ce_weight': 0.1, 'lambda_kd': 0.9, 'T': 4.0}},
     flags={'T': Flag(float, 'softmax temperature', positive=True),
            'logit_stand': LOGIT_STAND},
-    # CE weight 1 with the switch: the authors' setting, also under --protocol crd (0.1 there)
-    switch_defaults={'logit_stand': {'T': 2.0, 'lambda_kd': 9.0, 'ce_weight': 1.0}},
+    # the authors' setting with the switch (logit-standardization-KD mdistiller/engine/cfg.py
+    # lines 62-65), on every protocol
+    switch_defaults={'logit_stand': {'T': 2.0, 'lambda_kd': 9.0, 'ce_weight': 0.1}},
 ))

@@ -66,7 +66,7 @@ def test_train_kd_log_under_the_crd_protocol(base_run, tmp_path, stop_before_tra
     with pytest.raises(StopRun):
         train_kd.main(argv)
     lines = log_lines(tmp_path, 'k')
-    assert lines[1:13] == [
+    assert lines[1:14] == [
         'schedule: --protocol crd (command line)',
         '  epochs = 24 (command line)',
         '  batch_size = 64 (--protocol crd default)',
@@ -78,9 +78,10 @@ def test_train_kd_log_under_the_crd_protocol(base_run, tmp_path, stop_before_tra
         '  weight_decay = 0.0005 (--protocol crd default)',
         '  amp = on: bf16 autocast, float32 losses (command line)',
         '  channels_last = off (default on the CPU)',
-        '  compile = off (command line)']
+        '  compile = off (command line)',
+        '  optimizer = sgd (default)']
     method = lines.index(next(l for l in lines if l.startswith('kd_mode st ')))
-    assert method == 13  # the method's block follows, then the data
+    assert method == 14  # the method's block follows, then the data
     assert '  ce_weight = 0.1 (default for st on cifar10 under --protocol crd)' in lines[method:]
     stages = lines.index('  stages: main 24 epochs (--epochs)')
     assert stages < lines.index(next(l for l in lines if l.startswith('cifar10: 100 training')))

@@ -338,14 +338,19 @@ def test_each_table_has_a_caption_saying_what_it_holds(tmp_path, capsys):
     summarize.summary([root, '--published'])
     lines = capsys.readouterr().out.splitlines()
     headers = [i for i, line in enumerate(lines) if line.startswith('|---|')]
-    assert len(headers) == 4  # resnet110 -> resnet20, DML, the benchmark's, its baselines in no pair
+    # resnet110 -> resnet20, DML, the benchmark's, its baselines in no pair; then (--published)
+    # ours beside the published numbers: the benchmark's, the seed's
+    assert len(headers) == 6
     for number, i in enumerate(headers, start=1):
         assert lines[i - 2] == '' and lines[i - 1].startswith('| ')
         caption = lines[i - 3]
         assert caption.startswith(f'Table {number}. '), caption
-        assert '"best / last"' in caption and 'mean ± std over the n seeds' in caption, caption
+        assert '"best / last"' in caption, caption
+        assert ('mean ± std over the n seeds' if number <= 4 else 'Ours beside the published numbers') \
+            in caption, caption
     captions = [lines[i - 3] for i in headers]
     assert 'resnet110 → resnet20' in captions[0] and 'Deep mutual learning' in captions[1]
-    assert 'CIFAR-100 benchmark' in captions[2] and 'trained 240 epochs' in captions[2]
+    assert 'CIFAR-100 benchmark' in captions[2] and 'Rows "(published)"' in captions[2]
+    assert 'CIFAR-100 benchmark' in captions[4] and "the seed's tables" in captions[5]
     assert '| KD (published) | 240 | 70.66 |' in lines   # the published numbers' epochs beside them
     assert '| KD | 2 | 69.00 / 69.00 |' in lines
