@@ -89,7 +89,7 @@ class Student:
         self.run = self.resume = self.trainer = self.checkpointer = self.distiller = None
         self.opened = False
         self.rng = None  # its global RNG state while it is not running
-        self.error = None
+        self.error = self.build_error = None
         self.finished = False
 
     @contextlib.contextmanager
@@ -122,11 +122,12 @@ class Student:
 
     def build(self, build):
         """The student's networks and phases (`build(args)`, in its log); a
-        UserError (settings its method cannot build) fails it alone."""
+        UserError (settings its method cannot build) fails it alone, once
+        training starts (a refused run writes nothing)."""
         try:
             model, _, self.distiller, self.phases = build(self.args)
         except UserError as e:
-            self.fail(str(e))
+            self.build_error = str(e)
             return
         self.nets, self.state = {'net': model}, {'distiller': self.distiller}
 
@@ -195,7 +196,9 @@ def train_students(students, teacher_pass, loader, args, device, teacher_test):
     initial_loader = loader.state_dict()
     try:
         for s in students:
-            if s.error is None and not s.finished:
+            if s.build_error is not None:
+                s.fail(s.build_error)
+            elif not s.finished:
                 with s.active():
                     s.start(loader, device, teacher_line)
                 if s.trainer.finished:  # killed after its last checkpoint, before complete.json

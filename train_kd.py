@@ -536,7 +536,7 @@ def train_shared(argv, modes):
         args.note = os.path.join(args.note, mode)
         students.append(shared_teacher.Student(mode, args, sources, ignored))
     args = students[0].args
-    begin_process(args, log_file=False)  # the process's own lines go to stdout, each student's to its log.txt too
+    begin_process(args, log_file=False)  # the process's own lines: stdout (each student has a log.txt)
     device = torch.device(args.device)
     for s in students:
         s.args.device = args.device
