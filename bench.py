@@ -40,6 +40,7 @@ import platform
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -93,6 +94,11 @@ def script_args(name, device, path, batch_size):
     return args
 
 
+def views_of(name):
+    """The views of each image a configuration's step reads (kd-mlkd: weak and strong)."""
+    return METHODS[name[len('kd-'):]].views if name.startswith('kd-') else ('weak',)
+
+
 def build(name, args, labels):
     """(step, its EpochStats, network to evaluate) for a configuration, from
     the training scripts' own builders, with random weights."""
@@ -124,9 +130,11 @@ def measure(name, device, path, batch_size, warmup, steps, start_at=None, n_trai
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n_train,), generator=g)
-    # under torchrun (--processes) each process takes its slice of every global batch
+    # under torchrun (--processes) each process takes its slice of every global batch; a
+    # two-view mode's loader also computes the strong view (timed with the step, as in training)
     loader = DeviceLoader(images, labels, info, batch_size, device, train=True, rank=WORLD.rank,
-                          world=WORLD.size, channels_last=args.channels_last)
+                          world=WORLD.size, channels_last=args.channels_last,
+                          strong_view='strong' in views_of(name))
     # the CPU times its test pass over a share of the images, scaled to n_test
     timed_test = n_test if device.type == 'cuda' else min(n_test, CPU_TEST_IMAGES)
     test = DeviceLoader(images[:timed_test], labels[:timed_test], info, args.eval_batch_size, device,
@@ -305,8 +313,15 @@ def under_torchrun(name, device, path, batch_size, warmup, steps, processes, siz
     return {**json.loads(lines[-1]), 'threads_per_process': env.get('OMP_NUM_THREADS')}
 
 
+class BenchHelpFormatter(HelpFormatter):
+    """--help that never breaks a configuration's name (kd-st) at its hyphen."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(' '.join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser():
-    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=BenchHelpFormatter)
     parser.add_argument('--configs', nargs='+', default=None, metavar='PATTERN',
                         help=f'configurations (shell patterns) among: {" ".join(config_names())} '
                              f'[every one on CUDA; {" ".join(CPU_CONFIGS)} on the CPU]')

@@ -3,7 +3,9 @@
 The whole split lives as one uint8 tensor on the device. Each training batch
 is cropped (reflect-pad 4, random 32x32), flipped and normalised in a single
 batched gather: no PIL, no loader worker processes. Every batch carries the
-samples' dataset indices (CRD needs them).
+samples' dataset indices (CRD needs them). A loader asked for the strong view
+(modes whose views are ('weak', 'strong'), e.g. MLKD) also yields each
+image's RandAugment view (strong_augment.py), drawn from the same generator.
 """
 import hashlib
 import os
@@ -171,6 +173,15 @@ class Batch(NamedTuple):
     idx: torch.Tensor     # int64 [B], indices into the training split
 
 
+class TwoViewBatch(NamedTuple):
+    """A Batch with the strong view: only a loader built with strong_view=True
+    yields it, so code unpacking a three-field Batch never meets it."""
+    img: torch.Tensor     # float [B, 3, 32, 32], normalised: the weak view (crop and flip)
+    target: torch.Tensor  # int64 [B]
+    idx: torch.Tensor     # int64 [B]
+    strong: torch.Tensor  # float [B, 3, 32, 32], normalised: crop, flip, RandAugment, Cutout
+
+
 def reflect_index(pos, size=32):
     """Map positions in [-size, 2*size-1) to the source index of a reflect padding."""
     return (size - 1) - ((size - 1) - pos.abs()).abs()
@@ -212,10 +223,16 @@ class DeviceLoader:
     batch is cut to a multiple of `world` (at most world - 1 samples an epoch
     skip a step, different ones each epoch); evaluation slices are uneven
     instead, so every test image counts once.
+
+    With `strong_view` (training only) each batch is a TwoViewBatch: after the
+    weak view's crop and flip, the strong view's own crop, flip and
+    RandAugment choices are drawn from the same generator (on the device), so
+    a restored generator state gives both views again exactly. Without it
+    nothing of the strong view is drawn or computed.
     """
 
     def __init__(self, images, labels, info, batch_size, device, train, seed=0,
-                 rank=0, world=1, channels_last=False):
+                 rank=0, world=1, channels_last=False, strong_view=False):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.device = torch.device(device)
@@ -228,6 +245,10 @@ class DeviceLoader:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self._grids = {}
+        self.randaugment = None
+        if strong_view and train:
+            from strong_augment import RandAugment
+            self.randaugment = RandAugment(images.shape[-1], self.device)
 
     def __len__(self):
         return -(-len(self.labels) // self.batch_size)
@@ -246,14 +267,23 @@ class DeviceLoader:
                 idx = idx[:len(idx) - len(idx) % self.world]
                 if len(idx) == 0:
                     continue
-            x = self.images[idx]
+            raw = self.images[idx]
+            x = raw
             if self.train:  # the global batch, so ranks see what one process would
-                x = augment(x, self.generator, grid=self.grid(len(idx)))
+                x = augment(raw, self.generator, grid=self.grid(len(idx)))
+            strong = None
+            if self.randaugment is not None:
+                strong = augment(raw, self.generator, grid=self.grid(len(idx)))
+                strong = self.randaugment(strong, self.generator)
             if self.world > 1:
                 per = -(-len(idx) // self.world)
                 rows = slice(self.rank * per, (self.rank + 1) * per)
                 idx, x = idx[rows], x[rows]
-            yield Batch(self.normalise(x), self.labels[idx], idx)
+                strong = None if strong is None else strong[rows]
+            if strong is None:
+                yield Batch(self.normalise(x), self.labels[idx], idx)
+            else:
+                yield TwoViewBatch(self.normalise(x), self.labels[idx], idx, self.normalise(strong))
 
     def grid(self, batch):
         """The gather's index tensors for a batch size, built once (full and last batch)."""
@@ -269,10 +299,11 @@ class DeviceLoader:
         self.generator.set_state(state['generator'])
 
 
-def make_loaders(args, device, log=print, training=True):
+def make_loaders(args, device, log=print, training=True, strong_view=False):
     """Train and test loaders for `args.data_name` under `args.img_root`, on
     `device`, for this process's place in a torchrun job. With training=False
-    only the test loader is built (train is None)."""
+    only the test loader is built (train is None); with strong_view the
+    training batches carry the strong view too (TwoViewBatch)."""
     rank, world = WORLD.rank, WORLD.size
     info = DATASETS[args.data_name]
     train_x, train_y, test_x, test_y = load_cifar(args.img_root, args.data_name,
@@ -289,7 +320,8 @@ def make_loaders(args, device, log=print, training=True):
         raise DataError(f'--batch_size {args.batch_size} is larger than the training split '
                         f'({len(train_y)} images)')
     train = DeviceLoader(train_x, train_y, info, args.batch_size, device, train=True,
-                         seed=args.seed, rank=rank, world=world, channels_last=layout)
+                         seed=args.seed, rank=rank, world=world, channels_last=layout,
+                         strong_view=strong_view)
     train.fingerprint = fingerprint(train_x, train_y, test_x, test_y)
     return train, test
 

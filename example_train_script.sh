@@ -18,12 +18,19 @@
 #   others are listed as "# skipped: MODE does not apply to T->S: why"). No DML.
 # Then summarise:  python summarize.py "$RESULTS"
 #
+#
+# This file is the table: its settings and its commands. sweep.py runs them:
+# which are done, which resume or start again, which wait for their baselines,
+# where each goes (this machine's GPUs, or a SLURM cluster), what failed.
+#
 # Settings (environment variables; unset takes the default, empty means none;
 # `python sweep.py --help` lists them). Each value is checked, and a variable
 # that looks like a misspelt setting (MODE, EPOCH, modes, DMLPAIRS) is refused:
 #   TABLE=seed             seed | crd
 #   DATA_ROOT=./datasets   where cifar-10-batches-py/ and cifar-100-python/ live
 #   RESULTS=./results      results root: RESULTS/base/, RESULTS/<mode>/, RESULTS/dml/
+#   TEACHERS=""            released CIFAR-100 teachers (RepDistiller or mdistiller layout):
+#                          not trained, each checked once (python teachers.py verify)
 #   GPUS="0"               GPUs to use (GPU=N works too); CUDA_VISIBLE_DEVICES per run
 #   JOBS_PER_GPU=1         runs at once on each GPU (small students leave a GPU idle)
 #   DATASETS="cifar10 cifar100"       (crd: cifar100)
@@ -37,14 +44,23 @@
 #   KD_ARGS=""             appended to train_kd.py commands (e.g. "--init_epochs 5")
 #   DRY_RUN=1              print the commands instead of running them (0/1, no/yes, false/true)
 #   PYTHON=python
+#   EXECUTOR=local         local (this machine) | slurm (job arrays through submitit)
+# On a SLURM cluster (EXECUTOR=slurm; each job runs GPUS_PER_JOB x JOBS_PER_GPU runs):
+#   PARTITION=""           the partition (unset: the cluster's default)
+#   TIME_LIMIT=1440        one job's limit: minutes, H:MM:SS or D-HH; a job that reaches it resumes
+#   GPUS_PER_JOB=1         0: CPU jobs
+#   MAX_JOBS=64            jobs of one array running at once (--array=...%MAX_JOBS)
+#   SBATCH_OPTIONS=""      more sbatch options (e.g. "--account=lab --qos=high --mem=16G")
 # A run is finished when its complete.json exists: it is skipped. One with a
 # checkpoint is resumed (--resume), one stopped before its first checkpoint
 # starts again (--overwrite): an interrupted sweep continues. A KD or DML run
 # whose baselines are not finished is not started (reported, the rest goes on).
 # Failures are appended to RESULTS/logs/failed.txt, one dated block per sweep,
 # and listed at the end (exit 1). INT/TERM stop every run the sweep started.
+# `python sweep.py status RESULTS` lists what is queued, running, done and failed.
 set -euo pipefail
 set -o noglob  # lists such as $MODES are split into words, never expanded as file patterns
+shopt -s inherit_errexit  # a failing command inside $(...) stops the script too
 cd "$(dirname "$0")"
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -52,8 +68,8 @@ die() { echo "error: $*" >&2; exit 2; }
 # ---- the settings, checked before anything starts (also in a dry run): sweep.py
 # has their table. A bad value, or a variable that looks like a misspelt setting
 # (MODE=st, EPOCH=2), stops the sweep with one line `error: ...`. It prints them
-# resolved (unset: the default), with what the script reads from the code in the
-# same interpreter start: the networks' names and the number of CUDA devices.
+# resolved (unset: the default), with what the table reads from the code: the
+# schedule's length, the runs' name tag and the networks' names.
 PYTHON=${PYTHON-python}
 [ -n "$PYTHON" ] || die "PYTHON is empty: unset it for python, or name one"
 settings=$("$PYTHON" sweep.py check-settings) || {
@@ -61,8 +77,10 @@ settings=$("$PYTHON" sweep.py check-settings) || {
     (( rc != 2 )) || exit 2  # a bad setting: its one-line error is above
     die "$PYTHON cannot check the settings against the registries of modes, networks and datasets (its error is above)"
 }
-eval "$settings"  # TABLE DATA_ROOT RESULTS GPUS ... PYTHON DEFAULT_EPOCHS TAG ALL_NETWORKS CUDA_COUNT
+eval "$settings"  # TABLE DATA_ROOT RESULTS TEACHERS ... PYTHON EXECUTOR ... DEFAULT_EPOCHS TAG ALL_NETWORKS
 read -r -a SEED_LIST <<< "$SEEDS"
+read -r -a EXTRA <<< "$EXTRA_ARGS"
+read -r -a KD_EXTRA <<< "$KD_ARGS"
 
 # The schedule: every command gets --epochs (under the benchmark's protocol a
 # shorter schedule keeps its lr decays at the same fractions of 150, 180, 210 of 240).
@@ -70,13 +88,6 @@ SCHEDULE=(--epochs "$EPOCHS")
 SUFFIX=""
 [ "$EPOCHS" = "$DEFAULT_EPOCHS" ] || SUFFIX="-e$EPOCHS"  # runs of another length stay apart
 [ "$TABLE" = crd ] && SCHEDULE+=(--protocol crd)
-
-read -r -a GPU_LIST <<< "$GPUS"
-read -r -a EXTRA <<< "$EXTRA_ARGS"
-read -r -a KD_EXTRA <<< "$KD_ARGS"
-SLOTS=$(( ${#GPU_LIST[@]} * JOBS_PER_GPU ))
-SLOT_PID=()
-SLOT_DIR=()
 
 # Names in run notes (resnet110 -> r110, others as they are) and each network's
 # initial-weights file, as checkpoints.initial_weights_name names it
@@ -94,163 +105,9 @@ run_id() {  # $1: dataset, then the networks: sets RUN_ID, e.g. c100-r110-r20-cr
     RUN_ID+="$TAG-s$seed$SUFFIX"
 }
 base_dir() { run_id "$1" "$2"; BASE_DIR="$RESULTS/base/base-$RUN_ID"; }  # sets BASE_DIR
-finished() { [ -f "$1/complete.json" ]; }  # written after the last epoch's checkpoint, only then
-
-# Where a command runs: the last --device (or --cuda) it is given, else CUDA when there is one.
-runs_on_gpu() {
-    local on=$(( CUDA_COUNT > 0 )) prev=""
-    for word in "$@"; do
-        case "$prev $word" in
-            "--device cpu"|"--cuda 0") on=0 ;;
-            "--device cuda"*|"--cuda 1") on=1 ;;
-        esac
-        case $word in --device=cpu) on=0 ;; --device=cuda*) on=1 ;; esac
-        prev=$word
-    done
-    (( on ))
-}
-
-# ---- this sweep's bookkeeping: failures, and stopping its runs on INT/TERM or exit
-FAILED_LIST="$RESULTS/logs/failed.txt"
-STARTED=$(date '+%Y-%m-%d %H:%M:%S')
-STATE=""
-INTERRUPTED=""
-if [ "$DRY_RUN" != 1 ]; then
-    mkdir -p "$RESULTS/logs"
-    STATE=$(mktemp -d "${TMPDIR:-/tmp}/kdzoo-sweep.XXXXXX")
-    : > "$STATE/failed"
-fi
-# Each run gets its own process group (its pid), so stopping it stops what it started too.
-if command -v setsid > /dev/null; then NEW_GROUP=(setsid); else
-    NEW_GROUP=("$PYTHON" -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])'); fi
-
-stop_runs() {  # TERM every running run's process group, then KILL what is left after 10 s
-    local pids=() pid i
-    for i in "${!SLOT_PID[@]}"; do
-        if kill -0 "${SLOT_PID[i]}" 2>/dev/null; then
-            pids+=("${SLOT_PID[i]}")
-            echo "stopped: ${SLOT_DIR[i]} (the sweep was interrupted; a rerun continues it)" >> "$STATE/failed"
-        fi
-    done
-    [ -z "${!:-}" ] || pids+=("$!")  # the run started last, in case the signal came before SLOT_PID had it
-    (( ${#pids[@]} )) || return 0
-    for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-    for _ in $(seq 100); do
-        local alive=0
-        for pid in "${pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
-        (( alive )) || return 0
-        sleep 0.1
-    done
-    for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-}
-
-on_exit() {
-    local rc=$?
-    trap - EXIT INT TERM
-    [ -n "$STATE" ] || exit "$rc"
-    stop_runs
-    local n
-    n=$(grep -c . "$STATE/failed" || true)
-    (( n == 0 || rc != 0 )) || rc=1
-    {
-        echo "=== sweep started $STARTED, ended $(date '+%Y-%m-%d %H:%M:%S'), exit $rc" \
-             "(TABLE=$TABLE EPOCHS=$EPOCHS):${INTERRUPTED:+ interrupted by SIG$INTERRUPTED,}" \
-             "$( (( n )) && echo "$n runs failed, not started or stopped" || echo "no run failed")"
-        cat "$STATE/failed"
-    } >> "$FAILED_LIST"
-    if (( n )); then
-        echo "$n runs of this sweep failed, were not started or were stopped (history: $FAILED_LIST):" >&2
-        cat "$STATE/failed" >&2
-    fi
-    rm -rf "$STATE"
-    exit "$rc"
-}
-on_signal() {
-    INTERRUPTED=$1
-    echo "sweep interrupted (SIG$1): stopping its runs" >&2
-    exit "$2"
-}
-trap on_exit EXIT
-trap 'on_signal INT 130' INT
-trap 'on_signal TERM 143' TERM
-
-not_started() {  # $1: run directory, $2: why
-    echo "# not started: $1: $2"
-    [ -z "$STATE" ] || echo "not started: $1: $2" >> "$STATE/failed"
-}
-
-free_slot() {  # sets SLOT to a slot whose run has ended, waiting if all are busy
-    while true; do
-        for ((i = 0; i < SLOTS; i++)); do
-            if [ -z "${SLOT_PID[i]:-}" ] || ! kill -0 "${SLOT_PID[i]}" 2>/dev/null; then
-                SLOT=$i
-                return
-            fi
-        done
-        wait -n 2>/dev/null || true
-    done
-}
-
-launch() {  # $1: run directory, then the command
-    local dir=$1 name out gpu
-    shift
-    local cmd=("$@" "${EXTRA[@]}")
-    if finished "$dir"; then
-        echo "# done, skipped: $dir"
-        return
-    fi
-    if [ -f "$dir/checkpoint.pth.tar" ]; then
-        cmd+=(--resume)
-    elif [ -d "$dir" ]; then
-        cmd+=(--overwrite)  # started, but stopped before its first checkpoint: start again
-    fi
-    if [ "$DRY_RUN" = 1 ]; then
-        printf '%q ' "${cmd[@]}"
-        echo
-        return
-    fi
-    free_slot
-    name=${dir##*/}
-    out="$RESULTS/logs/$name.out"
-    local gpu_env=()
-    if runs_on_gpu "${cmd[@]}"; then
-        gpu=${GPU_LIST[$(( SLOT % ${#GPU_LIST[@]} ))]}
-        gpu_env=("CUDA_VISIBLE_DEVICES=$gpu")
-        echo "[gpu $gpu] ${cmd[*]}"
-    else
-        echo "[cpu] ${cmd[*]}"
-    fi
-    # The run, in its own process group, records its own failure (with the run's error line).
-    env "${gpu_env[@]}" "${NEW_GROUP[@]}" bash -c '
-        out=$1 failed=$2 name=$3
-        shift 3
-        "$@" > "$out" 2>&1 < /dev/null && exit 0
-        rc=$?
-        reason=$(grep "^error: " "$out" | tail -n 1)
-        echo "$name (exit $rc): $out${reason:+: $reason}" >> "$failed"
-        exit "$rc"' run "$out" "$STATE/failed" "$name" "${cmd[@]}" &
-    SLOT_PID[SLOT]=$!
-    SLOT_DIR[SLOT]=$dir
-}
-
-barrier() {  # later runs need these results
-    [ "$DRY_RUN" = 1 ] || wait
-}
-
-baselines_ready() {  # $1: run directory, then role:baseline-directory pairs; false (reported) if one is unfinished
-    local dir=$1 spec
-    shift
-    [ "$DRY_RUN" != 1 ] || return 0  # a dry run lists the baselines it would run first
-    for spec in "$@"; do
-        if ! finished "${spec#*:}"; then
-            not_started "$dir" "${spec%%:*} ${spec#*:} is not finished"
-            return 1
-        fi
-    done
-}
 
 # ---- which modes apply to which pair (TABLE=crd: networks of other shapes; built, not trained)
-declare -A APPLIES=() SKIP_LINES=()
+declare -A APPLIES=() SKIPPED=()
 if [ "$TABLE" = crd ] && [ -n "$MODES" ] && [ -n "$PAIRS" ] && [ -n "$SEEDS" ]; then
     for data in $DATASETS; do
         nets=()
@@ -260,8 +117,9 @@ if [ "$TABLE" = crd ] && [ -n "$MODES" ] && [ -n "$PAIRS" ] && [ -n "$SEEDS" ]; 
         i=-1
         read -r -a pairs <<< "$PAIRS"
         while IFS= read -r line; do
-            if [[ $line == "# "* ]]; then
-                SKIP_LINES["$data ${pairs[i]}"]+="$line"$'\n'
+            if [[ $line == "# skipped: "* ]]; then  # "# skipped: MODE does not apply to T->S: why"
+                mode=${line#"# skipped: "}
+                SKIPPED["$data ${pairs[i]} ${mode%% *}"]=$line
             else
                 i=$((i + 1))
                 APPLIES["$data ${pairs[i]}"]=" $line "
@@ -270,76 +128,101 @@ if [ "$TABLE" = crd ] && [ -n "$MODES" ] && [ -n "$PAIRS" ] && [ -n "$SEEDS" ]; 
     done
 fi
 
-# ---- 0. the data, checked (and fetched if missing) once, before runs read it in parallel
-if [ "$DRY_RUN" != 1 ] && [ -n "$DATASETS" ] && [ -n "$SEEDS" ]; then
-    fetch=()
-    [[ " $EXTRA_ARGS " == *" --no_download "* ]] && fetch+=(--no_download)
-    "$PYTHON" dataset.py "$DATA_ROOT" $DATASETS "${fetch[@]}"
+# ---- released teachers (TEACHERS=DIR): each teacher's file, found in either layout
+declare -A TEACHER_FILE=()
+if [ -n "$TEACHERS" ] && [ -n "$MODES" ] && [ -n "$SEEDS" ] && [ -n "$DATASETS" ]; then
+    for pair in $PAIRS; do
+        t=${pair%%:*}
+        [ -n "${TEACHER_FILE[$t]-}" ] || TEACHER_FILE[$t]=$("$PYTHON" teachers.py find "$TEACHERS" "$t") || exit 2
+    done
 fi
 
-# ---- 1. baselines: every network a pair or DML uses
-NETS=$(for p in $PAIRS $DML_PAIRS; do echo "${p%%:*}"; echo "${p##*:}"; done | sort -u)
-for seed in $SEEDS; do
-    for data in $DATASETS; do
-        for net in $NETS; do
-            base_dir "$data" "$net"
-            launch "$BASE_DIR" "$PYTHON" -u train_base.py --data_name "$data" --net_name "$net" \
-                --img_root "$DATA_ROOT" --save_root "$RESULTS/base" --note "${BASE_DIR##*/}" \
-                "${SCHEDULE[@]}" --seed "$seed"
-        done
-    done
-done
-barrier
-
-# ---- 2. every KD mode for every teacher -> student pair
-for seed in $SEEDS; do
-    for data in $DATASETS; do
-        for pair in $PAIRS; do
-            t=${pair%%:*}
-            s=${pair##*:}
-            if [ "$TABLE" = crd ] && [ "$seed" = "${SEED_LIST[0]}" ]; then
-                for mode in $MODES; do  # each skipped mode once, with the reason
-                    [[ ${APPLIES["$data $pair"]-} == *" $mode "* ]] ||
-                        grep -F "# skipped: $mode does not apply" <<< "${SKIP_LINES["$data $pair"]}" || true
-                done
-            fi
-            for mode in $MODES; do
-                [ "$TABLE" != crd ] || [[ ${APPLIES["$data $pair"]-} == *" $mode "* ]] || continue
-                run_id "$data" "$t" "$s"
-                note="$mode-$RUN_ID"
-                base_dir "$data" "$t"; t_dir=$BASE_DIR
-                base_dir "$data" "$s"; s_dir=$BASE_DIR
-                baselines_ready "$RESULTS/$mode/$note" "teacher:$t_dir" "student baseline:$s_dir" || continue
-                launch "$RESULTS/$mode/$note" "$PYTHON" -u train_kd.py --data_name "$data" \
-                    --t_name "$t" --s_name "$s" --kd_mode "$mode" \
-                    --t_model "$t_dir/model_best.pth.tar" --s_init "$s_dir/${INITIAL[$s]}" \
-                    --img_root "$DATA_ROOT" --save_root "$RESULTS/$mode" --note "$note" \
-                    "${SCHEDULE[@]}" --seed "$seed" "${KD_EXTRA[@]}"
+# ---- the table, as steps for sweep.py, one line each (words quoted as bash quotes them):
+run()   { printf '%q ' run "$@"; echo; }    # run DIR [--needs ROLE DIR]... -- COMMAND
+check() { printf '%q ' check "$@"; echo; }  # check NAME -- COMMAND: passes before the runs that need it
+note()  { printf '%q ' note "$1"; echo; }   # a line to print in its place
+table() {
+    # 1. baselines: every network a pair or DML uses (with TEACHERS, the teachers come released)
+    local nets
+    if [ -n "$TEACHERS" ]; then
+        nets=$(for p in $PAIRS; do echo "${p##*:}"; done; for p in $DML_PAIRS; do echo "${p%%:*}"; echo "${p##*:}"; done)
+    else
+        nets=$(for p in $PAIRS $DML_PAIRS; do echo "${p%%:*}"; echo "${p##*:}"; done)
+    fi
+    for seed in $SEEDS; do
+        for data in $DATASETS; do
+            for net in $(sort -u <<< "$nets"); do
+                base_dir "$data" "$net"
+                run "$BASE_DIR" -- "$PYTHON" -u train_base.py --data_name "$data" --net_name "$net" \
+                    --img_root "$DATA_ROOT" --save_root "$RESULTS/base" --note "${BASE_DIR##*/}" \
+                    "${SCHEDULE[@]}" --seed "$seed" "${EXTRA[@]}"
             done
         done
     done
-done
 
-# ---- 3. DML for every pair
-for seed in $SEEDS; do
-    for data in $DATASETS; do
-        for pair in $DML_PAIRS; do
-            n1=${pair%%:*}
-            n2=${pair##*:}
-            base_dir "$data" "$n1"; dir1=$BASE_DIR
-            base_dir "$data" "$n2"; dir2=$BASE_DIR
-            init2="$dir2/${INITIAL[$n2]}"
-            [ "$n1" = "$n2" ] && init2=random
-            run_id "$data" "$n1" "$n2"
-            note="dml-$RUN_ID"
-            baselines_ready "$RESULTS/dml/$note" "net1 baseline:$dir1" "net2 baseline:$dir2" || continue
-            launch "$RESULTS/dml/$note" "$PYTHON" -u train_dml.py --data_name "$data" \
-                --net1_name "$n1" --net2_name "$n2" --net1_init "$dir1/${INITIAL[$n1]}" \
-                --net2_init "$init2" --img_root "$DATA_ROOT" --save_root "$RESULTS/dml" \
-                --note "$note" "${SCHEDULE[@]}" --seed "$seed"
+    # released teachers: each checked once (identified, hashed, its accuracy measured) before it teaches
+    for t in "${!TEACHER_FILE[@]}"; do
+        check "teacher-$t" -- "$PYTHON" teachers.py verify "$TEACHERS" "$t" --img_root "$DATA_ROOT"
+    done
+
+    # 2. every KD mode for every teacher -> student pair
+    for seed in $SEEDS; do
+        for data in $DATASETS; do
+            for pair in $PAIRS; do
+                t=${pair%%:*}
+                s=${pair##*:}
+                if [ "$TABLE" = crd ] && [ "$seed" = "${SEED_LIST[0]}" ]; then
+                    for mode in $MODES; do  # each skipped mode once, with the reason
+                        [ -z "${SKIPPED["$data $pair $mode"]-}" ] || note "${SKIPPED["$data $pair $mode"]}"
+                    done
+                fi
+                for mode in $MODES; do
+                    [ "$TABLE" != crd ] || [[ ${APPLIES["$data $pair"]-} == *" $mode "* ]] || continue
+                    run_id "$data" "$t" "$s"
+                    note="$mode-$RUN_ID"
+                    base_dir "$data" "$s"; s_dir=$BASE_DIR
+                    if [ -n "$TEACHERS" ]; then
+                        teacher=(--needs teacher "teacher-$t")
+                        t_model=${TEACHER_FILE[$t]}
+                    else
+                        base_dir "$data" "$t"
+                        teacher=(--needs teacher "$BASE_DIR")
+                        t_model="$BASE_DIR/model_best.pth.tar"
+                    fi
+                    run "$RESULTS/$mode/$note" "${teacher[@]}" --needs "student baseline" "$s_dir" -- \
+                        "$PYTHON" -u train_kd.py --data_name "$data" \
+                        --t_name "$t" --s_name "$s" --kd_mode "$mode" \
+                        --t_model "$t_model" --s_init "$s_dir/${INITIAL[$s]}" \
+                        --img_root "$DATA_ROOT" --save_root "$RESULTS/$mode" --note "$note" \
+                        "${SCHEDULE[@]}" --seed "$seed" "${KD_EXTRA[@]}" "${EXTRA[@]}"
+                done
+            done
         done
     done
-done
-barrier
 
-[ "$DRY_RUN" = 1 ] || [ -s "$STATE/failed" ] || echo "all runs done; summary: $PYTHON summarize.py $RESULTS"
+    # 3. DML for every pair (net2 starts afresh when both nets are one architecture)
+    for seed in $SEEDS; do
+        for data in $DATASETS; do
+            for pair in $DML_PAIRS; do
+                n1=${pair%%:*}
+                n2=${pair##*:}
+                base_dir "$data" "$n1"; dir1=$BASE_DIR
+                base_dir "$data" "$n2"; dir2=$BASE_DIR
+                init2="$dir2/${INITIAL[$n2]}"
+                [ "$n1" = "$n2" ] && init2=random
+                run_id "$data" "$n1" "$n2"
+                note="dml-$RUN_ID"
+                run "$RESULTS/dml/$note" --needs "net1 baseline" "$dir1" --needs "net2 baseline" "$dir2" -- \
+                    "$PYTHON" -u train_dml.py --data_name "$data" \
+                    --net1_name "$n1" --net2_name "$n2" --net1_init "$dir1/${INITIAL[$n1]}" \
+                    --net2_init "$init2" --img_root "$DATA_ROOT" --save_root "$RESULTS/dml" \
+                    --note "$note" "${SCHEDULE[@]}" --seed "$seed" "${EXTRA[@]}"
+            done
+        done
+    done
+    echo end
+}
+
+# ---- run it: sweep.py (the settings above pick the executor)
+plan=$(table)
+exec "$PYTHON" sweep.py run <<< "$plan"

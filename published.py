@@ -8,9 +8,8 @@ how). Numbers are transcribed exactly; a field the source does not state is
 None ("not stated"), never guessed.
 
 How a record's method is keyed:
-- a registered `--kd_mode` name ('st' for KD, 'fitnet', 'crd', 'dkd', ...);
-  'mlkd', 'sdd_kd' and 'sdd_dkd' are the names those methods register under
-  (UPCOMING_MODES: listed here before their files land);
+- a registered `--kd_mode` name ('st' for KD, 'fitnet', 'crd', 'dkd', 'mlkd',
+  'sdd_kd', ...);
 - 'teacher' and 'student' for the baselines: the accuracy of the teacher or of
   the student trained alone, as the source gives it for that pair; the seed's
   README lists its baselines without a pair: 'student' with teacher '-';
@@ -49,8 +48,6 @@ PAIRS = (('resnet56', 'resnet20'), ('resnet110', 'resnet20'), ('resnet110', 'res
 BASELINES = ('teacher', 'student')
 # Keys that are a training script rather than a --kd_mode.
 SCRIPT_METHODS = ('dml',)
-# Modes named by the records whose loss files are added separately.
-UPCOMING_MODES = ('mlkd', 'sdd_kd', 'sdd_dkd')
 # The switches a variant key may carry after '+', and the run flag each means.
 VARIANT_SWITCHES = {'logit_stand': ('logit_stand', True), 'dot': ('optimizer', 'dot')}
 

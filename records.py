@@ -38,6 +38,12 @@ RESULT_NEUTRAL_FLAGS = frozenset({
     'print_freq', 'no_progress', 'eval_batch_size', 'no_download', 's_init', 't_model',
     'net1_init', 'net2_init', 'tensorboard', 'deterministic'})
 
+# Result-changing flags added after runs had been saved, with the value every
+# run saved before them trained with: --resume compares a checkpoint that lacks
+# one against this value (so `--optimizer dot` cannot resume an SGD run).
+FLAGS_ADDED_SINCE = {'optimizer': 'sgd', 'dot_delta': None}
+
+
 class _Buffer(logging.Handler):
     """Keeps records until the run directory exists, so log.txt starts at the first line."""
 
@@ -98,7 +104,7 @@ def logging_to(handlers):
 
 # What a run writes in its directory (--overwrite removes exactly these).
 RUN_FILES = ('checkpoint.pth.tar', 'model_best.pth.tar', 'log.txt', 'metrics.csv', 'args.json',
-             'complete.json', 'run.lock')
+             'complete.json', 'run.lock', 'initial.pth.tar')
 RUN_FILE_PATTERNS = ('model_best_*.pth.tar', 'initial_*.pth.tar', '*.tmp', 'args.resume.json')
 LOCK_FILE, COMPLETE_FILE = 'run.lock', 'complete.json'
 
@@ -130,6 +136,9 @@ class Run:
     def __init__(self, args, script, argv=()):
         self.args, self.script, self.argv = args, script, list(argv)
         self.columns, self.tensorboard, self._lock = None, None, None
+        # What args.json records beside the flags, by key (e.g. the teacher file's
+        # identity and sha256): set before `open`, or added later with `record`.
+        self.records = {}
         self.dir = os.path.join(args.save_root, args.note)
         self.ckpt_path = os.path.join(self.dir, 'checkpoint.pth.tar')
         self.metrics_path = os.path.join(self.dir, 'metrics.csv')
@@ -335,9 +344,9 @@ class Run:
 
     # -- records
     def write_args(self, device_name, resumed):
-        """args.json: every resolved flag, the command, versions, device; a
-        resume adds itself to its 'resumes' list (args.json is rewritten if
-        it was lost)."""
+        """args.json: every resolved flag, the command, versions, device and
+        `records`; a resume adds itself to its 'resumes' list (args.json is
+        rewritten if it was lost)."""
         path = os.path.join(self.dir, 'args.json')
         now = time.strftime('%Y-%m-%d %H:%M:%S')
         command = command_line(self.script, self.argv)
@@ -355,13 +364,27 @@ class Run:
                       'device': device_name, 'processes': WORLD.size,
                       'versions': {'python': platform.python_version(), 'torch': torch.__version__,
                                    'numpy': np.__version__, **_optional_versions()},
-                      'git_commit': _git_commit(), 'started': now}
+                      'git_commit': _git_commit(), 'started': now, **self.records}
         write_text_atomically(path, json.dumps(record, indent=2, default=str))
+
+    def record(self, key, value):
+        """Add `key: value` to args.json (rewritten atomically), e.g. the
+        sha256 of a file the run wrote after args.json was first written."""
+        self.records[key] = value
+        if not WORLD.main:
+            return
+        path = os.path.join(self.dir, 'args.json')
+        with open(path) as f:
+            saved = json.load(f)
+        saved[key] = value
+        write_text_atomically(path, json.dumps(saved, indent=2, default=str))
 
     def check_resume_args(self, saved):
         """Refuse to resume with flags that would change the result (`saved`:
-        the flags the checkpoint was written with)."""
+        the flags the checkpoint was written with; a flag the zoo gained since
+        counts as the value such a run trained with, FLAGS_ADDED_SINCE)."""
         now = json_args(self.args)
+        saved = {**{k: v for k, v in FLAGS_ADDED_SINCE.items() if k in now}, **saved}
         diff = [k for k in now if k in saved and k not in RESULT_NEUTRAL_FLAGS and saved[k] != now[k]]
         if diff:
             raise UserError('--resume with flags that differ from the run being resumed: ' +

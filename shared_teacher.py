@@ -125,7 +125,7 @@ class Student:
         UserError (settings its method cannot build) fails it alone, once
         training starts (a refused run writes nothing)."""
         try:
-            model, _, self.distiller, self.phases = build(self.args)
+            model, _, self.distiller, self.phases, self.on_fresh_start = build(self.args)
         except UserError as e:
             self.build_error = str(e)
             return
@@ -136,7 +136,7 @@ class Student:
         self.opened = True
         self.checkpointer, start = start_run(
             self.run, self.resume, self.phases, self.nets, loader, self.args, device, self.state,
-            on_fresh_start=lambda: LOG.info(teacher_line()))
+            on_fresh_start=lambda: (self.on_fresh_start(), LOG.info(teacher_line())))
         self.trainer = RunTrainer(self.phases, loader, self.args, self.checkpointer, start,
                                   watched=[*self.nets.values(), *self.state.values()])
 

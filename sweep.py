@@ -1,34 +1,43 @@
-"""The settings of the sweep (example_train_script.sh): the one table of them,
-their check, and the command the script starts with.
+"""The sweep (example_train_script.sh) in Python: the one table of its
+settings and their check, the plan of runs the script hands over, and the
+decisions every executor shares (finished, resumed or started again; on a GPU
+or the CPU). The executors are sweep_local.py (this machine) and
+sweep_slurm.py (a SLURM cluster, through submitit; imported only for it).
 
 The sweep is told what to run by environment variables (TABLE, MODES, EPOCHS,
-DRY_RUN, ...). `SETTINGS` lists each one: its name, the values it takes, its
-default and what it does. `check_settings` resolves an environment against it:
-an unset setting takes its default (some depend on TABLE), lists come out
-single-spaced, whole numbers without leading zeros, DRY_RUN as 0 or 1. A value
-that is not allowed, or an environment variable that looks like a misspelt
+DRY_RUN, EXECUTOR, ...). `SETTINGS` lists each one: its name, the values it
+takes, its default and what it does. `check_settings` resolves an environment
+against it: an unset setting takes its default (some depend on TABLE), lists
+come out single-spaced, whole numbers without leading zeros, DRY_RUN as 0 or
+1, TIME_LIMIT as minutes. A value that is not allowed, a cluster setting
+without EXECUTOR=slurm, or an environment variable that looks like a misspelt
 setting (`MODE`, `EPOCH`, `modes`, `DMLPAIRS`, `EPOHCS`: another case or
 punctuation, singular for plural, the same letters, one letter off), is a
 UserError naming the setting and a fix; other variables (PATH, HOME,
 CUDA_VISIBLE_DEVICES, SLURM_*, ...) are none of its business.
 
     python sweep.py check-settings    # the resolved settings, as shell assignments
+    python sweep.py run < TABLE       # run the script's table (what the script ends with)
+    python sweep.py status RESULTS    # queued / running / done / failed, run by run
     python sweep.py --help            # every setting: its values, default and use
 
 `check-settings` reads its environment and prints one `NAME=value` line per
 setting (shell-quoted, for the script to eval), then what the script reads
 from the code with the same interpreter start: the table's schedule length and
-run-name tag, every network's name and the number of CUDA devices. A bad
-setting ends it with one line, `error: ...`, on stderr and exit code 2, before
-the script has started anything (also in a dry run). The registered modes,
-networks and datasets come from the code, so a new method file joins the
-sweep's default MODES, and its checks, by itself.
+run-name tag and every network's name. A bad setting ends it with one line,
+`error: ...`, on stderr and exit code 2, before the script has started
+anything (also in a dry run). The registered modes, networks and datasets come
+from the code, so a new method file joins the sweep's default MODES, and its
+checks, by itself. `run` reads the table (one step a line: see "the plan of
+runs" below), checks the settings again and prints the commands (DRY_RUN=1)
+or gives the table to the executor EXECUTOR names.
 """
 import argparse
 import functools
 import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -113,7 +122,8 @@ def check_whole_numbers(minimum):
 def check_choice(what, choices):
     def check(name, value):
         if value not in choices:
-            raise UserError(f"{name}: '{value}' is not a {what}; {what}s: {' '.join(choices)}")
+            article = 'an' if what[0] in 'aeiou' else 'a'
+            raise UserError(f"{name}: '{value}' is not {article} {what}; {what}s: {' '.join(choices)}")
         return value
     return check
 
@@ -186,6 +196,63 @@ def check_any(name, value):
     return value
 
 
+def check_time_limit(name, value):
+    """A SLURM time limit as whole minutes: MINUTES, HOURS:MM:SS or DAYS-HOURS[:MM[:SS]]
+    (seconds round up), resolved to minutes."""
+    match = re.fullmatch(r'(?:([0-9]{1,3})-)?([0-9]{1,5})(?::([0-5][0-9]))?(?::([0-5][0-9]))?', value.strip())
+    if not match:
+        raise UserError(f"{name}: '{value}' is not a time limit: minutes (240), hours:minutes:seconds "
+                        f"(12:00:00) or days-hours (2-00)")
+    days, first, second, third = match.groups()
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        minutes = int(days) * 1440 + int(first) * 60 + int(second or 0) + (int(third or 0) > 0)
+    elif third is not None:  # H:M:S
+        minutes = int(first) * 60 + int(second) + (int(third) > 0)
+    elif second is not None:  # M:S
+        minutes = int(first) + (int(second) > 0)
+    else:
+        minutes = int(first)
+    if minutes < 1:
+        raise UserError(f"{name}: '{value}' is under a minute")
+    return str(minutes)
+
+
+# sbatch options the sweep sets itself, each from its own setting or from the table
+SBATCH_OWN = {'partition': 'PARTITION', 'p': 'PARTITION', 'time': 'TIME_LIMIT', 't': 'TIME_LIMIT',
+              'gpus-per-node': 'GPUS_PER_JOB', 'gres': 'GPUS_PER_JOB', 'gpus': 'GPUS_PER_JOB',
+              'array': 'MAX_JOBS', 'dependency': 'the table (KD runs wait for their baselines)',
+              'output': 'the sweep (RESULTS/slurm/)', 'error': 'the sweep (RESULTS/slurm/)',
+              'signal': 'the sweep (a job is warned before its time limit, to requeue)'}
+
+
+def check_sbatch_options(name, value):
+    """sbatch options as --name=value or --name words, none of those the sweep sets itself."""
+    for word in words(value):
+        match = re.fullmatch(r'--([a-z][a-z0-9-]*)(?:=(.+))?', word)
+        if not match:
+            raise UserError(f"{name}: '{word}' is not an sbatch option written --name=value or --name "
+                            f"(e.g. SBATCH_OPTIONS=\"--account=lab --qos=high\")")
+        if match.group(1) in SBATCH_OWN:
+            raise UserError(f"{name}: '{word}' is set by {SBATCH_OWN[match.group(1)]}, not here")
+    return ' '.join(words(value))
+
+
+def sbatch_options(value):
+    """SBATCH_OPTIONS as submitit's additional_parameters: {'account': 'lab', 'exclusive': True}."""
+    options = {}
+    for word in words(value):
+        key, _, option = word[2:].partition('=')
+        options[key.replace('-', '_')] = option if option else True
+    return options
+
+
+def check_directory(name, value):
+    """An existing directory, or empty for none."""
+    if value and not os.path.isdir(value):
+        raise UserError(f"{name}: '{value}' is not a directory ({SETTINGS_BY_NAME[name].help})")
+    return value
+
+
 # ----------------------------------------------------------------------------- the table of settings
 
 def table_default(attribute):
@@ -208,6 +275,8 @@ class Setting:
     aliases: Tuple[str, ...] = field(default=())    # other names it may be given by
 
 
+EXECUTORS = ('local', 'slurm')
+
 # In the order they are resolved: a default may read the settings above it.
 SETTINGS = (
     Setting('TABLE', ' | '.join(TABLES), 'seed', 'seed',
@@ -219,6 +288,10 @@ SETTINGS = (
     Setting('RESULTS', 'a directory', './results', './results',
             'the results root: RESULTS/base/, RESULTS/<mode>/, RESULTS/dml/, RESULTS/logs/',
             check_not_empty),
+    Setting('TEACHERS', 'a directory', '', 'none',
+            'released CIFAR-100 teachers (RepDistiller or mdistiller layout): used instead of training '
+            'the teachers, each checked once by `python teachers.py verify` before it teaches',
+            check_directory),
     Setting('GPUS', 'CUDA device numbers (or GPU-/MIG- UUIDs)', '0', '0',
             'the GPUs to use, one per run at a time, as its CUDA_VISIBLE_DEVICES (0,1: two for one run)',
             check_gpus, aliases=('GPU',)),
@@ -245,7 +318,25 @@ SETTINGS = (
     Setting('DRY_RUN', '0/1, no/yes, false/true', '0', '0',
             'print the commands instead of running them; nothing is started or written', check_yes_no),
     Setting('PYTHON', 'a command', 'python', 'python', 'the interpreter of every run', check_not_empty),
+    Setting('EXECUTOR', 'local | slurm', 'local', 'local',
+            'local: the runs on this machine (GPUS, JOBS_PER_GPU); slurm: job arrays on a SLURM cluster '
+            '(through submitit), with the settings below', check_choice('executor', EXECUTORS)),
+    Setting('PARTITION', 'a SLURM partition', '', "the cluster's default", 'slurm: the partition of every job'),
+    Setting('TIME_LIMIT', 'minutes, H:MM:SS or D-HH', '1440', '1440 (24 hours)',
+            'slurm: the time limit of one job; a job that reaches it is requeued and resumes',
+            check_time_limit),
+    Setting('GPUS_PER_JOB', 'a whole number >= 0', '1', '1',
+            'slurm: the GPUs of one job, which runs JOBS_PER_GPU runs on each (0: CPU jobs)',
+            check_whole_number(0)),
+    Setting('MAX_JOBS', 'a whole number >= 1', '64', '64',
+            'slurm: the jobs of one array running at once (the array throttle, --array=...%MAX_JOBS)',
+            check_whole_number(1)),
+    Setting('SBATCH_OPTIONS', 'sbatch options', '', 'none',
+            'slurm: more sbatch options for every job (e.g. "--account=lab --qos=high --mem=16G")',
+            check_sbatch_options),
 )
+# Settings that only the slurm executor reads: given with EXECUTOR=local, one is a mistake.
+CLUSTER_SETTINGS = ('PARTITION', 'TIME_LIMIT', 'GPUS_PER_JOB', 'MAX_JOBS', 'SBATCH_OPTIONS')
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 KNOWN_NAMES = {name: s for s in SETTINGS for name in (s.name, *s.aliases)}
 
@@ -331,22 +422,198 @@ def check_settings(environ: Mapping[str, str]) -> Dict[str, str]:
         else:
             value = setting.default
         resolved[setting.name] = setting.check(setting.name, value)
+    check_together(environ, resolved)
     return resolved
+
+
+def check_together(environ, resolved):
+    """The rules between settings."""
+    if resolved['EXECUTOR'] != 'slurm':
+        for name in CLUSTER_SETTINGS:
+            if name in environ:
+                raise UserError(f'{name} is a setting of EXECUTOR=slurm (EXECUTOR is {resolved["EXECUTOR"]}): '
+                                f'set EXECUTOR=slurm, or unset {name}')
+    if resolved['TEACHERS'] and set(words(resolved['DATASETS'])) - {'cifar100'}:
+        raise UserError(f"TEACHERS: released teachers are CIFAR-100 networks, but DATASETS is "
+                        f"'{resolved['DATASETS']}': set DATASETS=cifar100 (TABLE=crd has it)")
+
+
+# ----------------------------------------------------------------------------- the plan of runs
+# The script hands the table to `sweep.py run` on stdin, one step a line, each
+# word quoted as bash's printf %q quotes it:
+#     run DIR [--needs ROLE DIR]... -- COMMAND...     a training run, in its directory
+#     check NAME [--needs ROLE DIR]... -- COMMAND...  a command that must pass before the runs that need it
+#     note TEXT                                      a line to print where it stands (a skipped mode)
+#     end                                            the table is complete
+# A run needs other runs finished (their complete.json) or checks passed; the
+# executors decide the rest from the run directories alone, at the moment a
+# run starts: finished (complete.json) is skipped, a checkpoint is resumed, a
+# directory without one started again.
+
+@dataclass
+class Step:
+    kind: str                               # 'run', 'check' or 'note'
+    name: str                               # run: its directory; check: its name; note: the text
+    needs: Tuple[Tuple[str, str], ...] = ()  # (role, run directory or check name), e.g. ('teacher', DIR)
+    command: Tuple[str, ...] = ()
+    shown: Tuple[str, ...] = ()              # the command's words quoted as the table quoted them
+
+    @property
+    def label(self):
+        """The name in logs and reports: a run's directory name, a check's name."""
+        return os.path.basename(self.name.rstrip('/')) if self.kind == 'run' else self.name
+
+
+# One word as printf %q writes it: $'...' (control characters), '...', backslash escapes, plain characters.
+QUOTED_WORD = re.compile(r"""(?:\$'(?:[^'\\]|\\.)*'|'[^']*'|\\.|[^\s\\'$]|\$)+""", re.S)
+ANSI_C_PART = re.compile(r"""\$'((?:[^'\\]|\\.)*)'""", re.S)
+
+
+def unquote(word):
+    """The string a shell word stands for (printf %q's quoting, $'...' included)."""
+    parts, last = [], 0
+    for match in ANSI_C_PART.finditer(word):
+        parts += shlex.split(word[last:match.start()]) if word[last:match.start()] else []
+        parts.append(match.group(1).encode('latin-1', 'backslashreplace').decode('unicode_escape'))
+        last = match.end()
+    rest = word[last:]
+    if rest:
+        parts += shlex.split(rest) or ['']
+    return ''.join(parts)
+
+
+def parse_step(line, number):
+    quoted = QUOTED_WORD.findall(line)
+    words_ = [unquote(w) for w in quoted]
+    kind = words_[0] if words_ else ''
+    if kind == 'note' and len(words_) == 2:
+        return Step('note', words_[1])
+    if kind not in ('run', 'check') or '--' not in words_ or words_.index('--') < 2:
+        raise UserError(f"the table's line {number} is not a step (run/check NAME [--needs ROLE NAME]... "
+                        f"-- COMMAND, or note TEXT): {line[:80]}")
+    split = words_.index('--')
+    name, options, command = words_[1], words_[2:split], tuple(words_[split + 1:])
+    needs = []
+    while options:
+        if options[0] != '--needs' or len(options) < 3:
+            raise UserError(f"the table's line {number}: '{' '.join(options)}' is not --needs ROLE NAME")
+        needs.append((options[1], options[2]))
+        options = options[3:]
+    if not command:
+        raise UserError(f"the table's line {number}: {kind} {name} has no command")
+    return Step(kind, name, tuple(needs), command, tuple(quoted[split + 1:]))
+
+
+def read_plan(text):
+    """The steps of the table `text` (the script's output). A table that does not
+    end with `end` was cut short (the script failed while writing it): refused."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or lines[-1].strip() != 'end':
+        raise UserError("the table of runs did not come complete (no 'end' line): nothing was started")
+    steps = [parse_step(line, number) for number, line in enumerate(lines[:-1], 1)]
+    seen = set()
+    for step in steps:
+        if step.kind != 'note':
+            if step.name in seen:
+                raise UserError(f'the table lists {step.name} twice (a run would be started twice)')
+            seen.add(step.name)
+    return steps
+
+
+def finished(run_dir):
+    """A run is finished when its complete.json exists (written after its last checkpoint, only then)."""
+    return os.path.isfile(os.path.join(run_dir, 'complete.json'))
+
+
+def restart_flag(run_dir):
+    """How a run that is not finished starts: --resume from its checkpoint, --overwrite
+    a directory stopped before its first checkpoint, nothing for a new one."""
+    if os.path.isfile(os.path.join(run_dir, 'checkpoint.pth.tar')):
+        return ('--resume',)
+    return ('--overwrite',) if os.path.isdir(run_dir) else ()
+
+
+def runs_on_gpu(command, cuda_count):
+    """Whether `command` runs on a GPU: the last --device (or --cuda) it is given, else
+    CUDA when the machine has a device."""
+    on, previous = cuda_count > 0, None
+    for word in command:
+        if (previous, word) in (('--device', 'cpu'), ('--cuda', '0')) or word == '--device=cpu':
+            on = False
+        elif (previous == '--device' and word.startswith('cuda')) or (previous, word) == ('--cuda', '1') \
+                or word.startswith('--device=cuda'):
+            on = True
+        previous = word
+    return on
+
+
+def last_error_line(path):
+    """The last `error: ...` line a run wrote to `path` (its one-line reason), or ''."""
+    try:
+        with open(path, errors='replace') as f:
+            errors_ = [line.rstrip('\n') for line in f if line.startswith('error: ')]
+    except OSError:
+        return ''
+    return errors_[-1] if errors_ else ''
+
+
+def cuda_device_count():
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 # ----------------------------------------------------------------------------- the command line
 
 def script_values(environ):
     """What `check-settings` prints: the settings resolved, then the table's
-    schedule length and run-name tag, the registered networks (the script names
-    their initial-weights files) and the number of CUDA devices (whether a run
-    goes to a GPU)."""
-    import torch
+    schedule length and run-name tag and the registered networks (the script names
+    their initial-weights files)."""
     settings = check_settings(environ)
     table = TABLES[settings['TABLE']]
     return {**settings, 'DEFAULT_EPOCHS': str(table.epochs), 'TAG': table.tag,
-            'ALL_NETWORKS': ' '.join(code_registries().networks),
-            'CUDA_COUNT': str(torch.cuda.device_count() if torch.cuda.is_available() else 0)}
+            'ALL_NETWORKS': ' '.join(code_registries().networks)}
+
+
+def print_plan(steps):
+    """A dry run: each step's command as the table quoted it (a run with the
+    --resume or --overwrite it would get), a finished run as skipped, the notes."""
+    for step in steps:
+        if step.kind == 'note':
+            print(step.name)
+        elif step.kind == 'run' and finished(step.name):
+            print(f'# done, skipped: {step.name}')
+        else:
+            flags = restart_flag(step.name) if step.kind == 'run' else ()
+            print(' '.join(step.shown + flags) + ' ')
+
+
+def slurm_executor():
+    """sweep_slurm, whose submitit is an optional dependency: a one-line error
+    naming the requirements file where it is not installed."""
+    try:
+        import submitit  # noqa: F401  (only checked here: sweep_slurm imports it)
+    except ImportError:
+        raise UserError('EXECUTOR=slurm and `sweep.py status` need submitit: '
+                        'pip install -r requirements-cluster.txt') from None
+    import sweep_slurm
+    return sweep_slurm
+
+
+def run_table(text, environ):
+    """`sweep.py run`: the table (the script's output) run by the executor the
+    settings name, or printed (DRY_RUN=1). Returns the exit code."""
+    settings = check_settings(environ)
+    steps = read_plan(text)
+    if settings['DRY_RUN'] == '1':
+        print_plan(steps)
+        if settings['EXECUTOR'] == 'slurm':
+            slurm_executor().describe(steps, settings)
+        return 0
+    if settings['EXECUTOR'] == 'slurm':
+        slurm_executor().submit(steps, settings)
+        return 0
+    import sweep_local
+    return sweep_local.run_sweep(steps, settings)
 
 
 def settings_help():
@@ -364,10 +631,22 @@ def main(argv=None):
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     commands.add_parser('check-settings', help='check the settings in the environment and print them '
                                                'resolved, as shell assignments (what the script evals)')
+    commands.add_parser('run', help="run the table of runs read from stdin (the script's output) with "
+                                    "the settings in the environment")
+    status = commands.add_parser('status', help="list a results root's runs: queued, running, done, failed "
+                                                "(from the cluster too, after EXECUTOR=slurm)")
+    status.add_argument('results', metavar='RESULTS')
     args = parser.parse_args(argv)
     if args.command == 'check-settings':
         for name, value in script_values(os.environ).items():
             print(f'{name}={shlex.quote(value)}')
+    elif args.command == 'run':
+        code = run_table(sys.stdin.read(), os.environ)
+        if code:
+            raise SystemExit(code)
+    elif args.command == 'status':
+        for line in slurm_executor().status_lines(args.results):
+            print(line)
 
 
 if __name__ == '__main__':

@@ -1,10 +1,14 @@
 """Distil a frozen teacher into a student with one method of kd_losses/.
 
-The student starts from --s_init (a baseline's initial weights), the teacher
-is --t_model (a trained baseline); both accept the original zoo's checkpoint
-files. The loss is ce_weight * CE + lambda_kd * KD, with the mode's defaults
-where a flag is not given; `--optimizer dot` trains with DOT's separate
-momenta for the two terms. Methods with pre-training phases (AB/FSP
+The student starts from --s_init (a baseline's initial weights) or, without
+it, from a fresh initialisation drawn from --seed and saved in the run
+directory as initial.pth.tar (the same for every run of one seed and
+network). The teacher is --t_model: a trained baseline, a released
+benchmark teacher, or a folder of released teachers (teachers.py finds
+--t_name's there); its identity and sha256 go to args.json. Both accept the
+original zoo's checkpoint files. The loss is ce_weight * CE + lambda_kd * KD,
+with the mode's defaults where a flag is not given; `--optimizer dot` trains
+with DOT's separate momenta for the two terms. Methods with pre-training phases (AB/FSP
 initialisation, FT's paraphraser) run them first. Everything a method needs
 comes from its registry entry in kd_losses/: this script names no method.
 
@@ -28,20 +32,22 @@ import torch
 import torch.nn.functional as F
 
 from capture import grads_of
-from checkpoints import load_network_weights
+from checkpoints import file_digest, load_network_weights, save_checkpoint, zoo_record
 from dataset import make_loaders
-from distributed import sync_batchnorm
+from distributed import WORLD, sync_batchnorm
 from errors import ArgumentParser, cli, UserError
-from flags import (HelpFormatter, add_common_args, finalize_common_args, finite, flags_given,
-                   non_negative, positive, protocol_epochs, schedule_lines, schedule_sources)
+from flags import (CRD_SMALL_LR_NETS, SCHEDULE_FLAGS, HelpFormatter, add_common_args,
+                   finalize_common_args, finite, flags_given, non_negative, positive,
+                   protocol_epochs, schedule_lines, schedule_sources)
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
+from teachers import find_teacher, layout_of
 import shared_teacher
-from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, begin_process, cast_frozen_weights,
-                   check_run, configure_backend, cross_entropy_stats, describe_device, evaluate,
-                   main_schedule, make_optimizer, make_sgd, memory_layout, rng_state, seed_everything,
-                   set_rng_state, show_progress, train_phases)
+from utils import (autocast, begin, begin_process, cast_frozen_weights, check_run,
+                   configure_backend, cross_entropy_stats, describe_device, EpochStats, evaluate,
+                   Evaluator, LOG, main_schedule, make_optimizer, make_sgd, memory_layout, Phase,
+                   rng_state, seed_everything, set_rng_state, show_progress, train_phases)
 
 # mdistiller engine/cfg.py SOLVER.DOT.DELTA and configs/cifar100/dot/*.yaml: 0.075
 DOT_DELTA = 0.075
@@ -107,8 +113,13 @@ def build_parser():
     g.add_argument('--dot_delta', type=finite(float), default=None,
                    help=f'with --optimizer dot: the momentum difference [{DOT_DELTA}]')
     g = parser.add_argument_group('teacher and student')
-    g.add_argument('--s_init', required=True, help="student's initial weights (a baseline's initial_rNN.pth.tar)")
-    g.add_argument('--t_model', required=True, help="teacher's trained weights (a baseline's model_best.pth.tar)")
+    g.add_argument('--s_init', default=None,
+                   help="student's initial weights (a baseline's initial_rNN.pth.tar) [none: a fresh "
+                        "initialisation drawn from --seed, saved as initial.pth.tar in the run directory]")
+    g.add_argument('--t_model', required=True,
+                   help="teacher's trained weights: a baseline's model_best.pth.tar, a released "
+                        "teacher's ckpt_epoch_240.pth, or a folder of released teachers "
+                        "(RepDistiller's or mdistiller's layout), where --t_name's is found")
     g.add_argument('--s_name', required=True, choices=sorted(NETWORKS))
     g.add_argument('--t_name', required=True, choices=sorted(NETWORKS))
     g = parser.add_argument_group('distillation (a flag left out takes the mode\'s default, '
@@ -137,6 +148,19 @@ def build_parser():
     return parser
 
 
+def method_schedule(method, args, given):
+    """The schedule flags the mode sets under args.protocol (its
+    `schedule_defaults`) that the command line leaves out; its lr gives way to
+    the protocol's own lower lr for small students (CRD_SMALL_LR_NETS)."""
+    values = dict(method.schedule_defaults.get(args.protocol, {}))
+    unknown = sorted(set(values) - set(SCHEDULE_FLAGS))
+    if unknown:
+        raise ValueError(f'{method.name}: schedule_defaults for flags that are not schedule flags {unknown}')
+    if args.protocol == 'crd' and args.s_name in CRD_SMALL_LR_NETS:
+        values.pop('lr', None)
+    return {name: value for name, value in values.items() if name not in given}
+
+
 def parse_args(argv=None, mode=None):
     """Parsed flags, the mode's defaults filled in; also returns where each
     schedule and method setting came from, for the log, and the method flags
@@ -151,10 +175,17 @@ def parse_args(argv=None, mode=None):
     args = parser.parse_args(argv)
     if mode is not None:
         args.kd_mode = mode
-    args = finalize_common_args(parser, args, args.s_name)
     method = METHODS[args.kd_mode]
     on_command_line = flags_given(parser, argv)
+    from_method = method_schedule(method, args, on_command_line)
+    for name, value in from_method.items():
+        setattr(args, name, value)
+    args = finalize_common_args(parser, args, args.s_name)
+    if os.path.isdir(args.t_model):  # a folder of released teachers: --t_name's file in it
+        args.t_model = find_teacher(args.t_model, args.t_name)
     sources = schedule_sources(args, on_command_line, args.s_name)
+    for name in from_method:
+        sources[name] = f'default for {args.kd_mode} under --protocol {args.protocol}'
     check_optimizer(parser, args, on_command_line, sources)
     given = {name: getattr(args, name) for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}
@@ -220,11 +251,20 @@ class KDStep:
     `distill`, and `cross_entropy` alone (no teacher forward) for epochs
     whose KD weight is 0; `current()` is the one in use. Each adds the
     batch's sums to `stats` (named by `stat_names`: CE, KD, the method's own
-    loss terms, accuracy) and returns them."""
+    loss terms, accuracy) and returns them.
 
-    def __init__(self, student, teacher, distiller, optimizer, args):
+    A mode with two `views` (weak, strong: MLKD) trains on both: the student
+    runs once per view (BatchNorm sees each view's batch alone), the frozen
+    teacher once on both together; CE is the sum of both views' CE (in the
+    CE-only step too), and the accuracy is the weak view's. One-view modes
+    run exactly as before."""
+
+    def __init__(self, student, teacher, distiller, optimizer, args, views=('weak',)):
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.optimizer, self.args = optimizer, args
+        self.two_views = len(views) == 2
+        if self.two_views and distiller.teacher_grad:
+            raise ValueError('a two-view step runs the teacher without autograd')
         self.params = optimizer.params
         self.two_momenta = hasattr(optimizer, 'update_both')
         self.terms = tuple(distiller.loss_terms)
@@ -261,14 +301,19 @@ class KDStep:
         return self.current()(batch)
 
     def cross_entropy(self, batch):
-        """CE only (warm-up, or the main schedule after an initialisation phase)."""
+        """CE only (warm-up, or the main schedule after an initialisation phase);
+        a two-view mode's on both views, as its distillation step."""
         with autocast(self.args):
             s = self.student(batch.img)
             ce = F.cross_entropy(s.out.float(), batch.target)
+            if self.two_views:
+                ce = ce + F.cross_entropy(self.student(batch.strong).out.float(), batch.target)
         self.optimizer.update(grads_of(self.args.ce_weight * ce, self.params))
         return self.record(s.out, batch.target, ce, self.zero, [self.zero] * len(self.terms))
 
     def distill(self, batch):
+        if self.two_views:
+            return self.distill_two_views(batch)
         img = batch.img
         with autocast(self.args):
             if self.distiller.teacher_grad:  # the loss differentiates through the teacher
@@ -284,17 +329,51 @@ class KDStep:
                 terms = [kd[name] for name in self.terms]
                 kd = sum(terms)
             task, distillation = self.args.ce_weight * ce, self.kd_scale * kd
+        self.update(task, distillation)
+        return self.record(s.out, batch.target, ce, kd, terms)
+
+    def update(self, task, distillation):
+        """The optimiser's step on the task (CE) and distillation losses."""
         if self.two_momenta:  # DOT: the two gradients reach the optimiser apart
             self.optimizer.update_both(grads_of(task, self.params, retain_graph=True),
                                        grads_of(distillation, self.params))
         else:
             self.optimizer.update(grads_of(task + distillation, self.params))
-        return self.record(s.out, batch.target, ce, kd, terms)
+
+    def distill_two_views(self, batch):
+        """The step of a ('weak', 'strong') mode: the distiller gets (weak,
+        strong) pairs of the student's and the teacher's features."""
+        n = batch.img.shape[0]
+        with autocast(self.args):
+            s = (self.student(batch.img), self.student(batch.strong))
+            with torch.no_grad():
+                t = split_views(self.teacher(torch.cat([batch.img, batch.strong])), n)
+            ce = (F.cross_entropy(s[0].out.float(), batch.target)
+                  + F.cross_entropy(s[1].out.float(), batch.target))
+            kd = self.distiller(s, t, batch)
+            terms = []
+            if self.terms:
+                terms = [kd[name] for name in self.terms]
+                kd = sum(terms)
+            task, distillation = self.args.ce_weight * ce, self.kd_scale * kd
+        self.update(task, distillation)
+        return self.record(s[0].out, batch.target, ce, kd, terms)
 
     def record(self, logits, target, ce, kd, terms):
         sums = cross_entropy_stats(logits, target, ce, kd, *terms)
         self.stats.add(sums)
         return sums
+
+
+def split_views(features, n):
+    """Features of a batch of two views stacked ([2n, ...] each, pairs of
+    tensors too) -> (first view's, second view's)."""
+    def part(value, rows):
+        if isinstance(value, tuple):
+            return tuple(part(v, rows) for v in value)
+        return value[rows]
+    return tuple(type(features)(*(part(v, rows) for v in features))
+                 for rows in (slice(0, n), slice(n, None)))
 
 
 class PretrainStep:
@@ -333,6 +412,19 @@ class PretrainStep:
         return sums
 
 
+INITIAL_FILE = 'initial.pth.tar'  # a student's fresh initialisation, in its run directory
+
+
+def fresh_initialisation(net_name, num_class, seed):
+    """The network `net_name` as initialised right after seeding torch with
+    `seed`: the same weights for every run of one seed and network (and the
+    initial weights train_base.py saves for that seed), drawn without
+    touching the global random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(net_name, num_class)
+
+
 def frozen_teacher(net, args, device, load_weights=True):
     """The teacher network `net` with --t_model's weights, on `device`, in
     eval mode without gradients (bf16 convolution weights with --amp)."""
@@ -342,11 +434,13 @@ def frozen_teacher(net, args, device, load_weights=True):
     return cast_frozen_weights(net, args)
 
 
-def build_distillation(args, device, n_data, train_labels, load_weights=True, teacher=None,
+def build_distillation(args, device, n_data, train_labels, load_weights=True, s_init=None, teacher=None,
                        teacher_forward=None):
     """Student, teacher, the method's distiller and the training phases, as
     train_kd.py runs them (bench.py builds its KD configurations here too,
-    with load_weights=False: random weights). Returns (model, teacher,
+    with load_weights=False: random weights). The student starts from the
+    file `s_init` (default --s_init) or, with neither, from
+    fresh_initialisation(--s_name, classes, --seed). Returns (model, teacher,
     distiller, pretrain phases, main phase, KDStep): `model` is what is
     trained, evaluated and saved as the student. A phase that shares the
     main optimiser (AB/FSP's init) holds the same SGD object as the main
@@ -362,7 +456,12 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True, te
     # here, so the distiller's draws that follow are the same in both
     own_teacher = build_network(args.t_name, args.num_class)
     if load_weights:
-        load_network_weights(student, args.s_init, 'student initialisation (--s_init)')
+        s_init = s_init or args.s_init
+        if s_init:
+            load_network_weights(student, s_init, 'student initialisation (--s_init)')
+        else:
+            fresh = fresh_initialisation(args.s_name, args.num_class, args.seed)
+            student.load_state_dict(fresh.state_dict())
     if teacher is None:
         teacher = frozen_teacher(own_teacher, args, device, load_weights)
     del own_teacher
@@ -394,7 +493,7 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True, te
     shared = [p for pp in pretrain if pp.shares_main_optimizer for p in pp.params]
     optimizer = make_optimizer(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
                                args)
-    step = KDStep(model, forward, distiller, optimizer, args)
+    step = KDStep(model, forward, distiller, optimizer, args, views=method.views)
 
     def pretrain_phase(pp):
         if not pp.shares_main_optimizer:
@@ -478,23 +577,51 @@ def log_schedule(args, sources, ignored):
         LOG.info(line)
     for warning in warnings:
         LOG.info(f'warning: {warning}')
+    if method.views == ('weak', 'strong'):
+        LOG.info(f'  views: weak (crop, flip) and strong (crop, flip, RandAugment 2 ops, Cutout: '
+                 f'strong_augment.py), student and teacher on both')
 
 
-def build_student(args, device, train_loader, test_loader, teacher=None, teacher_forward=None):
+def build_student(args, run, resume, device, train_loader, test_loader, teacher=None, teacher_forward=None):
     """One student as train_kd.py trains it, alone or beside others on one
     teacher (`teacher`, `teacher_forward`: see build_distillation): its
-    network, the teacher, the method's distiller and every phase (the main
-    one evaluated on `test_loader`), with the log's lines on them."""
+    network, the teacher, the method's distiller, every phase (the main one
+    evaluated on `test_loader`), with the log's lines and args.json's
+    records on them; and what its fresh start does besides the teacher's
+    test line (save a fresh initialisation). Returns (model, teacher,
+    distiller, phases, on_fresh_start)."""
+    # Without --s_init, a resumed run's student is built from the initial weights
+    # its fresh start saved (the checkpoint then restores its training).
+    initial = os.path.join(run.dir, INITIAL_FILE)
+    saved_initial = initial if not args.s_init and resume is not None and os.path.isfile(initial) else None
     model, teacher, distiller, pretrain, main_phase, _ = build_distillation(
-        args, device, len(train_loader.labels), train_loader.labels, teacher=teacher,
-        teacher_forward=teacher_forward)
+        args, device, len(train_loader.labels), train_loader.labels, s_init=saved_initial,
+        teacher=teacher, teacher_forward=teacher_forward)
     main_phase.evaluate = Evaluator(model, test_loader, args.amp, args.compile, show_progress(args))
-    LOG.info(f'student {args.s_name} from {args.s_init}; teacher {args.t_name} from '
+    start = (args.s_init or saved_initial or
+             f'a fresh initialisation drawn from --seed {args.seed} (saved to {initial})')
+    LOG.info(f'student {args.s_name} from {start}; teacher {args.t_name} from '
              f'{args.t_model}; on {describe_device(device)}')
+    # args.json names the teacher file by content: the network and classes it
+    # holds (the strict load above checked them) and its sha256
+    run.records['teacher'] = {'path': os.path.abspath(args.t_model), 'network': args.t_name,
+                              'num_class': args.num_class, 'sha256': run.inputs['t_model'],
+                              'layout': layout_of(args.t_model)}
+    if args.s_init:
+        run.records['student_init'] = {'path': os.path.abspath(args.s_init),
+                                       'sha256': run.inputs['s_init']}
     n_extra = sum(p.numel() for p in distiller.learnable_parameters())
     if n_extra:
         LOG.info(f'{args.kd_mode} adds {n_extra / 1e6:.3f}M learnable parameters')
-    return model, teacher, distiller, pretrain + [main_phase]
+
+    def save_initialisation():
+        if not args.s_init:  # the start every run of this seed and network shares
+            save_checkpoint(zoo_record(fresh_initialisation(args.s_name, args.num_class, args.seed), 0),
+                            initial)
+            if WORLD.main:  # rank 0 wrote it
+                run.record('student_init', {'path': os.path.abspath(initial),
+                                            'sha256': file_digest(initial), 'seed': args.seed})
+    return model, teacher, distiller, pretrain + [main_phase], save_initialisation
 
 
 def teacher_test_line(teacher, test_loader, args):
@@ -512,11 +639,14 @@ def main(argv=None):
     # file, both checkpoints, the method's settings, the data.
     run, resume, device = begin(args, 'train_kd.py', argv)
     log_schedule(args, sources, ignored)
-
-    train_loader, test_loader = make_loaders(args, device, log=LOG.info)
-    model, teacher, distiller, phases = build_student(args, device, train_loader, test_loader)
+    method = METHODS[args.kd_mode]
+    train_loader, test_loader = make_loaders(args, device, log=LOG.info,
+                                             strong_view='strong' in method.views)
+    model, teacher, distiller, phases, save_initialisation = build_student(
+        args, run, resume, device, train_loader, test_loader)
 
     def on_fresh_start():
+        save_initialisation()
         LOG.info(teacher_test_line(teacher, test_loader, args))
 
     train_phases(run, resume, phases, {'net': model}, train_loader, args, device,
@@ -530,6 +660,11 @@ def train_shared(argv, modes):
     every student (flags, run directory, resume checkpoint), then the data
     and the teacher once; a method that cannot share the teacher's pass
     stops the whole run before anything is written."""
+    two_views = [m for m in modes if len(METHODS[m].views) > 1]
+    if two_views:  # their loader draws a second, strong view: the others' batches would change
+        raise UserError(f'--kd_mode {",".join(modes)}: {", ".join(two_views)} (it trains on weak and strong '
+                        f'views of each image, drawn by a loader of its own) cannot share the teacher\'s '
+                        f'pass with other students; run it on its own')
     students = []
     for mode in modes:
         args, sources, ignored = parse_args(argv, mode)
@@ -558,7 +693,8 @@ def train_shared(argv, modes):
             log_schedule(s.args, s.sources, s.ignored)
             for line in data_lines:
                 LOG.info(line)
-            s.build(lambda a: build_student(a, device, train_loader, test_loader, teacher, teacher_pass))
+            s.build(lambda a: build_student(a, s.run, s.resume, device, train_loader, test_loader, teacher,
+                                            teacher_pass))
     unshareable = [f'{s.mode} ({s.distiller.teacher_sharing})' for s in students
                    if s.distiller is not None and s.distiller.teacher_sharing]
     if unshareable:

@@ -182,7 +182,9 @@ def sharing():
     """{mode: '' if it can share one teacher pass with other students, else why not}."""
     built = {}
     applicability('resnet110', 'resnet20', 'cifar10', 'seed', built=built)
-    return {mode: built[mode].teacher_sharing if mode in built else 'it does not build for the seed pair'
+    return {mode: ('it trains on weak and strong views of each image, drawn by a loader of its own'
+                   if len(METHODS[mode].views) > 1 else
+                   built[mode].teacher_sharing if mode in built else 'it does not build for the seed pair')
             for mode in mode_names()}
 
 

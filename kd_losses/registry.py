@@ -22,6 +22,11 @@ training loop uses it:
   refuses a second declaration with another type, choices or help text; the
   chosen method's default applies when the flag is not given.
 
+A method can also declare a second, strongly augmented view of every image
+(`views=('weak', 'strong')`: its loader computes it, its step runs student
+and teacher on both) and its own values of schedule flags under a protocol
+(`schedule_defaults`, e.g. MLKD's lr).
+
 A Distiller can also ask for pre-training phases (`pretrain_phases`), a
 per-epoch weight schedule (`kd_weight`), per-epoch state (`begin_epoch`),
 a differentiable teacher (`teacher_grad`), a student that classifies through
@@ -113,6 +118,16 @@ class Method:
     # The official per-pair configs, keyed 'teacher:student' (network.NETWORKS
     # names): applied under --protocol crd only, over protocol_defaults.
     pair_defaults: Mapping[str, PairSetting] = field(default_factory=dict)
+    # Per --protocol, the method's own values of schedule flags left out (e.g.
+    # {'crd': {'lr': 0.025}}: MLKD's official lr), over the protocol's; the
+    # protocol's lower lr for its small students (flags.CRD_SMALL_LR_NETS)
+    # still applies. The log names the method as their source.
+    schedule_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # The views of each training image the method's step reads: ('weak',), the
+    # crop and flip of every mode; ('weak', 'strong') adds the strong view
+    # (strong_augment.py), which only such a mode's loader computes. A two-view
+    # Distiller gets (weak, strong) pairs of features (see Distiller).
+    views: Tuple[str, ...] = ('weak',)
 
     def defaults_for(self, data_name, protocol='seed'):
         """Every setting's default on `data_name` under `protocol`: the common
@@ -177,6 +192,8 @@ def register(method):
                 if k not in method.flags or method.flags[k].type is not bool]
     if switches:
         raise ValueError(f'{method.name}: switch_defaults for flags that are not on/off switches {switches}')
+    if method.views not in (('weak',), ('weak', 'strong')):
+        raise ValueError(f"{method.name}: views must be ('weak',) or ('weak', 'strong'), not {method.views}")
     unknown = [k for k in given if k not in method.flags and k != 'lambda_kd' and k not in COMMON_DEFAULTS]
     if unknown:
         raise ValueError(f'{method.name}: defaults for undeclared flags {unknown}')
@@ -278,7 +295,9 @@ class Distiller(nn.Module):
     forward(s, t, batch) -> scalar KD loss, where s and t are the student's
     and the teacher's features (`Features(stem, rb1, rb2, rb3, feat, out)`,
     or `Features4` with rb4 for four-stage networks) and batch is
-    `Batch(img, target, idx)`. The teacher's features carry no graph unless
+    `Batch(img, target, idx)`. A method with views ('weak', 'strong') gets
+    s and t as (weak, strong) pairs of features and a `TwoViewBatch(img,
+    target, idx, strong)` (dataset.py). The teacher's features carry no graph unless
     `teacher_grad` is set. With `loss_terms` set, forward returns a dict
     {term: scalar} instead, whose sum is the KD loss; each term is logged."""
 

@@ -189,18 +189,25 @@ DKD_SETTINGS = {'ce_weight': 1.0, 'lambda_kd': 1.0, 'dkd_alpha': 1.0, 'dkd_beta'
                 'dkd_warmup': 20, **SDD_DEFAULTS}
 DKD_FLAGS = METHODS['dkd'].flags  # the same flags as dkd's, with the same meaning
 
-# The official per-pair CIFAR-100 settings (SDD-CVPR2024), applied under --protocol crd.
-SCALES_SOURCE = {'resnet32x4': 'SDD-CVPR2024 teacher_resnet32x4.sh (--M [1,2])',
-                 'vgg13': 'SDD-CVPR2024 teacher_vgg.sh (--M [1,2])'}
-BETA_SOURCE = 'SDD-CVPR2024 configs/cifar100/sdd_dkd/ (the pair\'s config, DKD.BETA)'
-KD_PAIRS = {pair: PairSetting({'sdd_scales': '1,2'}, SCALES_SOURCE[pair.split(':')[0]])
-            for pair in ('resnet32x4:resnet8x4', 'vgg13:vgg8')}
+# The official per-pair CIFAR-100 settings (SDD-CVPR2024), applied under
+# --protocol crd: the pooling scales its shell scripts run a pair with (--M)
+# and DKD's beta in the pair's config.
+def beta_source(config):
+    return f'SDD-CVPR2024 configs/cifar100/sdd_dkd/{config}.yaml line 19 (DKD.BETA)'
+
+
+KD_PAIRS = {
+    'resnet32x4:resnet8x4': PairSetting({'sdd_scales': '1,2'}, 'SDD-CVPR2024 teacher_resnet32x4.sh line 24 '
+                                                              '(--M [1,2])'),
+    'vgg13:vgg8': PairSetting({'sdd_scales': '1,2'}, 'SDD-CVPR2024 teacher_vgg.sh line 29 (--M [1,2])')}
 DKD_PAIRS = {
     'vgg13:vgg8': PairSetting({'sdd_scales': '1,2', 'dkd_beta': 6.0},
-                              f"{SCALES_SOURCE['vgg13']}; {BETA_SOURCE}"),
-    **{pair: PairSetting({'dkd_beta': beta}, BETA_SOURCE)
-       for pair, beta in (('resnet56:resnet20', 2.0), ('resnet110:resnet32', 2.0),
-                          ('wrn_40_2:wrn_16_2', 6.0), ('wrn_40_2:wrn_40_1', 6.0))}}
+                              f"SDD-CVPR2024 teacher_vgg.sh line 11 (--M [1,2]); {beta_source('vgg13_vgg8')}"),
+    **{pair: PairSetting({'dkd_beta': beta}, beta_source(config))
+       for pair, config, beta in (('resnet56:resnet20', 'res56_res20', 2.0),
+                                  ('resnet110:resnet32', 'res110_res32', 2.0),
+                                  ('wrn_40_2:wrn_16_2', 'wrn40_2_wrn_16_2', 6.0),
+                                  ('wrn_40_2:wrn_40_1', 'wrn40_2_wrn_40_1', 6.0))}}
 
 register(Method(
     name='sdd_kd', title='scale decoupled distillation on KD', paper='https://arxiv.org/abs/2403.13512',

@@ -12,7 +12,7 @@ import train_base
 import train_dml
 import train_kd
 from capture import SGD, StepRunner, configure_dynamo
-from dataset import DATASETS, Batch, DeviceLoader
+from dataset import DATASETS, Batch, DeviceLoader, TwoViewBatch
 from kd_losses import METHODS
 
 # Small settings that keep every method's step tiny (where the method has the flag).
@@ -44,6 +44,15 @@ def batch_of(n, seed=0):
                  torch.randperm(64, generator=g)[:n])
 
 
+def step_batch(mode, n, seed=0):
+    """batch_of(n), with a strong view for a two-view mode (a TwoViewBatch)."""
+    batch = batch_of(n, seed)
+    if len(METHODS[mode].views) == 1:
+        return batch
+    g = torch.Generator().manual_seed(seed + 1)
+    return TwoViewBatch(*batch, torch.randn(n, 3, 32, 32, generator=g))
+
+
 class CountingBackend:
     """A torch.compile backend that runs the traced graph as it is and counts compilations."""
 
@@ -71,7 +80,7 @@ def test_every_kd_mode_traces_as_one_graph(mode):
     if not distiller.capturable:
         pytest.skip(f'{mode} runs eagerly under --compile (it declares capturable = False)')
     backend = CountingBackend()
-    torch.compile(step.distill, fullgraph=True, dynamic=False, backend=backend)(batch_of(8))
+    torch.compile(step.distill, fullgraph=True, dynamic=False, backend=backend)(step_batch(mode, 8))
     for phase in pretrain:  # AB/FSP initialisation, FT's paraphraser
         torch.compile(phase.step, fullgraph=True, dynamic=False, backend=backend)(batch_of(8))
     assert backend.graphs == 1 + len(pretrain)
@@ -195,8 +204,8 @@ def test_no_step_syncs_with_the_host(mode):
         pytest.skip(f'{mode} declares capturable = False')
     recorder = OpRecorder()
     with recorder:
-        step.distill(batch_of(8))
-        step.cross_entropy(batch_of(8))
+        step.distill(step_batch(mode, 8))
+        step.cross_entropy(step_batch(mode, 8))
         for phase in pretrain:
             phase.step(batch_of(8))
     assert not recorder.ops & set(SYNCING_OPS), sorted(recorder.ops & set(SYNCING_OPS))

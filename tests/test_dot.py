@@ -8,9 +8,11 @@ import io
 import pytest
 import torch
 
+import records
 import train_kd
 from capture import DOT, SGD, configure_dynamo
-from conftest import assert_same_run, distill_argv, stop_after_first_epoch_then_resume
+from checkpoints import save_checkpoint
+from conftest import StopRun, assert_same_run, distill_argv, stop_after_first_epoch_then_resume
 from test_capture import SYNCING_OPS, CountingBackend, OpRecorder, batch_of, kd_setup, snapshot
 
 
@@ -187,3 +189,29 @@ def test_bad_dot_settings_stop_before_anything_is_written(base_run, tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and 'Traceback' not in err
     assert not (tmp_path / 'runs').exists()
+
+
+def test_a_run_saved_before_the_optimizer_flag_cannot_resume_with_dot(base_run, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A checkpoint whose flags lack --optimizer (written before it existed)
+    trained with SGD: resuming it with --optimizer dot is refused in one line."""
+    argv = distill_argv(base_run, tmp_path, 'old', 'st', 2, 50, ['--seed', '3'])
+    save = records.Checkpointer.__call__
+
+    def save_then_stop(self, *a, **k):
+        save(self, *a, **k)
+        raise StopRun
+    monkeypatch.setattr(records.Checkpointer, '__call__', save_then_stop)
+    with pytest.raises(StopRun):  # stopped after its first epoch's checkpoint
+        train_kd.main(argv)
+    monkeypatch.setattr(records.Checkpointer, '__call__', save)
+    path = tmp_path / 'old' / 'checkpoint.pth.tar'
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt['args']['optimizer'], ckpt['args']['dot_delta'], ckpt['digest']
+    save_checkpoint(ckpt, path)  # as an older zoo wrote it: the same, without the new flags
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_kd.main(argv + ['--resume', '--optimizer', 'dot'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert '--optimizer dot (was sgd)' in err and 'Traceback' not in err

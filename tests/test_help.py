@@ -55,7 +55,7 @@ def test_the_defaults_read_as_the_scripts_use_them():
     # dataset, --protocol or a switch changes a mode's
     # (st with --logit_stand: logit-standardization-KD mdistiller/engine/cfg.py line 64, CE_WEIGHT 0.1)
     assert flag_help(kd, '--ce_weight').endswith(
-        '[1; ctkd 0.1, sdd_kd 0.1, simkd 0, st 1 (--protocol crd 0.1; with --logit_stand 0.1)]')
+        '[1; ctkd 0.1, mlkd 0.1, sdd_kd 0.1, simkd 0, st 1 (--protocol crd 0.1; with --logit_stand 0.1)]')
     assert flag_help(kd, '--dot_delta DOT_DELTA').endswith('[0.075]')
     lambda_kd = flag_help(kd, '--lambda_kd')
     for text in ('ab 10 (--protocol crd 1)', 'crd 0.2 (cifar100 0.8; --protocol crd 0.8)',

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import train_kd
-from dataset import Batch
+from dataset import Batch, TwoViewBatch
 from kd_losses import METHODS, ConfigError, Context
 from network import Features, Features4, build_network
 
@@ -178,6 +178,14 @@ def test_builds_and_steps_or_refuses_with_the_shapes(mode, teacher_name, student
     s = random_features(ctx.student_shapes, seed=1, requires_grad=True)
     t = random_features(ctx.teacher_shapes, seed=2)
     batch = batch_of()
+    student_leaves = leaves
+    if METHODS[mode].views == ('weak', 'strong'):  # (weak, strong) pairs and the strong view
+        s = (s, random_features(ctx.student_shapes, seed=4, requires_grad=True))
+        t = (t, random_features(ctx.teacher_shapes, seed=5))
+        batch = TwoViewBatch(*batch, batch.img.flip(0))
+
+        def student_leaves(pair):
+            return leaves(pair[0]) + leaves(pair[1])
 
     # the main phase, at an epoch past every warm-up and ramp (AB and FSP use
     # their loss in the initialisation phase only: below)
@@ -188,7 +196,7 @@ def test_builds_and_steps_or_refuses_with_the_shapes(mode, teacher_name, student
         kd = total(distiller(s, t, batch))
         assert kd.dim() == 0 and torch.isfinite(kd), f'{mode}: {kd}'
         kd.backward()
-        assert any(x.grad is not None and x.grad.abs().sum() > 0 for x in leaves(s)), \
+        assert any(x.grad is not None and x.grad.abs().sum() > 0 for x in student_leaves(s)), \
             f'{mode}: the loss does not reach the student'
         assert_gradients(list(distiller.learnable_parameters()), f'{mode} main phase')
 

@@ -55,9 +55,9 @@ def test_the_readme_has_the_two_quick_start_commands():
     block = re.findall(r'```bash\n(.*?)```', quick, re.S)[0].strip().splitlines()
     assert len(block) == 2
     assert block[0].startswith('pip install -r requirements.txt && ')
-    assert block[1] == 'pip install -r requirements.txt && python -m pytest -q'
+    assert block[1] == 'pip install -r requirements.txt -r requirements-cluster.txt && python -m pytest -q'
     ci = open(os.path.join(ROOT, '.ci', 'run')).read()
-    assert 'pip install -r requirements.txt && python -m pytest -q' in ci
+    assert 'pip install -r requirements.txt -r requirements-cluster.txt && python -m pytest -q' in ci
 
 
 @pytest.mark.parametrize('script, flags', python_invocations(),

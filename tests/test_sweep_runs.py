@@ -23,17 +23,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'example_train_script.sh')
 
 # Runs train_*.py as a stand-in: it logs "pid note CUDA_VISIBLE_DEVICES" to
-# $FAKE_LOG, then fails (notes in $FAKE_FAIL, with an `error:` line as the
+# $FAKE_LOG, sleeps $FAKE_SLEEP seconds if set, then fails (notes in $FAKE_FAIL, with an `error:` line as the
 # scripts write it), hangs with a child process (FAKE_HANG=1), or writes
-# complete.json. dataset.py passes; anything else is the real interpreter, whose
-# CUDA count (CUDA_COUNT=N, from `sweep.py check-settings`) $FAKE_CUDA replaces.
+# complete.json (and logs the note to $FAKE_LOG.ended). dataset.py passes; anything else is the real interpreter, where
+# `sweep.py run` sees $FAKE_CUDA CUDA devices when it is set.
 FAKE_PYTHON = r'''#!/usr/bin/env bash
 [ "${1-}" = dataset.py ] && exit 0
 case ${2-} in
     train_base.py|train_kd.py|train_dml.py) ;;
-    *) if [ -n "${FAKE_CUDA-}" ] && [ "${1-}" = sweep.py ]; then
-           out=$("$REAL_PYTHON" "$@") || exit $?
-           printf '%s\n' "$out" | sed "s/^CUDA_COUNT=.*/CUDA_COUNT=$FAKE_CUDA/"; exit 0
+    *) if [ -n "${FAKE_CUDA-}" ] && [ "${1-}" = sweep.py ] && [ "${2-}" = run ]; then
+           exec "$REAL_PYTHON" -c 'import sys, sweep
+sweep.cuda_device_count = lambda: int(sys.argv[1])
+sweep.main(["run"])' "$FAKE_CUDA"
        fi
        exec "$REAL_PYTHON" "$@" ;;
 esac
@@ -43,6 +44,7 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$root/$note"
 echo "$$ $note ${CUDA_VISIBLE_DEVICES-unset}" >> "$FAKE_LOG"
+[ -z "${FAKE_SLEEP-}" ] || sleep "$FAKE_SLEEP"
 case " ${FAKE_FAIL-} " in
     *" $note "*) echo "error: planted failure of $note" | tee -a "$root/$note/log.txt"; exit 2 ;;
 esac
@@ -52,6 +54,7 @@ if [ -n "${FAKE_HANG-}" ]; then
     wait
 fi
 echo '{}' > "$root/$note/complete.json"
+echo "$note" >> "$FAKE_LOG.ended"
 '''
 
 
@@ -99,6 +102,9 @@ BAD_SETTINGS = [  # (setting, value, what the one-line message must name)
     ('SEEDS', '1 2 01', ["'1' twice"]),
     ('TABLE', 'crd2', ["crd2", 'seed crd']),
     ('DRY_RUN', 'maybe', ["'maybe'", '0/1/no/yes/false/true']),
+    ('EXECUTOR', 'pbs', ["'pbs'", 'local slurm']),
+    ('PARTITION', 'gpu', ['EXECUTOR=slurm', 'unset PARTITION']),  # given for the local executor: a mistake
+    ('TEACHERS', '/no/such/folder', ["'/no/such/folder' is not a directory"]),
     # a variable that looks like a misspelt setting (test_sweep_settings.py has more): the sweep
     # would otherwise run the default table
     ('MODE', 'st', ['is not a setting of the sweep', 'did you mean MODES?']),
@@ -229,3 +235,85 @@ def test_the_progress_line_says_gpu_or_cpu(fake):
     lines = [line for line in out.splitlines() if line.startswith('[')]
     assert len(lines) == 3 and all(line.startswith('[cpu] ') for line in lines), out
     assert {gpu for _, _, gpu in fake['started']()} == {'unset'}  # no GPU set aside for a CPU run
+
+
+# ----------------------------------------------------------------------------- the scheduler's decisions
+
+def test_kd_runs_wait_for_their_baselines_and_progress_is_reported(fake):
+    """With places to spare, a KD or DML run still starts only once both its
+    baselines have ended; each ended run gets a progress line, the sweep a table."""
+    env = {**fake['env'], 'JOBS_PER_GPU': '4', 'FAKE_SLEEP': '1'}
+    p = sweep(env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    started = [note for _, note, _ in fake['started']()]
+    ended = fake['log'].with_name('runs.log.ended').read_text().split()
+    assert sorted(started[:2]) == ['base-c10-r110-s2-e3', 'base-c10-r20-s2-e3']
+    assert sorted(ended[:2]) == sorted(started[:2])  # both baselines ended before any run that needs them
+    progress = [line for line in p.stdout.splitlines() if line.startswith('progress: ')]
+    assert len(progress) == 5 and progress[-1].split('; ')[1] == '5 done, 0 failed, 0 not started, 0 remaining'
+    assert ' elapsed, about ' in progress[0] and progress[-1].endswith('about 0:00:00 left')
+    table = p.stdout.split('what ran:\n', 1)[1].splitlines()
+    assert table[0].split() == ['run', 'result', 'time', 'on']
+    assert sorted(line.split()[0] for line in table[1:6]) == sorted(started)
+    assert all(line.split()[1] == 'finished' for line in table[1:6])
+
+
+def test_a_sweep_killed_and_run_again_finishes_what_it_stopped(fake):
+    env = {**fake['env'], 'MODES': 'st', 'DML_PAIRS': '', 'JOBS_PER_GPU': '2'}
+    proc = subprocess.Popen(['bash', SCRIPT], env={**env, 'FAKE_HANG': '1'}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(fake['started']()) < 2:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    # the stopped baselines left directories without a checkpoint: started again, then the KD run
+    p = sweep(env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    launched = [line for line in p.stdout.splitlines() if line.startswith('[')]
+    assert len(launched) == 3 and all(line.endswith(' --overwrite') for line in launched[:2]), p.stdout
+    assert not launched[2].endswith(('--overwrite', '--resume')) and 'train_kd.py' in launched[2]
+    history = (fake['results'] / 'logs' / 'failed.txt').read_text()
+    assert history.count('=== sweep started ') == 2 and history.rstrip().endswith('no run failed')
+
+
+# ----------------------------------------------------------------------------- released teachers
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, 'teachers.py')), reason='needs teachers.py')
+def test_released_teachers_are_checked_once_and_teach_without_baselines(fake, tmp_path):
+    """TEACHERS=DIR: no teacher baseline is trained; each teacher is checked once
+    (`teachers.py verify`, for real) before its KD runs, which get its file as
+    --t_model; one that fails its check stops only its own runs, with its error."""
+    import torch
+
+    from conftest import write_cifar
+    from network import build_network
+    write_cifar(str(tmp_path / 'data'), 'cifar100', n_train=100, n_test=40)
+    teachers = tmp_path / 'teachers'
+    for net in ('resnet20', 'resnet56'):  # RepDistiller's layout, the released files' keys
+        (teachers / f'{net}_vanilla').mkdir(parents=True)
+        torch.save({'epoch': 240, 'model': build_network(net, 100).state_dict(), 'accuracy': 0.0},
+                   teachers / f'{net}_vanilla' / 'ckpt_epoch_240.pth')
+    # resnet20 has no published teacher accuracy: it passes; untrained resnet56 is far below its own
+    env = {**fake['env'], 'TEACHERS': str(teachers), 'DATASETS': 'cifar100', 'DATA_ROOT': str(tmp_path / 'data'),
+           'PAIRS': 'resnet20:resnet20 resnet56:resnet20', 'DML_PAIRS': '', 'MODES': 'st at',
+           'EXTRA_ARGS': '--no_download --device cpu', 'JOBS_PER_GPU': '2'}
+    dry = sweep(env, DRY_RUN='1')
+    assert dry.returncode == 0, dry.stderr
+    cmds = [shlex.split(line) for line in dry.stdout.splitlines()]
+    assert [c[2] for c in cmds] == ['train_base.py', 'verify', 'verify'] + ['train_kd.py'] * 4
+    assert [c[c.index('--net_name') + 1] for c in cmds[:1]] == ['resnet20']  # students only
+    assert sorted(c[4] for c in cmds[1:3]) == ['resnet20', 'resnet56']  # python teachers.py verify DIR NET
+    for c in cmds[3:]:
+        t = c[c.index('--t_name') + 1]
+        assert c[c.index('--t_model') + 1] == str(teachers / f'{t}_vanilla' / 'ckpt_epoch_240.pth')
+    p = sweep(env)
+    assert p.returncode == 1, p.stdout + p.stderr
+    started = sorted(note for _, note, _ in fake['started']())
+    assert started == ['at-c100-r20-r20-s2-e3', 'base-c100-r20-s2-e3', 'st-c100-r20-r20-s2-e3']
+    for mode in ('st', 'at'):
+        line = next(x for x in p.stdout.splitlines() if x.startswith(f"# not started: {fake['results']}/{mode}/"))
+        assert f'{mode}-c100-r56-r20-s2-e3: teacher did not pass its check: error: teacher ' in line
+        assert 'below its published' in line
+    assert p.stderr.startswith('3 runs of this sweep failed')  # resnet56's check and its two runs

@@ -32,10 +32,11 @@ def test_the_defaults_are_the_seed_table_and_the_crd_table():
     seed = sweep.check_settings({})
     pairs = 'resnet20:resnet20 resnet110:resnet20 resnet110:resnet110'
     assert seed == {
-        'TABLE': 'seed', 'DATA_ROOT': './datasets', 'RESULTS': './results', 'GPUS': '0', 'JOBS_PER_GPU': '1',
-        'DATASETS': 'cifar10 cifar100', 'MODES': ' '.join(sorted(METHODS)), 'PAIRS': pairs,
+        'TABLE': 'seed', 'DATA_ROOT': './datasets', 'RESULTS': './results', 'TEACHERS': '', 'GPUS': '0',
+        'JOBS_PER_GPU': '1', 'DATASETS': 'cifar10 cifar100', 'MODES': ' '.join(sorted(METHODS)), 'PAIRS': pairs,
         'DML_PAIRS': pairs, 'SEEDS': '2', 'EPOCHS': '200', 'EXTRA_ARGS': '', 'KD_ARGS': '', 'DRY_RUN': '0',
-        'PYTHON': 'python'}
+        'PYTHON': 'python', 'EXECUTOR': 'local', 'PARTITION': '', 'TIME_LIMIT': '1440', 'GPUS_PER_JOB': '1',
+        'MAX_JOBS': '64', 'SBATCH_OPTIONS': ''}
     crd = sweep.check_settings({'TABLE': 'crd'})
     assert (crd['DATASETS'], crd['EPOCHS'], crd['DML_PAIRS']) == ('cifar100', '240', '')
     assert len(crd['PAIRS'].split()) == 13
@@ -56,6 +57,18 @@ def test_values_are_resolved_as_the_script_reads_them():
                                         ('true', '1'), ('TRUE', '1'), ('No', '0')])
 def test_dry_run_is_a_yes_or_no(value, dry):
     assert sweep.check_settings({'DRY_RUN': value})['DRY_RUN'] == dry
+
+
+@pytest.mark.parametrize('value, minutes', [('90', '90'), ('1:30:00', '90'), ('0:00:01', '1'), ('2-00', '2880'),
+                                            ('1-12:30', '2190'), (' 45 ', '45')])
+def test_time_limits_are_slurm_forms_resolved_to_minutes(value, minutes):
+    assert sweep.check_settings({'EXECUTOR': 'slurm', 'TIME_LIMIT': value})['TIME_LIMIT'] == minutes
+
+
+def test_sbatch_options_become_submitits_extra_parameters():
+    value = sweep.check_settings({'EXECUTOR': 'slurm', 'SBATCH_OPTIONS': ' --account=lab  --exclusive '
+                                                                          '--mem-per-cpu=4G'})['SBATCH_OPTIONS']
+    assert sweep.sbatch_options(value) == {'account': 'lab', 'exclusive': True, 'mem_per_cpu': '4G'}
 
 
 @pytest.mark.parametrize('gpus', ['0 1', '0,1 2,3', 'GPU-8932f937-d72c-4106-c12f-20bd9faed9f6',
@@ -89,6 +102,23 @@ BAD_VALUES = [  # (environment, what the message starts with, what else it names
     ({'DML_PAIRS': 'resnet20:'}, "DML_PAIRS: 'resnet20:' is not NET1:NET2", []),
     ({'TABLE': 'crd', 'PAIRS': 'wrn_40_2:wrn_40_3'}, "PAIRS: unknown network 'wrn_40_3' in wrn_40_2:wrn_40_3",
      [' '.join(NETWORKS)]),
+    # the executors' settings
+    ({'EXECUTOR': 'pbs'}, "EXECUTOR: 'pbs' is not an executor", ['local slurm']),
+    ({'PARTITION': 'gpu'}, 'PARTITION is a setting of EXECUTOR=slurm (EXECUTOR is local)', ['unset PARTITION']),
+    ({'EXECUTOR': 'local', 'MAX_JOBS': '4'}, 'MAX_JOBS is a setting of EXECUTOR=slurm', []),
+    ({'EXECUTOR': 'slurm', 'TIME_LIMIT': '2h'}, "TIME_LIMIT: '2h' is not a time limit", ['12:00:00']),
+    ({'EXECUTOR': 'slurm', 'TIME_LIMIT': '0'}, "TIME_LIMIT: '0' is under a minute", []),
+    ({'EXECUTOR': 'slurm', 'TIME_LIMIT': '1:75:00'}, "TIME_LIMIT: '1:75:00' is not a time limit", []),
+    ({'EXECUTOR': 'slurm', 'GPUS_PER_JOB': '-1'}, "GPUS_PER_JOB: '-1'", ['whole number >= 0']),
+    ({'EXECUTOR': 'slurm', 'MAX_JOBS': '0'}, "MAX_JOBS: '0'", ['whole number >= 1']),
+    ({'EXECUTOR': 'slurm', 'SBATCH_OPTIONS': 'account=lab'}, "SBATCH_OPTIONS: 'account=lab' is not an sbatch "
+     "option", ['--name=value']),
+    ({'EXECUTOR': 'slurm', 'SBATCH_OPTIONS': '--qos=high --time=60'}, "SBATCH_OPTIONS: '--time=60' is set by "
+     "TIME_LIMIT", []),
+    ({'EXECUTOR': 'slurm', 'SBATCH_OPTIONS': '--array=0-3'}, "SBATCH_OPTIONS: '--array=0-3' is set by MAX_JOBS", []),
+    ({'TEACHERS': '/no/such/folder'}, "TEACHERS: '/no/such/folder' is not a directory", ['released']),
+    ({'TEACHERS': '.', 'DATASETS': 'cifar10'}, 'TEACHERS: released teachers are CIFAR-100 networks',
+     ['DATASETS=cifar100']),
 ]
 
 
@@ -177,7 +207,8 @@ def test_a_realistic_environment_passes():
 
 def test_every_setting_and_alias_is_known():
     for name in ('TABLE', 'DATA_ROOT', 'RESULTS', 'GPUS', 'GPU', 'JOBS_PER_GPU', 'DATASETS', 'MODES', 'PAIRS',
-                 'DML_PAIRS', 'SEEDS', 'EPOCHS', 'EXTRA_ARGS', 'KD_ARGS', 'DRY_RUN', 'PYTHON'):
+                 'DML_PAIRS', 'SEEDS', 'EPOCHS', 'EXTRA_ARGS', 'KD_ARGS', 'DRY_RUN', 'PYTHON', 'TEACHERS', 'EXECUTOR',
+                 'PARTITION', 'TIME_LIMIT', 'GPUS_PER_JOB', 'MAX_JOBS', 'SBATCH_OPTIONS'):
         assert sweep.misspelt_setting(name) is None, name
 
 
@@ -186,14 +217,13 @@ def test_every_setting_and_alias_is_known():
 def test_check_settings_prints_what_bash_evals_back_unchanged():
     extra = "--note 'a b' --device cpu"
     script = 'eval "$("$PYTHON" sweep.py check-settings)" && printf "%s|" "$EXTRA_ARGS" "$MODES" "$DRY_RUN" ' \
-             '"$TAG" "$DEFAULT_EPOCHS" "$ALL_NETWORKS" "$CUDA_COUNT"'
+             '"$TAG" "$DEFAULT_EPOCHS" "$ALL_NETWORKS"'
     p = subprocess.run(['bash', '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, 'PYTHON': sys.executable, 'EXTRA_ARGS': extra, 'MODES': 'st at',
                             'DRY_RUN': 'yes', 'TABLE': 'crd', 'EPOCHS': '30'})
     assert p.returncode == 0, p.stderr
     values = p.stdout.split('|')
     assert values[:6] == [extra, 'st at', '1', '-crd', '240', ' '.join(NETWORKS)]
-    assert re.fullmatch(r'[0-9]+', values[6])
 
 
 def test_check_settings_refuses_in_one_line_with_exit_2():
@@ -212,3 +242,18 @@ def test_the_scripts_list_of_settings_is_the_table():
                                timeout=300).stdout
     for s in sweep.SETTINGS:
         assert f'\n  {s.name}' in help_text and s.help in help_text, s.name
+
+
+def test_the_slurm_executor_without_submitit_is_one_line(monkeypatch):
+    """submitit is optional (requirements-cluster.txt): without it, EXECUTOR=slurm
+    and `sweep.py status` say what to install instead of a traceback."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_submitit(name, *args, **kwargs):
+        if name == 'submitit':
+            raise ImportError('No module named submitit')
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', no_submitit)
+    with pytest.raises(UserError, match='pip install -r requirements-cluster.txt'):
+        sweep.slurm_executor()

@@ -130,10 +130,11 @@ def test_every_mode_trains_and_evaluates(base_run, tmp_path, mode, ce_only_runs)
     # in the initialisation phase; FT's paraphraser) or no KD in the main epoch are
     # compared with their own CE-only run; every other mode with one shared run.
     # (A method whose student is wrapped, e.g. with another head, has other weights
-    # than the shared run's: it is compared with its own CE-only run too.)
+    # than the shared run's: it is compared with its own CE-only run too; so is a
+    # two-view mode, whose CE reads both views.)
     pretrained = any(r['phase'] != 'main' for r in rows)
     ce_weight = float(json.load(open(run_dir / 'args.json'))['args'].get('ce_weight', 1.0))
-    own = pretrained or float(main[0]['kd_weight']) == 0
+    own = pretrained or float(main[0]['kd_weight']) == 0 or len(METHODS[mode].views) > 1
     ce_only = ce_only_runs(mode if own else 'logits', ce_weight)
     if set(ce_only) != set(ckpt['net']):
         ce_only = ce_only_runs(mode, ce_weight)
