@@ -17,7 +17,12 @@ steps) beside the wall time, and the peak memory. --concurrent N runs N copies
 of a configuration at once (separate processes, one device) and sums their
 throughput. --processes N trains one configuration with N processes under
 torchrun (one GPU each, or CPU processes with gloo) at the same global batch
-and reports the step time, collectives included. Results print as a Markdown
+and reports the step time, collectives included. --shared K trains K
+students of the seed pair on one teacher pass (train_kd.py --kd_mode a,b,...:
+the teacher forward once per batch, then each student's step) against the
+same K students each running its own teacher forward (K separate runs), and
+reports images/s per student and in all, and the peak memory; the students
+are the KD configurations selected, in turn. Results print as a Markdown
 table and go to --json; each result says which step path really ran. On the
 CPU the defaults time a baseline and a KD step in about a minute (a first
 line says what will be timed, then one line per run as it starts and ends).
@@ -25,6 +30,7 @@ line says what will be timed, then one line per run as it starts and ends).
     python bench.py --configs base-r20 kd-st kd-at --paths graphs eager fp32 --json bench.json
     python bench.py --configs base-r20 --paths graphs --concurrent 1 2 4 8
     python bench.py --configs base-r20 --paths graphs --processes 1 2
+    python bench.py --configs 'kd-*' --paths graphs --shared 1 4 10 20
 """
 import argparse
 import fnmatch
@@ -184,6 +190,83 @@ def measure(name, device, path, batch_size, warmup, steps, start_at=None, n_trai
             'finite': bool(torch.isfinite(stats.total).all())}
 
 
+def shared_teacher_runs(names, device, path, batch_size, warmup, steps, k, n_train=50000):
+    """K students (the KD configurations `names`, in turn) on one teacher
+    pass against the same K each with its own teacher forward, over the
+    same batches: images/s per student and in all, peak memory. Both
+    variants are built at once and their steps alternate, so that a machine
+    whose load changes meanwhile slows both alike; each one's peak memory
+    leaves out what the other's networks hold."""
+    import shared_teacher
+    modes = [names[i % len(names)][len('kd-'):] for i in range(k)]
+    torch.manual_seed(0)
+    args = script_args(names[0], device, path, batch_size)
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_train, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n_train,), generator=g)
+    loader = DeviceLoader(images, labels, DATASETS['cifar10'], batch_size, device, train=True,
+                          channels_last=args.channels_last)
+    cuda = device.type == 'cuda'
+    allocated = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
+    variants = {}
+    for how in ('separate', 'shared'):
+        before = allocated()
+        teacher = teacher_pass = None
+        if how == 'shared':
+            teacher = train_kd.frozen_teacher(train_kd.build_network(TEACHER, 10), args, device,
+                                              load_weights=False)
+            teacher_pass = shared_teacher.TeacherPass(teacher, args, device)
+        runners, streams = [], []
+        for mode in modes:
+            student_args = script_args(f'kd-{mode}', str(device), path, batch_size)
+            _, _, distiller, _, _, step = train_kd.build_distillation(
+                student_args, device, n_train, loader.labels, load_weights=False, teacher=teacher,
+                teacher_forward=teacher_pass)
+            distiller.train()
+            step.set_kd_scale(student_args.lambda_kd)
+            runners.append(StepRunner(step, student_args.compile, device))
+            streams.append({'torch': torch.get_rng_state()})
+        variants[how] = {'teacher_pass': teacher_pass, 'runners': runners, 'streams': streams,
+                         'built_bytes': allocated() - before, 'seconds': 0.0, 'peak': 0}
+
+    def train_step(v, batch):
+        if v['teacher_pass'] is not None:
+            v['teacher_pass'].run(batch)
+        for runner, rng in zip(v['runners'], v['streams']):
+            shared_teacher.swap_torch_rng(rng)  # as the shared loop does (each student's stream)
+            runner(batch)
+            shared_teacher.save_torch_rng(rng)
+
+    def batches():
+        while True:
+            yield from loader
+    stream = batches()
+    for i in range(warmup + steps):
+        batch = next(stream)
+        for how, v in variants.items():
+            other = variants['shared' if how == 'separate' else 'separate']
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            synchronize(device)
+            start = time.perf_counter()
+            train_step(v, batch)
+            synchronize(device)
+            if i >= warmup:
+                v['seconds'] += time.perf_counter() - start
+                if cuda:
+                    v['peak'] = max(v['peak'], torch.cuda.max_memory_allocated(device) - other['built_bytes'])
+    result = {'config': f'{k} x ({" ".join(sorted(set(modes)))})', 'path': path, 'students': k,
+              'device': describe_device(device), 'batch_size': batch_size, 'timed_steps': steps}
+    for how, v in variants.items():
+        per_student = steps * batch_size / v['seconds']
+        result[how] = {'img_per_s_per_student': per_student, 'img_per_s': per_student * k,
+                       'peak_mem_mb': v['peak'] / 2 ** 20 if cuda else None,
+                       'step_path': v['runners'][0].record()[0]}
+    result['speedup'] = result['shared']['img_per_s'] / result['separate']['img_per_s']
+    return result
+
+
 def concurrent(name, device, path, batch_size, warmup, steps, copies, sizes, start_delay):
     """`copies` processes of one configuration timed over the same window."""
     start_at = time.time() + start_delay  # after every copy's start-up and warm-up
@@ -256,6 +339,9 @@ def build_parser():
                         help='time each configuration trained by N processes under torchrun (one GPU '
                              'each, or CPU processes with gloo), for each N given; --batch_size is '
                              'the global batch')
+    parser.add_argument('--shared', type=int, nargs='+', default=None, metavar='K',
+                        help='for each K given: K students (the KD configurations selected, in '
+                             'turn) on one teacher pass against K separate runs\' steps [off]')
     parser.add_argument('--json', default=None, help='write the results here [not written]')
     parser.add_argument('--n_train', type=int, default=50000,
                         help='synthetic training images: the epoch that s/epoch is reckoned for')
@@ -298,6 +384,32 @@ def main(argv=None):
     names = [n for n in config_names() if any(fnmatch.fnmatch(n, p) for p in configs)]
     if not names:
         parser.error(f'no configuration matches {" ".join(configs)}')
+    if args.shared:
+        from kd_losses.__main__ import sharing
+        reasons = sharing()
+        kd = [n for n in names if n.startswith('kd-') and not reasons[n[len('kd-'):]]]
+        for n in names:
+            if n.startswith('kd-') and reasons[n[len('kd-'):]]:
+                print(f'--shared: {n} left out: {reasons[n[len("kd-"):]]}', flush=True)
+        if not kd:
+            parser.error('--shared: select KD configurations that can share a teacher pass (e.g. '
+                         '--configs kd-st or \'kd-*\')')
+        print(f"bench.py on {describe_device(args.device)}: K students of {TEACHER} -> {STUDENT} "
+              f"({' '.join(kd)}, in turn) on one teacher pass against K separate runs, for K = "
+              f"{' '.join(map(str, args.shared))}; {warmup} untimed and {steps} timed steps of batch "
+              f"{args.batch_size}", flush=True)
+        results = []
+        for path in paths:
+            for k in args.shared:
+                results.append(shared_teacher_runs(kd, args.device, path, args.batch_size, warmup,
+                                                   steps, k, args.n_train))
+                r = results[-1]
+                print(f"K={k} {path}: shared {r['shared']['img_per_s']:.0f} img/s in all, separate "
+                      f"{r['separate']['img_per_s']:.0f} ({r['speedup']:.2f}x)", flush=True)
+        print()
+        print(markdown(results, paths))
+        write_json(args.json, argv, results)
+        return
     runs = [(name, path) for name in names for path in paths]
     timed_test = args.n_test if gpu else min(args.n_test, CPU_TEST_IMAGES)
     print(f"bench.py on {describe_device(args.device)}: timing {len(runs)} run(s), "
@@ -335,14 +447,29 @@ def main(argv=None):
                       flush=True)
     print()
     print(markdown(results, paths))
-    if args.json:
-        with open(args.json, 'w') as f:
+    write_json(args.json, argv, results)
+
+
+def write_json(path, argv, results):
+    if path:
+        with open(path, 'w') as f:
             json.dump({'command': ' '.join(['python', 'bench.py'] + (argv if argv is not None else sys.argv[1:])),
                        'date': time.strftime('%Y-%m-%d'), 'torch': torch.__version__,
                        'python': platform.python_version(), 'results': results}, f, indent=2)
 
 
 def markdown(results, paths):
+    if any('students' in r for r in results):  # --shared
+        rows = ['| students | path | shared img/s per student | shared img/s in all | separate img/s per '
+                'student | separate img/s in all | shared vs separate | peak MiB shared / separate |',
+                '|---|---|---|---|---|---|---|---|']
+        for r in results:
+            s, p = r['shared'], r['separate']
+            mem = (f"{s['peak_mem_mb']:.0f} / {p['peak_mem_mb']:.0f}" if s['peak_mem_mb'] else '')
+            rows.append(f"| {r['config']} | {r['path']} | {s['img_per_s_per_student']:.1f} | "
+                        f"{s['img_per_s']:.1f} | {p['img_per_s_per_student']:.1f} | {p['img_per_s']:.1f} | "
+                        f"{r['speedup']:.2f}x | {mem} |")
+        return '\n'.join(rows)
     if any('threads_per_process' in r for r in results):  # --processes
         rows = ['| config | path | processes | ms/step | img/s | step path |', '|---|---|---|---|---|---|']
         rows += [f"| {r['config']} | {r['path']} | {r['processes']} | {r['wall_ms_per_step']:.1f} | "

@@ -9,6 +9,7 @@ and a metrics row is appended in one write flushed to disk
 (`append_line_durably`), so a kill at any instant leaves every file whole but
 possibly metrics.csv's last row, which a resume leaves out (`without_cut_row`).
 """
+import contextlib
 import csv
 import fcntl
 import fnmatch
@@ -64,19 +65,41 @@ def _make_logger():
 LOG = _make_logger()
 
 
-def reset_logger():
-    """Log to stdout, buffering lines for log.txt until `Run.open` (only rank 0 logs)."""
+def reset_logger(buffer=True):
+    """Log to stdout, buffering lines for log.txt until `Run.open` (only rank 0
+    logs); without `buffer`, to stdout alone (a process whose runs have
+    handlers of their own: `logging_to`)."""
     for h in list(LOG.handlers):
         LOG.removeHandler(h)
         h.close()
-    if not WORLD.main:
-        LOG.addHandler(logging.NullHandler())
-        return LOG
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(logging.Formatter('%(message)s'))
-    LOG.addHandler(out)
-    LOG.addHandler(_Buffer())
+    for h in run_handlers():
+        if buffer or not isinstance(h, _Buffer):
+            LOG.addHandler(h)
     return LOG
+
+
+def run_handlers(prefix=''):
+    """The handlers of one run's lines: stdout (each line after `prefix`) and
+    the buffer that keeps them for its log.txt until `Run.open` (rank 0 only)."""
+    if not WORLD.main:
+        return [logging.NullHandler()]
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter(prefix.replace('%', '%%') + '%(message)s'))
+    return [out, _Buffer()]
+
+
+@contextlib.contextmanager
+def logging_to(handlers):
+    """Within the block LOG writes to `handlers` alone: one run's (from
+    `run_handlers`), where several runs share a process, so that each
+    log.txt holds its own run's lines. `Run.open` swaps the buffer for the
+    log file within that same list."""
+    saved = LOG.handlers
+    LOG.handlers = handlers
+    try:
+        yield
+    finally:
+        LOG.handlers = saved
 
 
 # What a run writes in its directory (--overwrite removes exactly these).

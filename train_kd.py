@@ -16,6 +16,14 @@ comes from its registry entry in kd_losses/: this script names no method.
         --t_model ./results/base/base-c10-r110/model_best.pth.tar \\
         --s_init ./results/base/base-c10-r20/initial_r20.pth.tar \\
         --kd_mode at --save_root ./results/at --note at-c10-r110-r20
+
+A comma list of modes trains one student per mode on one teacher pass, each
+in its own run directory <save_root>/<note>/<mode>/ (see --kd_mode):
+
+    python train_kd.py --data_name cifar10 --t_name resnet110 --s_name resnet20 \\
+        --t_model ./results/base/base-c10-r110/model_best.pth.tar \\
+        --s_init ./results/base/base-c10-r20/initial_r20.pth.tar \\
+        --kd_mode st,at,fitnet,crd,ab,dkd,simkd --save_root ./results/row --note row-c10-r110-r20
 """
 import argparse
 import os
@@ -35,9 +43,11 @@ from kd_losses import METHODS, ConfigError, Context, all_flags
 from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
 from teachers import find_teacher, layout_of
-from utils import (EpochStats, Evaluator, LOG, Phase, autocast, begin, cast_frozen_weights,
-                   cross_entropy_stats, describe_device, evaluate, main_schedule, make_optimizer,
-                   make_sgd, memory_layout, show_progress, train_phases)
+import shared_teacher
+from utils import (autocast, begin, begin_process, cast_frozen_weights, check_run,
+                   configure_backend, cross_entropy_stats, describe_device, EpochStats, evaluate,
+                   Evaluator, LOG, main_schedule, make_optimizer, make_sgd, memory_layout, Phase,
+                   rng_state, seed_everything, set_rng_state, show_progress, train_phases)
 
 # mdistiller engine/cfg.py SOLVER.DOT.DELTA and configs/cifar100/dot/*.yaml: 0.075
 DOT_DELTA = 0.075
@@ -78,6 +88,19 @@ def mode_defaults(name):
     return f'{show_value(shared)}' + (f'; {", ".join(parts)}' if parts else '')
 
 
+def kd_modes(text):
+    """--kd_mode's value: one mode, or a comma list of distinct modes (checked here, kept as given)."""
+    names = text.split(',')
+    for name in names:
+        if name not in METHODS:
+            raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from "
+                                             f"{', '.join(map(repr, sorted(METHODS)))})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} listed twice in {text!r}")
+    return text
+
+
 def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(parser)
@@ -101,7 +124,13 @@ def build_parser():
     g.add_argument('--t_name', required=True, choices=sorted(NETWORKS))
     g = parser.add_argument_group('distillation (a flag left out takes the mode\'s default, '
                                   'shown per mode in brackets)')
-    g.add_argument('--kd_mode', required=True, choices=sorted(METHODS))
+    g.add_argument('--kd_mode', required=True, type=kd_modes, metavar='MODE[,MODE...]',
+                   help=f"the method ({', '.join(sorted(METHODS))}); a comma list (e.g. st,at,crd) "
+                        f"trains one student per mode in one process, every other flag shared: each "
+                        f"batch is drawn once and the teacher runs once for all of them, each student "
+                        f"writes the run directory its own run would, under --note's folder "
+                        f"(<save_root>/<note>/<mode>/), with the same results "
+                        f"(python -m kd_losses --shareable: the modes that can share)")
     g.add_argument('--lambda_kd', type=non_negative(float), default=None,
                    help=f"weight of the KD loss [{mode_defaults('lambda_kd')}]")
     g.add_argument('--ce_weight', type=non_negative(float), default=None,
@@ -132,10 +161,11 @@ def method_schedule(method, args, given):
     return {name: value for name, value in values.items() if name not in given}
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, mode=None):
     """Parsed flags, the mode's defaults filled in; also returns where each
     schedule and method setting came from, for the log, and the method flags
-    given that the mode does not read.
+    given that the mode does not read. `mode`: one mode of a --kd_mode list
+    (the flags as that student's separate run resolves them).
 
     A method setting left out takes, in this order of precedence, the mode's
     default with its on/off switch on (switch_defaults), the teacher:student
@@ -143,6 +173,8 @@ def parse_args(argv=None):
     protocol's, the dataset's, the mode's own (kd_losses/registry.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if mode is not None:
+        args.kd_mode = mode
     method = METHODS[args.kd_mode]
     on_command_line = flags_given(parser, argv)
     from_method = method_schedule(method, args, on_command_line)
@@ -255,6 +287,11 @@ class KDStep:
     def why_not_capturable(self):
         return f'--kd_mode {self.args.kd_mode} synchronises with the host'
 
+    @property
+    def uses_teacher(self):
+        """Whether the step in use runs the teacher (a CE-only epoch does not)."""
+        return self.kd_on
+
     def set_kd_scale(self, value):
         self.kd_scale.fill_(value)
         self.kd_on = value != 0.0
@@ -354,7 +391,9 @@ class PretrainStep:
         self.optimizer, self.args = optimizer, args
         self.params = optimizer.params
         self.stat_names = ['loss', 'correct1', 'correct5', 'n'] if phase.needs_student else ['loss', 'n']
-        self.stats = EpochStats(self.stat_names, ['loss'], next(teacher.parameters()).device)
+        self.stats = EpochStats(self.stat_names, ['loss'], next(student.parameters()).device)
+
+    uses_teacher = True
 
     def __call__(self, batch):
         with autocast(self.args):
@@ -389,7 +428,17 @@ def fresh_initialisation(net_name, num_class, seed):
         return build_network(net_name, num_class)
 
 
-def build_distillation(args, device, n_data, train_labels, load_weights=True, s_init=None):
+def frozen_teacher(net, args, device, load_weights=True):
+    """The teacher network `net` with --t_model's weights, on `device`, in
+    eval mode without gradients (bf16 convolution weights with --amp)."""
+    if load_weights:
+        load_network_weights(net, args.t_model, 'teacher (--t_model)')
+    net = memory_layout(net.to(device), args).eval().requires_grad_(False)
+    return cast_frozen_weights(net, args)
+
+
+def build_distillation(args, device, n_data, train_labels, load_weights=True, s_init=None, teacher=None,
+                       teacher_forward=None):
     """Student, teacher, the method's distiller and the training phases, as
     train_kd.py runs them (bench.py builds its KD configurations here too,
     with load_weights=False: random weights). The student starts from the
@@ -399,9 +448,16 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True, s_
     trained, evaluated and saved as the student. A phase that shares the
     main optimiser (AB/FSP's init) holds the same SGD object as the main
     phase: its momentum carries over, and the checkpoint of either phase
-    saves it."""
+    saves it.
+
+    Students sharing one teacher (--kd_mode a,b,...) pass the teacher built
+    once (`teacher`) and what their steps call for its features
+    (`teacher_forward`: shared_teacher.TeacherPass's, which runs it once per
+    batch for all of them)."""
     student = build_network(args.s_name, args.num_class)
-    teacher = build_network(args.t_name, args.num_class)
+    # Built even when shared: a separate run draws the teacher's initialisation
+    # here, so the distiller's draws that follow are the same in both
+    own_teacher = build_network(args.t_name, args.num_class)
     if load_weights:
         s_init = s_init or args.s_init
         if s_init:
@@ -409,10 +465,11 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True, s_
         else:
             fresh = fresh_initialisation(args.s_name, args.num_class, args.seed)
             student.load_state_dict(fresh.state_dict())
-        load_network_weights(teacher, args.t_model, 'teacher (--t_model)')
+    if teacher is None:
+        teacher = frozen_teacher(own_teacher, args, device, load_weights)
+    del own_teacher
     student = memory_layout(sync_batchnorm(student.to(device), args.sync_bn), args)  # torchrun: global-batch BN
-    teacher = memory_layout(teacher.to(device), args).eval().requires_grad_(False)
-    teacher = cast_frozen_weights(teacher, args)
+    forward = teacher if teacher_forward is None else teacher_forward
 
     method = METHODS[args.kd_mode]
     ctx = Context(args=args, student_shapes=student.feature_shapes,
@@ -439,7 +496,7 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True, s_
     shared = [p for pp in pretrain if pp.shares_main_optimizer for p in pp.params]
     optimizer = make_optimizer(list(model.parameters()) + list(distiller.learnable_parameters()) + shared,
                                args)
-    step = KDStep(model, teacher, distiller, optimizer, args, views=method.views)
+    step = KDStep(model, forward, distiller, optimizer, args, views=method.views)
 
     def pretrain_phase(pp):
         if not pp.shares_main_optimizer:
@@ -455,7 +512,7 @@ def build_distillation(args, device, n_data, train_labels, load_weights=True, s_
             for m in pp.train_modules:
                 m.train()
 
-        pretrain_step = PretrainStep(pp, model, teacher, phase_optimizer, args)
+        pretrain_step = PretrainStep(pp, model, forward, phase_optimizer, args)
         return Phase(pp.name, pp.epochs, lambda epoch: pp.lr_scale(epoch) * args.lr, phase_optimizer,
                      pretrain_step, pretrain_step.stats, begin_epoch=begin_epoch)
 
@@ -506,14 +563,9 @@ def stages(method, args):
     return lines, warnings
 
 
-@cli
-def main(argv=None):
-    args, sources, ignored = parse_args(argv)
-    # Every check happens before anything is written: run directory, resume
-    # file, both checkpoints, the method's settings, the data.
-    run, resume, device = begin(args, 'train_kd.py', argv)
-    # log.txt opens with the run's whole schedule: where each value came from,
-    # the method's settings and stages, and what in them defeats the method
+def log_schedule(args, sources, ignored):
+    """log.txt's opening: the run's whole schedule, where each value came
+    from, the method's settings and stages, and what in them defeats the method."""
     for line in schedule_lines(args, sources):
         LOG.info(line)
     LOG.info(optimizer_line(args, sources))
@@ -528,18 +580,26 @@ def main(argv=None):
         LOG.info(line)
     for warning in warnings:
         LOG.info(f'warning: {warning}')
-
     if method.views == ('weak', 'strong'):
         LOG.info(f'  views: weak (crop, flip) and strong (crop, flip, RandAugment 2 ops, Cutout: '
                  f'strong_augment.py), student and teacher on both')
-    train_loader, test_loader = make_loaders(args, device, log=LOG.info,
-                                             strong_view='strong' in method.views)
+
+
+def build_student(args, run, resume, device, train_loader, test_loader, teacher=None, teacher_forward=None):
+    """One student as train_kd.py trains it, alone or beside others on one
+    teacher (`teacher`, `teacher_forward`: see build_distillation): its
+    network, the teacher, the method's distiller, every phase (the main one
+    evaluated on `test_loader`), with the log's lines and args.json's
+    records on them; and what its fresh start does besides the teacher's
+    test line (save a fresh initialisation). Returns (model, teacher,
+    distiller, phases, on_fresh_start)."""
     # Without --s_init, a resumed run's student is built from the initial weights
     # its fresh start saved (the checkpoint then restores its training).
     initial = os.path.join(run.dir, INITIAL_FILE)
     saved_initial = initial if not args.s_init and resume is not None and os.path.isfile(initial) else None
     model, teacher, distiller, pretrain, main_phase, _ = build_distillation(
-        args, device, len(train_loader.labels), train_loader.labels, s_init=saved_initial)
+        args, device, len(train_loader.labels), train_loader.labels, s_init=saved_initial,
+        teacher=teacher, teacher_forward=teacher_forward)
     main_phase.evaluate = Evaluator(model, test_loader, args.amp, args.compile, show_progress(args))
     start = (args.s_init or saved_initial or
              f'a fresh initialisation drawn from --seed {args.seed} (saved to {initial})')
@@ -557,18 +617,96 @@ def main(argv=None):
     if n_extra:
         LOG.info(f'{args.kd_mode} adds {n_extra / 1e6:.3f}M learnable parameters')
 
-    def on_fresh_start():
+    def save_initialisation():
         if not args.s_init:  # the start every run of this seed and network shares
             save_checkpoint(zoo_record(fresh_initialisation(args.s_name, args.num_class, args.seed), 0),
                             initial)
             if WORLD.main:  # rank 0 wrote it
                 run.record('student_init', {'path': os.path.abspath(initial),
                                             'sha256': file_digest(initial), 'seed': args.seed})
-        teacher_test = evaluate(teacher, test_loader, amp=args.amp)
-        LOG.info(f"teacher test top-1 {teacher_test['top1']:.2f} top-5 {teacher_test['top5']:.2f}")
+    return model, teacher, distiller, pretrain + [main_phase], save_initialisation
 
-    train_phases(run, resume, pretrain + [main_phase], {'net': model}, train_loader, args, device,
+
+def teacher_test_line(teacher, test_loader, args):
+    teacher_test = evaluate(teacher, test_loader, amp=args.amp)
+    return f"teacher test top-1 {teacher_test['top1']:.2f} top-5 {teacher_test['top5']:.2f}"
+
+
+@cli
+def main(argv=None):
+    modes = build_parser().parse_args(argv).kd_mode.split(',')
+    if len(modes) > 1:  # one student per mode, sharing the batches and the teacher's pass
+        return train_shared(argv, modes)
+    args, sources, ignored = parse_args(argv)
+    # Every check happens before anything is written: run directory, resume
+    # file, both checkpoints, the method's settings, the data.
+    run, resume, device = begin(args, 'train_kd.py', argv)
+    log_schedule(args, sources, ignored)
+    method = METHODS[args.kd_mode]
+    train_loader, test_loader = make_loaders(args, device, log=LOG.info,
+                                             strong_view='strong' in method.views)
+    model, teacher, distiller, phases, save_initialisation = build_student(
+        args, run, resume, device, train_loader, test_loader)
+
+    def on_fresh_start():
+        save_initialisation()
+        LOG.info(teacher_test_line(teacher, test_loader, args))
+
+    train_phases(run, resume, phases, {'net': model}, train_loader, args, device,
                  state={'distiller': distiller}, on_fresh_start=on_fresh_start)
+
+
+def train_shared(argv, modes):
+    """--kd_mode a,b,...: one student per mode over one loader and one
+    teacher pass (shared_teacher.py), each writing its own run directory
+    <save_root>/<note>/<mode>/ as its separate run would. Checks first, for
+    every student (flags, run directory, resume checkpoint), then the data
+    and the teacher once; a method that cannot share the teacher's pass
+    stops the whole run before anything is written."""
+    two_views = [m for m in modes if len(METHODS[m].views) > 1]
+    if two_views:  # their loader draws a second, strong view: the others' batches would change
+        raise UserError(f'--kd_mode {",".join(modes)}: {", ".join(two_views)} (it trains on weak and strong '
+                        f'views of each image, drawn by a loader of its own) cannot share the teacher\'s '
+                        f'pass with other students; run it on its own')
+    students = []
+    for mode in modes:
+        args, sources, ignored = parse_args(argv, mode)
+        args.note = os.path.join(args.note, mode)
+        students.append(shared_teacher.Student(mode, args, sources, ignored))
+    args = students[0].args
+    begin_process(args, log_file=False)  # the process's own lines: stdout (each student has a log.txt)
+    device = torch.device(args.device)
+    for s in students:
+        s.args.device = args.device
+        s.check(check_run, 'train_kd.py', argv)
+    configure_backend(args)
+    seed_everything(args.seed)
+    data_lines = []
+    train_loader, test_loader = make_loaders(args, device, log=data_lines.append)
+    for line in data_lines:
+        LOG.info(line)
+    seeded = rng_state()  # where each student's stream starts, as its separate run's does
+    teacher = frozen_teacher(build_network(args.t_name, args.num_class), args, device)
+    teacher_pass = shared_teacher.TeacherPass(teacher, args, device)
+    for s in students:
+        if s.finished:
+            continue
+        set_rng_state(seeded)
+        with s.active():
+            log_schedule(s.args, s.sources, s.ignored)
+            for line in data_lines:
+                LOG.info(line)
+            s.build(lambda a: build_student(a, s.run, s.resume, device, train_loader, test_loader, teacher,
+                                            teacher_pass))
+    unshareable = [f'{s.mode} ({s.distiller.teacher_sharing})' for s in students
+                   if s.distiller is not None and s.distiller.teacher_sharing]
+    if unshareable:
+        raise UserError(f'--kd_mode {",".join(modes)}: {", ".join(unshareable)} cannot share the '
+                        f'teacher\'s pass with other students; run '
+                        f'{"it" if len(unshareable) == 1 else "each"} on its own')
+    return shared_teacher.train_students(
+        students, teacher_pass, train_loader, args, device,
+        teacher_test=lambda: teacher_test_line(teacher, test_loader, args))
 
 
 if __name__ == '__main__':

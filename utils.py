@@ -336,48 +336,91 @@ def step_paths_of(rows):
             for phase, e in seen.items()}
 
 
-def fit(phases, loader, args, checkpointer, start=(0, 0), watched=()):
-    """Run `phases` in order from `start` = (phase index, epochs done in it).
+class RunTrainer:
+    """One run's phases, advanced one epoch at a time: `begin_epoch()` sets
+    the next epoch up and returns the step to run on each of its batches,
+    `end_epoch(train)` evaluates, logs one line, and, if the test loss and
+    every tensor of the `watched` modules (networks, method state) are
+    finite, writes one metrics row and the checkpoint
+    (`checkpointer(phase_index, epoch, row)`); a non-finite one stops the run
+    before anything of that epoch is saved. Each row records the step path
+    that ran the epoch (STEP_COLUMNS), and log.txt says it once per phase,
+    again whenever it changes. `fit` drives one run; a shared-teacher run
+    (shared_teacher.py) drives several over one loader, each epoch of the
+    loader being the next epoch of every run it trains."""
 
-    After each epoch: one log line, then, if the test loss and every tensor of
-    the `watched` modules (networks, method state) are finite, one metrics row
-    and the checkpoint (`checkpointer(phase_index, epoch, row)`); a non-finite
-    one stops the run before anything of that epoch is saved. Each row records
-    the step path that ran the epoch (STEP_COLUMNS), and log.txt says it once
-    per phase, again whenever it changes. Returns the last row."""
-    row = None
-    for pi in range(start[0], len(phases)):
-        phase = phases[pi]
-        runner = StepRunner(phase.step, args.compile, loader.device, log=LOG.info)  # graphs last the phase
-        test_runners = getattr(phase.evaluate, 'runners', {}) if phase.evaluate is not None else {}
-        logged_path = None
-        first = start[1] + 1 if pi == start[0] else 1
-        if first == 1 and len(phases) > 1:
-            LOG.info(f'--- phase {pi + 1}/{len(phases)}: {phase.name} ({phase.epochs} epochs)')
-        for epoch in range(first, phase.epochs + 1):
-            lr = phase.optimizer.set_lr(phase.lr(epoch))
-            extra = phase.begin_epoch(epoch) if phase.begin_epoch is not None else None
-            header = f'[{phase.name}] epoch {epoch}/{phase.epochs}'
-            phase.stats.reset()
-            for r in (runner, *test_runners.values()):
-                r.begin_epoch()
-            start_time = time.time()
-            train = train_epoch(runner, loader, phase.stats, header, args.print_freq,
-                                show_progress(args), checkpointer)
-            test = phase.evaluate() if phase.evaluate is not None else {}
-            ran = step_record(runner, test_runners)  # (path, fallback reason)
-            row = {'phase': phase.name, 'phase_index': pi, 'epoch': epoch, 'lr': lr, **(extra or {}),
-                   **{f'train_{k}': v for k, v in train.items() if k not in ('n', 'seconds', 'img_per_s')},
-                   **{f'test_{k}': v for k, v in test.items()},
-                   'seconds': time.time() - start_time, 'img_per_s': train['img_per_s'],
-                   **dict(zip(STEP_COLUMNS, ran))}
-            if ran != logged_path:
-                LOG.info(f'[{phase.name}] step path: {ran[0]}' + (f' ({ran[1]})' if ran[1] else ''))
-                logged_path = ran
-            LOG.info(format_row(header, row))
-            check_epoch_result(header, test, watched, checkpointer)
-            checkpointer(pi, epoch, row)
-    return row
+    def __init__(self, phases, loader, args, checkpointer, start=(0, 0), watched=()):
+        self.phases, self.loader, self.args = phases, loader, args
+        self.checkpointer, self.watched = checkpointer, watched
+        # (phase index, epoch) of every epoch of the run, in order; `done` of them are behind it
+        self.schedule = [(pi, e) for pi, p in enumerate(phases) for e in range(1, p.epochs + 1)]
+        self.done = sum(p.epochs for p in phases[:start[0]]) + start[1]
+        self.phase_index, self.runner, self.test_runners = None, None, {}
+        self.row = None
+
+    @property
+    def finished(self):
+        return self.done >= len(self.schedule)
+
+    @property
+    def phase(self):
+        return self.phases[self.phase_index]
+
+    def begin_epoch(self):
+        """Set the next epoch up (learning rate, the phase's per-epoch state,
+        zeroed statistics); returns the StepRunner of its steps."""
+        pi, epoch = self.schedule[self.done]
+        phase = self.phases[pi]
+        if pi != self.phase_index:  # a phase's runner and its graphs last the phase
+            self.phase_index = pi
+            self.runner = StepRunner(phase.step, self.args.compile, self.loader.device, log=LOG.info)
+            self.test_runners = getattr(phase.evaluate, 'runners', {}) if phase.evaluate is not None else {}
+            self.logged_path = None
+            if epoch == 1 and len(self.phases) > 1:
+                LOG.info(f'--- phase {pi + 1}/{len(self.phases)}: {phase.name} ({phase.epochs} epochs)')
+        self.epoch = epoch
+        self.lr = phase.optimizer.set_lr(phase.lr(epoch))
+        self.extra = phase.begin_epoch(epoch) if phase.begin_epoch is not None else None
+        self.header = f'[{phase.name}] epoch {epoch}/{phase.epochs}'
+        phase.stats.reset()
+        for r in (self.runner, *self.test_runners.values()):
+            r.begin_epoch()
+        self.start_time = time.time()
+        return self.runner
+
+    def end_epoch(self, train):
+        """Evaluate, log and save the epoch whose training statistics are
+        `train` (train_epoch's); returns its metrics row."""
+        phase = self.phase
+        test = phase.evaluate() if phase.evaluate is not None else {}
+        ran = step_record(self.runner, self.test_runners)  # (path, fallback reason)
+        row = {'phase': phase.name, 'phase_index': self.phase_index, 'epoch': self.epoch, 'lr': self.lr,
+               **(self.extra or {}),
+               **{f'train_{k}': v for k, v in train.items() if k not in ('n', 'seconds', 'img_per_s')},
+               **{f'test_{k}': v for k, v in test.items()},
+               'seconds': time.time() - self.start_time, 'img_per_s': train['img_per_s'],
+               **dict(zip(STEP_COLUMNS, ran))}
+        if ran != self.logged_path:
+            LOG.info(f'[{phase.name}] step path: {ran[0]}' + (f' ({ran[1]})' if ran[1] else ''))
+            self.logged_path = ran
+        LOG.info(format_row(self.header, row))
+        check_epoch_result(self.header, test, self.watched, self.checkpointer)
+        self.checkpointer(self.phase_index, self.epoch, row)
+        self.done += 1
+        self.row = row
+        return row
+
+
+def fit(phases, loader, args, checkpointer, start=(0, 0), watched=()):
+    """Run `phases` in order from `start` = (phase index, epochs done in it),
+    each epoch ended as RunTrainer says. Returns the last row."""
+    trainer = RunTrainer(phases, loader, args, checkpointer, start, watched)
+    while not trainer.finished:
+        runner = trainer.begin_epoch()
+        train = train_epoch(runner, loader, trainer.phase.stats, trainer.header, args.print_freq,
+                            show_progress(args), checkpointer)
+        trainer.end_epoch(train)
+    return trainer.row
 
 
 def check_epoch_result(header, test, watched, checkpointer):
@@ -485,14 +528,33 @@ def begin(args, script, argv=None):
     backend and seeds. Returns (run, resume checkpoint or None, device).
     --resume of a finished run (complete.json) ends here, after those checks:
     one line saying so, exit code 0, no file of the run touched."""
+    begin_process(args)
+    run, resume = check_run(args, script, argv)
+    if resume is not None and run.complete is not None:
+        LOG.info(run.describe_complete())
+        raise SystemExit(0)
+    configure_backend(args)
+    seed_everything(args.seed)
+    return run, resume, torch.device(args.device)
+
+
+def begin_process(args, log_file=True):
+    """The process's start: join a torchrun job, log to stdout (and keep the
+    lines for the run's log.txt, unless `log_file` is False), check
+    --tensorboard's package."""
     args.device = init_distributed(args.device)
-    reset_logger()
+    reset_logger(buffer=log_file)
     if args.tensorboard:
         try:
             importlib.import_module('torch.utils.tensorboard')
         except ImportError:
             raise UserError('--tensorboard needs the tensorboard package (pip install tensorboard); '
                             'metrics.csv holds the same values') from None
+
+
+def check_run(args, script, argv=None):
+    """The run directory of `args` and, with --resume, its checkpoint, with
+    its flags and input files checked (nothing written): (Run, checkpoint or None)."""
     run = Run(args, script, sys.argv[1:] if argv is None else argv)
     run.inputs = input_digests(args)
     resume = load_checkpoint(run.ckpt_path, 'resume checkpoint') if args.resume else None
@@ -503,12 +565,7 @@ def begin(args, script, argv=None):
                             f'not written by {script} (a weights-only file cannot be resumed)')
         run.check_resume_args(resume['args'])
         check_inputs_unchanged(resume['inputs'], run.inputs)
-        if run.complete is not None:
-            LOG.info(run.describe_complete())
-            raise SystemExit(0)
-    configure_backend(args)
-    seed_everything(args.seed)
-    return run, resume, torch.device(args.device)
+    return run, resume
 
 
 def train_phases(run, resume, phases, nets, loader, args, device, state=None, on_fresh_start=None):
@@ -520,6 +577,20 @@ def train_phases(run, resume, phases, nets, loader, args, device, state=None, on
     'net2': b}); `state` maps further checkpoint keys to modules whose
     state_dict is saved and restored (e.g. the distiller's connectors and
     memory banks); `on_fresh_start()` runs once, when the run starts afresh."""
+    try:
+        checkpointer, start = start_run(run, resume, phases, nets, loader, args, device, state,
+                                        on_fresh_start)
+        fit(phases, loader, args, checkpointer, start, watched=[*nets.values(), *(state or {}).values()])
+        finish_run(run, checkpointer, args)
+    finally:
+        run.close()
+    return checkpointer
+
+
+def start_run(run, resume, phases, nets, loader, args, device, state=None, on_fresh_start=None):
+    """train_phases' opening (see there): the run directory opened, the run
+    started afresh or restored from `resume` (its loader and RNG state
+    too). Returns (Checkpointer, start: (phase index, epochs done in it))."""
     state = state or {}
     inputs = {**run.inputs, 'data': loader.fingerprint}
     if resume is not None:
@@ -531,29 +602,29 @@ def train_phases(run, resume, phases, nets, loader, args, device, state=None, on
                 'inputs': inputs, **{key: module.state_dict() for key, module in state.items()}}
 
     checkpointer = Checkpointer(run, nets, resume_state, [p.name for p in phases])
-    try:
-        run.open(metrics_columns(phases, nets), describe_device(device), resumed=resume is not None)
-        if resume is None:
-            start = (0, 0)
-            run.start_metrics()
-            if on_fresh_start is not None:
-                on_fresh_start()
-        else:
-            for key, module in state.items():
-                module.load_state_dict(resume[key])
-            start = checkpointer.restore(resume)
-            phases[start[0]].optimizer.load_state_dict(resume['optimizer'])
-            loader.load_state_dict(resume['loader'])
-            set_rng_state(resume['rng'])
-            run.start_metrics(keep_upto=start)
-            LOG.info(f'resumed from {run.ckpt_path}: {phases[start[0]].name} epoch {start[1]} done')
-        fit(phases, loader, args, checkpointer, start, watched=[*nets.values(), *state.values()])
-        # complete.json says how each phase ran, over every epoch (resumed ones too)
-        step_paths = step_paths_of(run.read_metrics()) if WORLD.main else {}
-        run.mark_complete({'epochs': args.epochs, 'best': checkpointer.best, 'step_paths': step_paths})
-        LOG.info('done: ' + ', '.join(
-            f"{'' if key == 'net' else key + ' '}best test top-1 {best['top1']:.2f} (epoch {best['epoch']})"
-            for key, best in checkpointer.best.items()) + f'; weights in {run.dir}')
-    finally:
-        run.close()
-    return checkpointer
+    run.open(metrics_columns(phases, nets), describe_device(device), resumed=resume is not None)
+    if resume is None:
+        start = (0, 0)
+        run.start_metrics()
+        if on_fresh_start is not None:
+            on_fresh_start()
+    else:
+        for key, module in state.items():
+            module.load_state_dict(resume[key])
+        start = checkpointer.restore(resume)
+        phases[start[0]].optimizer.load_state_dict(resume['optimizer'])
+        loader.load_state_dict(resume['loader'])
+        set_rng_state(resume['rng'])
+        run.start_metrics(keep_upto=start)
+        LOG.info(f'resumed from {run.ckpt_path}: {phases[start[0]].name} epoch {start[1]} done')
+    return checkpointer, start
+
+
+def finish_run(run, checkpointer, args):
+    """train_phases' end: complete.json (saying how each phase ran, over every
+    epoch, resumed ones too) and the final line."""
+    step_paths = step_paths_of(run.read_metrics()) if WORLD.main else {}
+    run.mark_complete({'epochs': args.epochs, 'best': checkpointer.best, 'step_paths': step_paths})
+    LOG.info('done: ' + ', '.join(
+        f"{'' if key == 'net' else key + ' '}best test top-1 {best['top1']:.2f} (epoch {best['epoch']})"
+        for key, best in checkpointer.best.items()) + f'; weights in {run.dir}')

@@ -4,6 +4,7 @@
     python -m kd_losses --markdown             # the README's method table (also when piped)
     python -m kd_losses --names                # the --kd_mode names, one line
     python -m kd_losses --applies resnet32x4 ShuffleV1 [TEACHER STUDENT ...] [--why]
+    python -m kd_losses --shareable            # the modes that can share one teacher pass
     python -m kd_losses --defaults dkd --pair resnet56:resnet20
 
 `--defaults MODE` prints each setting a run of MODE takes when its flag is
@@ -24,6 +25,11 @@ prints, one line per pair, the modes that build without a ConfigError.
 of the others (the sweep script prints these). The networks are built on the
 meta device, so no weights are allocated; the data is the full CIFAR train
 split (50000 images, equal classes), as a real run sees it.
+
+`--shareable` prints on one line the modes that can train beside others on
+one teacher pass (train_kd.py --kd_mode a,b,...), then a `# not shareable:
+MODE: REASON` line for each of the others (each method built as
+`--applies` builds it, for the seed's resnet110 -> resnet20 pair).
 """
 import functools
 import shutil
@@ -125,8 +131,10 @@ def meta_network(name, num_class):
         return build_network(name, num_class)
 
 
-def applicability(teacher_name, student_name, data_name='cifar100', protocol='crd', modes=None):
-    """{mode: None if it builds for teacher -> student, else the reason it does not}."""
+def applicability(teacher_name, student_name, data_name='cifar100', protocol='crd', modes=None,
+                  built=None):
+    """{mode: None if it builds for teacher -> student, else the reason it does
+    not}; each distiller built goes into `built` ({mode: distiller}) if given."""
     import torch
     import train_kd  # the flags as a run resolves them (protocol and dataset defaults, scaling)
     from network import build_network
@@ -157,6 +165,8 @@ def applicability(teacher_name, student_name, data_name='cifar100', protocol='cr
                     distiller = METHODS[mode].build(ctx)  # the calls of train_kd.build_distillation
                     distiller.pretrain_phases(ctx)
                     distiller.wrap_student(nets[0])
+                if built is not None:
+                    built[mode] = distiller
                 break
             except ConfigError as e:
                 reason = str(e)
@@ -166,6 +176,16 @@ def applicability(teacher_name, student_name, data_name='cifar100', protocol='cr
                 if device == 'cpu':  # on the CPU as well: a bug in the method, given as the reason
                     result[mode] = f'building it failed ({type(e).__name__}: {e})'.splitlines()[0]
     return result
+
+
+def sharing():
+    """{mode: '' if it can share one teacher pass with other students, else why not}."""
+    built = {}
+    applicability('resnet110', 'resnet20', 'cifar10', 'seed', built=built)
+    return {mode: ('it trains on weak and strong views of each image, drawn by a loader of its own'
+                   if len(METHODS[mode].views) > 1 else
+                   built[mode].teacher_sharing if mode in built else 'it does not build for the seed pair')
+            for mode in mode_names()}
 
 
 def defaults_lines(mode, data_name='cifar100', protocol='crd', pair=None):
@@ -197,6 +217,9 @@ def build_parser():
                       help='the method table in Markdown, as in the README [on when the output '
                            'is not a terminal; on a terminal, a plain table fitted to its width]')
     what.add_argument('--names', action='store_true', help='print the --kd_mode names on one line')
+    what.add_argument('--shareable', action='store_true',
+                      help='print the modes that can train beside others on one teacher pass '
+                           '(train_kd.py --kd_mode a,b,...), then why each other cannot')
     what.add_argument('--applies', nargs='+', metavar='NET',
                       help='TEACHER STUDENT [TEACHER STUDENT ...]: print, one line per pair, the '
                            'modes that can distil TEACHER into STUDENT')
@@ -255,6 +278,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.names:
         print(' '.join(mode_names()))
+    elif args.shareable:
+        reasons = sharing()
+        print(' '.join(m for m, reason in reasons.items() if not reason))
+        for mode, reason in reasons.items():
+            if reason:
+                print(f'# not shareable: {mode}: {reason}')
     elif args.defaults:
         print('\n'.join(defaults_lines(args.defaults, args.data_name, args.protocol, args.pair)))
     elif args.applies:

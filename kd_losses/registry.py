@@ -334,6 +334,14 @@ class Distiller(nn.Module):
         """Parameters the main optimiser updates with the student."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    @property
+    def teacher_sharing(self):
+        """Why this method cannot share one teacher pass with other students
+        (train_kd.py --kd_mode a,b,...), or '' where it can."""
+        if self.teacher_grad:
+            return 'its loss differentiates through the teacher (teacher_grad): each student needs its own pass'
+        return ''
+
 
 def pick(features, key, act=None):
     """features.key, or its pre (act='pre') / post (act='post') activation."""

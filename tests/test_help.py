@@ -70,6 +70,13 @@ def test_the_defaults_read_as_the_scripts_use_them():
         '[every one on CUDA; base-r20 kd-st on the CPU]')
 
 
+def test_kd_mode_help_explains_the_list_form():
+    text = flag_help(help_of('train_kd.py'), '--kd_mode MODE[,MODE...]')
+    for words in ('comma list', 'one student per mode', 'the teacher runs once',
+                  '<save_root>/<note>/<mode>/', 'python -m kd_losses --shareable'):
+        assert words in text, words
+
+
 def test_train_base_trains_any_cifar_network():
     first = help_of('train_base.py').split('\n\n')[1]
     assert first.startswith('Train one of the CIFAR networks') and 'ResNet with' not in first
