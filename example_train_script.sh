@@ -28,7 +28,7 @@
 # that looks like a misspelt setting (MODE, EPOCH, modes, DMLPAIRS) is refused:
 #   TABLE=seed             seed | crd
 #   DATA_ROOT=./datasets   where cifar-10-batches-py/ and cifar-100-python/ live
-#   RESULTS=./results      results root: RESULTS/base/, RESULTS/<mode>/, RESULTS/dml/
+#   RESULTS=./results      results root: RESULTS/base/, RESULTS/<mode>/, RESULTS/shared/, RESULTS/dml/
 #   TEACHERS=""            released CIFAR-100 teachers (RepDistiller or mdistiller layout):
 #                          not trained, each checked once (python teachers.py verify)
 #   GPUS="0"               GPUs to use (GPU=N works too); CUDA_VISIBLE_DEVICES per run
@@ -42,6 +42,9 @@
 #                          -e<EPOCHS> to every run's name, so its runs stay apart
 #   EXTRA_ARGS=""          appended to every command (e.g. "--no_download", "--device cpu")
 #   KD_ARGS=""             appended to train_kd.py commands (e.g. "--init_epochs 5")
+#   SHARE_TEACHER=1        the KD runs of one dataset, pair and seed share one process and one
+#                          teacher pass (--kd_mode a,b,...; the same results); 0: a process each
+#   STUDENTS_PER_RUN=all   with SHARE_TEACHER=1, the most students of one process
 #   DRY_RUN=1              print the commands instead of running them (0/1, no/yes, false/true)
 #   PYTHON=python
 #   EXECUTOR=local         local (this machine) | slurm (job arrays through submitit)
@@ -77,7 +80,7 @@ settings=$("$PYTHON" sweep.py check-settings) || {
     (( rc != 2 )) || exit 2  # a bad setting: its one-line error is above
     die "$PYTHON cannot check the settings against the registries of modes, networks and datasets (its error is above)"
 }
-eval "$settings"  # TABLE DATA_ROOT RESULTS TEACHERS ... PYTHON EXECUTOR ... DEFAULT_EPOCHS TAG ALL_NETWORKS
+eval "$settings"  # TABLE DATA_ROOT RESULTS TEACHERS ... PYTHON EXECUTOR ... DEFAULT_EPOCHS TAG ALL_NETWORKS SHAREABLE
 read -r -a SEED_LIST <<< "$SEEDS"
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a KD_EXTRA <<< "$KD_ARGS"
@@ -141,6 +144,33 @@ fi
 run()   { printf '%q ' run "$@"; echo; }    # run DIR [--needs ROLE DIR]... -- COMMAND
 check() { printf '%q ' check "$@"; echo; }  # check NAME -- COMMAND: passes before the runs that need it
 note()  { printf '%q ' note "$1"; echo; }   # a line to print in its place
+kd_run() {  # the KD run of modes "$@" (one: a run of its own; several: one process) for $data $t $s $seed
+    local note dir modes t_model s_dir students=() teacher
+    base_dir "$data" "$s"; s_dir=$BASE_DIR
+    if [ -n "$TEACHERS" ]; then
+        teacher=(--needs teacher "teacher-$t")
+        t_model=${TEACHER_FILE[$t]}
+    else
+        base_dir "$data" "$t"
+        teacher=(--needs teacher "$BASE_DIR")
+        t_model="$BASE_DIR/model_best.pth.tar"
+    fi
+    run_id "$data" "$t" "$s"  # (after base_dir, which sets RUN_ID too)
+    if (( $# == 1 )); then
+        note="$1-$RUN_ID"; dir="$RESULTS/$1"; modes=$1
+    else
+        note="kd-$RUN_ID"
+        (( $# == ${#shared[@]} )) || note+="-$1"  # one process of several: named by its first mode
+        dir="$RESULTS/shared"; modes=$(IFS=,; echo "$*")
+        for mode in "$@"; do students+=(--student "$dir/$note/$mode"); done
+    fi
+    run "$dir/$note" "${students[@]}" "${teacher[@]}" --needs "student baseline" "$s_dir" -- \
+        "$PYTHON" -u train_kd.py --data_name "$data" \
+        --t_name "$t" --s_name "$s" --kd_mode "$modes" \
+        --t_model "$t_model" --s_init "$s_dir/${INITIAL[$s]}" \
+        --img_root "$DATA_ROOT" --save_root "$dir" --note "$note" \
+        "${SCHEDULE[@]}" --seed "$seed" "${KD_EXTRA[@]}" "${EXTRA[@]}"
+}
 table() {
     # 1. baselines: every network a pair or DML uses (with TEACHERS, the teachers come released)
     local nets
@@ -165,7 +195,10 @@ table() {
         check "teacher-$t" -- "$PYTHON" teachers.py verify "$TEACHERS" "$t" --img_root "$DATA_ROOT"
     done
 
-    # 2. every KD mode for every teacher -> student pair
+    # 2. every KD mode for every teacher -> student pair; with SHARE_TEACHER=1 the
+    #    modes that can share one teacher pass train together (train_kd.py --kd_mode
+    #    a,b,...), STUDENTS_PER_RUN at most per process, each student in its own run
+    #    directory RESULTS/shared/kd-<run id>[-<first mode>]/<mode>/
     for seed in $SEEDS; do
         for data in $DATASETS; do
             for pair in $PAIRS; do
@@ -176,25 +209,19 @@ table() {
                         [ -z "${SKIPPED["$data $pair $mode"]-}" ] || note "${SKIPPED["$data $pair $mode"]}"
                     done
                 fi
+                shared=()
                 for mode in $MODES; do
-                    [ "$TABLE" != crd ] || [[ ${APPLIES["$data $pair"]-} == *" $mode "* ]] || continue
-                    run_id "$data" "$t" "$s"
-                    note="$mode-$RUN_ID"
-                    base_dir "$data" "$s"; s_dir=$BASE_DIR
-                    if [ -n "$TEACHERS" ]; then
-                        teacher=(--needs teacher "teacher-$t")
-                        t_model=${TEACHER_FILE[$t]}
+                    [ "$TABLE" != crd ] || [[ ${APPLIES["$data ${pair}"]-} == *" $mode "* ]] || continue
+                    if [ "$SHARE_TEACHER" = 1 ] && [[ " $SHAREABLE " == *" $mode "* ]]; then
+                        shared+=("$mode")  # trained below, several students on one teacher pass
                     else
-                        base_dir "$data" "$t"
-                        teacher=(--needs teacher "$BASE_DIR")
-                        t_model="$BASE_DIR/model_best.pth.tar"
+                        kd_run "$mode"
                     fi
-                    run "$RESULTS/$mode/$note" "${teacher[@]}" --needs "student baseline" "$s_dir" -- \
-                        "$PYTHON" -u train_kd.py --data_name "$data" \
-                        --t_name "$t" --s_name "$s" --kd_mode "$mode" \
-                        --t_model "$t_model" --s_init "$s_dir/${INITIAL[$s]}" \
-                        --img_root "$DATA_ROOT" --save_root "$RESULTS/$mode" --note "$note" \
-                        "${SCHEDULE[@]}" --seed "$seed" "${KD_EXTRA[@]}" "${EXTRA[@]}"
+                done
+                per_run=${#shared[@]}
+                [ "$STUDENTS_PER_RUN" = all ] || per_run=$STUDENTS_PER_RUN
+                for ((i = 0; i < ${#shared[@]}; i += per_run)); do
+                    kd_run "${shared[@]:i:per_run}"
                 done
             done
         done

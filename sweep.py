@@ -73,6 +73,7 @@ class Registries:
     modes: Tuple[str, ...]
     networks: Tuple[str, ...]
     datasets: Tuple[str, ...]
+    shareable: Tuple[str, ...]   # the modes that can share one teacher pass (train_kd.py --kd_mode a,b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,8 +81,9 @@ def code_registries():
     """The registered KD modes (sorted, as `python -m kd_losses --names`), networks and datasets."""
     import dataset
     import network
-    from kd_losses.__main__ import mode_names
-    return Registries(tuple(mode_names()), tuple(network.NETWORKS), tuple(dataset.DATASETS))
+    from kd_losses.__main__ import mode_names, sharing
+    return Registries(tuple(mode_names()), tuple(network.NETWORKS), tuple(dataset.DATASETS),
+                      tuple(mode for mode, reason in sharing().items() if not reason))
 
 
 # ----------------------------------------------------------------------------- the checks of a value
@@ -246,6 +248,10 @@ def sbatch_options(value):
     return options
 
 
+def check_students_per_run(name, value):
+    return 'all' if value.strip() == 'all' else whole_number(name, value, 1)
+
+
 def check_directory(name, value):
     """An existing directory, or empty for none."""
     if value and not os.path.isdir(value):
@@ -315,6 +321,11 @@ SETTINGS = (
     Setting('EXTRA_ARGS', 'flags', '', 'none',
             'appended to every command (e.g. "--no_download", "--device cpu")'),
     Setting('KD_ARGS', 'flags', '', 'none', 'appended to the train_kd.py commands (e.g. "--init_epochs 5")'),
+    Setting('SHARE_TEACHER', '0/1, no/yes, false/true', '1', '1',
+            'the KD runs of one dataset, pair and seed train in one process on one teacher pass '
+            '(train_kd.py --kd_mode a,b,...: the same results); 0: one process per run', check_yes_no),
+    Setting('STUDENTS_PER_RUN', 'a whole number >= 1, or all', 'all', 'all',
+            'with SHARE_TEACHER=1: the most students of one process', check_students_per_run),
     Setting('DRY_RUN', '0/1, no/yes, false/true', '0', '0',
             'print the commands instead of running them; nothing is started or written', check_yes_no),
     Setting('PYTHON', 'a command', 'python', 'python', 'the interpreter of every run', check_not_empty),
@@ -457,6 +468,22 @@ class Step:
     needs: Tuple[Tuple[str, str], ...] = ()  # (role, run directory or check name), e.g. ('teacher', DIR)
     command: Tuple[str, ...] = ()
     shown: Tuple[str, ...] = ()              # the command's words quoted as the table quoted them
+    # a shared run (train_kd.py --kd_mode a,b,...): its students' run directories, in its folder `name`
+    students: Tuple[str, ...] = ()
+
+    @property
+    def done(self):
+        """A run is done when its complete.json exists; a shared run when each of its students' does."""
+        return all(finished(d) for d in self.students) if self.students else finished(self.name)
+
+    @property
+    def restart_flags(self):
+        """The flags it starts with (restart_flag): a shared run whose students
+        have begun --resume (the process starts afresh each student without a
+        checkpoint, and leaves the finished ones as they are)."""
+        if self.students:
+            return ('--resume',) if any(os.path.isdir(d) for d in self.students) else ()
+        return restart_flag(self.name)
 
     @property
     def label(self):
@@ -493,15 +520,20 @@ def parse_step(line, number):
                         f"-- COMMAND, or note TEXT): {line[:80]}")
     split = words_.index('--')
     name, options, command = words_[1], words_[2:split], tuple(words_[split + 1:])
-    needs = []
+    needs, students = [], []
     while options:
+        if options[0] == '--student' and len(options) >= 2:
+            students.append(options[1])
+            options = options[2:]
+            continue
         if options[0] != '--needs' or len(options) < 3:
-            raise UserError(f"the table's line {number}: '{' '.join(options)}' is not --needs ROLE NAME")
+            raise UserError(f"the table's line {number}: '{' '.join(options)}' is not --needs ROLE NAME "
+                            f"or --student DIR")
         needs.append((options[1], options[2]))
         options = options[3:]
     if not command:
         raise UserError(f"the table's line {number}: {kind} {name} has no command")
-    return Step(kind, name, tuple(needs), command, tuple(quoted[split + 1:]))
+    return Step(kind, name, tuple(needs), command, tuple(quoted[split + 1:]), tuple(students))
 
 
 def read_plan(text):
@@ -571,7 +603,8 @@ def script_values(environ):
     settings = check_settings(environ)
     table = TABLES[settings['TABLE']]
     return {**settings, 'DEFAULT_EPOCHS': str(table.epochs), 'TAG': table.tag,
-            'ALL_NETWORKS': ' '.join(code_registries().networks)}
+            'ALL_NETWORKS': ' '.join(code_registries().networks),
+            'SHAREABLE': ' '.join(code_registries().shareable)}
 
 
 def print_plan(steps):
@@ -580,10 +613,10 @@ def print_plan(steps):
     for step in steps:
         if step.kind == 'note':
             print(step.name)
-        elif step.kind == 'run' and finished(step.name):
+        elif step.kind == 'run' and step.done:
             print(f'# done, skipped: {step.name}')
         else:
-            flags = restart_flag(step.name) if step.kind == 'run' else ()
+            flags = step.restart_flags if step.kind == 'run' else ()
             print(' '.join(step.shown + flags) + ' ')
 
 

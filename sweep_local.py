@@ -99,7 +99,7 @@ class Pool:
             if step.kind == 'note':
                 say(step.name)
                 continue
-            if step.kind == 'run' and sweep.finished(step.name):
+            if step.kind == 'run' and step.done:
                 say(f'# done, skipped: {step.name}')
                 self.ended[step.name] = True
                 self.outcomes.append(Outcome(step.label, 'done before', None, '-'))
@@ -135,7 +135,7 @@ class Pool:
         return next((i for i in range(len(self.places)) if i not in self.running), None)
 
     def launch(self, step, place):
-        command = list(step.command) + list(sweep.restart_flag(step.name) if step.kind == 'run' else ())
+        command = list(step.command) + list(step.restart_flags if step.kind == 'run' else ())
         env = dict(os.environ)
         if sweep.runs_on_gpu(command, self.cuda_count):
             env['CUDA_VISIBLE_DEVICES'] = self.places[place]

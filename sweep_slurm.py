@@ -71,7 +71,7 @@ def groups(steps, size):
 def phases(steps):
     """The steps to submit (finished runs and notes left out), as (first, second):
     those that need nothing, then those that need one of them or anything else."""
-    todo = [s for s in steps if s.kind != 'note' and not (s.kind == 'run' and sweep.finished(s.name))]
+    todo = [s for s in steps if s.kind != 'note' and not (s.kind == 'run' and s.done)]
     first = [s for s in todo if not s.needs]
     return first, [s for s in todo if s.needs]
 
@@ -123,7 +123,7 @@ def record(results, submitted, jobs):
     with open(path, 'a') as f:
         for job, callable_ in zip(submitted, jobs):
             f.write(json.dumps({'job_id': str(job.job_id), 'folder': str(job.paths.folder),
-                                'runs': [s.name for s in callable_.steps], 'submitted': time.time()}) + '\n')
+                                'runs': [d for s in callable_.steps for d in (s.students or (s.name,))], 'submitted': time.time()}) + '\n')
 
 
 def submit(steps, settings, executor=None):
@@ -134,7 +134,7 @@ def submit(steps, settings, executor=None):
     for step in steps:
         if step.kind == 'note':
             sweep_local.say(step.name)
-        elif step.kind == 'run' and sweep.finished(step.name):
+        elif step.kind == 'run' and step.done:
             sweep_local.say(f'# done, skipped: {step.name}')
     logs = os.path.join(settings['RESULTS'], 'logs')
     size = job_size(settings)

@@ -23,8 +23,9 @@ SCRIPT = os.path.join(ROOT, 'example_train_script.sh')
 
 def sweep(env, check=True):
     """Run the sweep script with `env` over the environment; asserts it succeeded unless check=False."""
-    p = subprocess.run(['bash', SCRIPT], env={**os.environ, **env}, capture_output=True, text=True,
-                       timeout=900)
+    # one process per KD run (tests/test_sweep_shared.py covers SHARE_TEACHER=1)
+    p = subprocess.run(['bash', SCRIPT], env={**os.environ, 'SHARE_TEACHER': '0', **env},
+                       capture_output=True, text=True, timeout=900)
     if check:
         assert p.returncode == 0, p.stdout + p.stderr
     return p

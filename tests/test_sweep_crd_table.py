@@ -79,7 +79,9 @@ def test_applies_bad_input_is_one_line(argv, message, capsys):
 # ----------------------------------------------------------------------------- the sweep's table
 
 def dry_run(**env):
-    p = subprocess.run(['bash', SCRIPT], env={**os.environ, 'DRY_RUN': '1', 'TABLE': 'crd', **env},
+    # one process per KD run (tests/test_sweep_shared.py covers SHARE_TEACHER=1)
+    p = subprocess.run(['bash', SCRIPT], env={**os.environ, 'DRY_RUN': '1', 'TABLE': 'crd',
+                                              'SHARE_TEACHER': '0', **env},
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()

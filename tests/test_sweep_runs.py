@@ -67,7 +67,7 @@ def fake(tmp_path):
     env = {**os.environ, 'PYTHON': str(path), 'REAL_PYTHON': sys.executable, 'FAKE_LOG': str(log),
            'RESULTS': str(tmp_path / 'res'), 'DATA_ROOT': str(tmp_path / 'data'), 'DATASETS': 'cifar10',
            'PAIRS': 'resnet110:resnet20', 'DML_PAIRS': 'resnet110:resnet20', 'MODES': 'st at',
-           'EPOCHS': '3', 'EXTRA_ARGS': '--no_download'}
+           'EPOCHS': '3', 'EXTRA_ARGS': '--no_download', 'SHARE_TEACHER': '0'}
     env.pop('FAKE_FAIL', None)
 
     def started():

@@ -62,7 +62,7 @@ def test_the_job_scripts_carry_the_settings_and_status_reads_the_cluster(tmp_pat
            'PYTHON': sys.executable, 'EXECUTOR': 'slurm', 'PARTITION': 'gpu', 'TIME_LIMIT': '1:30:00',
            'GPUS_PER_JOB': '2', 'MAX_JOBS': '1', 'SBATCH_OPTIONS': '--account=lab --exclusive',
            'MODES': 'st at fitnet', 'DATASETS': 'cifar10', 'PAIRS': 'resnet110:resnet20',
-           'DML_PAIRS': 'resnet20:resnet20', 'EPOCHS': '3', 'RESULTS': str(results)}
+           'DML_PAIRS': 'resnet20:resnet20', 'EPOCHS': '3', 'RESULTS': str(results), 'SHARE_TEACHER': '0'}
     p = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert 'submitted 4 runs in 2 jobs: array 1002, after array 1001' in p.stdout
