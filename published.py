@@ -28,12 +28,13 @@ benchmark table shows: the first in RECORDS' order, which lists the method's
 own source first; the report lists them all.
 
 Sources that could not be reached when this was transcribed, and so are not
-here: the CRD paper's CRD+KD rows (RepDistiller's README has none), KDSVD's
-and CAT-KD's numbers (their READMEs give none), NKD's own paper (SDD's re-run
-is here), SRRL's own paper (SimKD's re-run is here), MLKD's paper (the logit
-standardisation README's copy is here) and ReviewKD's paper (two of its
-numbers, via Papers with Code, are here). Combinations without a mode here
-(ICKD with KD, WTTM+CRD, TTM, ITRD, HKD, SD-NKD) are left out.
+here: KDSVD's and CAT-KD's numbers (their READMEs give none), NKD's own paper
+(SDD's re-run is here), SRRL's own paper (SimKD's re-run is here), MLKD's
+paper (the logit standardisation README's copy is here) and ReviewKD's paper
+(two of its numbers, via Papers with Code, are here). Combinations without a
+mode here are left out: CRD+KD (the CRD paper's Tables 1 and 2; RepDistiller
+runs it as crd with -a 1, a KD term the zoo's crd does not add; its README
+has no such row), ICKD with KD, WTTM+CRD, TTM, ITRD, HKD, SD-NKD.
 """
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
