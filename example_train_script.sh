@@ -15,7 +15,9 @@
 #   (240 epochs, batch 64, lr 0.05 or 0.01, decays at 150, 180, 210), the
 #   baselines of the 13 pairs' networks, then every mode that applies to each
 #   pair (`python -m kd_losses --applies T S` decides without training; the
-#   others are listed as "# skipped: MODE does not apply to T->S: why"). No DML.
+#   others are listed as "# skipped: MODE does not apply to T->S: why"), and
+#   KD with --optimizer dot (DOT) on the three pairs of its authors' configs
+#   (RESULTS/st_dot/). No DML.
 # Then summarise:  python summarize.py "$RESULTS"
 #
 #
@@ -80,7 +82,7 @@ settings=$("$PYTHON" sweep.py check-settings) || {
     (( rc != 2 )) || exit 2  # a bad setting: its one-line error is above
     die "$PYTHON cannot check the settings against the registries of modes, networks and datasets (its error is above)"
 }
-eval "$settings"  # TABLE DATA_ROOT RESULTS TEACHERS ... PYTHON EXECUTOR ... DEFAULT_EPOCHS TAG ALL_NETWORKS SHAREABLE
+eval "$settings"  # TABLE DATA_ROOT RESULTS TEACHERS ... PYTHON EXECUTOR ... DEFAULT_EPOCHS TAG DOT_PAIRS ALL_NETWORKS SHAREABLE
 read -r -a SEED_LIST <<< "$SEEDS"
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a KD_EXTRA <<< "$KD_ARGS"
@@ -144,7 +146,8 @@ fi
 run()   { printf '%q ' run "$@"; echo; }    # run DIR [--needs ROLE DIR]... -- COMMAND
 check() { printf '%q ' check "$@"; echo; }  # check NAME -- COMMAND: passes before the runs that need it
 note()  { printf '%q ' note "$1"; echo; }   # a line to print in its place
-kd_run() {  # the KD run of modes "$@" (one: a run of its own; several: one process) for $data $t $s $seed
+kd_run() {  # the KD run of modes "$@" (one: a run of its own; several: one process) for $data $t $s $seed;
+            # a variant (VARIANT=st_dot VARIANT_FLAGS=(--optimizer dot)) goes to RESULTS/<variant>/
     local note dir modes t_model s_dir students=() teacher
     base_dir "$data" "$s"; s_dir=$BASE_DIR
     if [ -n "$TEACHERS" ]; then
@@ -157,7 +160,7 @@ kd_run() {  # the KD run of modes "$@" (one: a run of its own; several: one proc
     fi
     run_id "$data" "$t" "$s"  # (after base_dir, which sets RUN_ID too)
     if (( $# == 1 )); then
-        note="$1-$RUN_ID"; dir="$RESULTS/$1"; modes=$1
+        note="${VARIANT:-$1}-$RUN_ID"; dir="$RESULTS/${VARIANT:-$1}"; modes=$1
     else
         note="kd-$RUN_ID"
         (( $# == ${#shared[@]} )) || note+="-$1"  # one process of several: named by its first mode
@@ -169,8 +172,10 @@ kd_run() {  # the KD run of modes "$@" (one: a run of its own; several: one proc
         --t_name "$t" --s_name "$s" --kd_mode "$modes" \
         --t_model "$t_model" --s_init "$s_dir/${INITIAL[$s]}" \
         --img_root "$DATA_ROOT" --save_root "$dir" --note "$note" \
-        "${SCHEDULE[@]}" --seed "$seed" "${KD_EXTRA[@]}" "${EXTRA[@]}"
+        "${SCHEDULE[@]}" --seed "$seed" "${VARIANT_FLAGS[@]}" "${KD_EXTRA[@]}" "${EXTRA[@]}"
 }
+VARIANT=""
+VARIANT_FLAGS=()
 table() {
     # 1. baselines: every network a pair or DML uses (with TEACHERS, the teachers come released)
     local nets
@@ -223,6 +228,12 @@ table() {
                 for ((i = 0; i < ${#shared[@]}; i += per_run)); do
                     kd_run "${shared[@]:i:per_run}"
                 done
+                # KD with DOT (Zhao et al., ICCV 2023) where its authors run it (the table's DOT_PAIRS)
+                if [[ " $MODES " == *" st "* && " $DOT_PAIRS " == *" $pair "* ]]; then
+                    VARIANT=st_dot VARIANT_FLAGS=(--optimizer dot)
+                    kd_run st
+                    VARIANT="" VARIANT_FLAGS=()
+                fi
             done
         done
     done

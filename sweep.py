@@ -52,6 +52,8 @@ class Table:
     pairs: str                  # teacher:student
     dml_pairs: Optional[str]    # net1:net2; None: the same as PAIRS
     tag: str                    # in every run's name, so the tables can share one RESULTS
+    # pairs whose KD (st) also runs with --optimizer dot, as its authors' configs do (own folder: st_dot)
+    dot_pairs: str = ''
 
 
 TABLES = {
@@ -63,7 +65,9 @@ TABLES = {
                        'wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 vgg13:vgg8 vgg13:MobileNetV2 '
                        'ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2 '
                        'wrn_40_2:ShuffleV1',
-                 dml_pairs='', tag='-crd'),
+                 dml_pairs='', tag='-crd',
+                 # mdistiller configs/cifar100/dot/{res32x4_res8x4,vgg13_vgg8,res32x4_shuv2}.yaml
+                 dot_pairs='resnet32x4:resnet8x4 vgg13:vgg8 resnet32x4:ShuffleV2'),
 }
 
 
@@ -602,7 +606,7 @@ def script_values(environ):
     their initial-weights files)."""
     settings = check_settings(environ)
     table = TABLES[settings['TABLE']]
-    return {**settings, 'DEFAULT_EPOCHS': str(table.epochs), 'TAG': table.tag,
+    return {**settings, 'DEFAULT_EPOCHS': str(table.epochs), 'TAG': table.tag, 'DOT_PAIRS': table.dot_pairs,
             'ALL_NETWORKS': ' '.join(code_registries().networks),
             'SHAREABLE': ' '.join(code_registries().shareable)}
 
