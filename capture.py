@@ -43,6 +43,18 @@ MODES = ('off', 'auto', 'graphs', 'inductor')
 PATHS = {'off': 'eager', 'graphs': 'graphs', 'inductor': 'inductor'}  # mode -> the step path it runs
 
 
+def restore_buffers(state_dict, key, saved, buffers):
+    """Copy each parameter's saved `key` buffer (in the order of `saved`, the
+    state dict's parameter indices) into `buffers` in place, so a captured step
+    keeps reading the same tensors; a parameter saved without one starts at zero."""
+    for index, buf in zip(saved, buffers):
+        value = state_dict['state'].get(index, {}).get(key)
+        if value is None:
+            buf.zero_()
+        else:
+            buf.copy_(value)
+
+
 class SGD(torch.optim.Optimizer):
     """SGD with momentum, optional Nesterov and weight decay, computing what
     torch.optim.SGD computes, in a form a CUDA graph or torch.compile can
@@ -127,12 +139,7 @@ class SGD(torch.optim.Optimizer):
         if len(saved) != len(self.params):
             raise ValueError(f'the saved optimiser holds {len(saved)} parameters, this one '
                              f'{len(self.params)}')
-        for index, buf in zip(saved, self.buffers):
-            value = state_dict['state'].get(index, {}).get('momentum_buffer')
-            if value is None:
-                buf.zero_()
-            else:
-                buf.copy_(value)
+        restore_buffers(state_dict, 'momentum_buffer', saved, self.buffers)
         self.set_lr(groups[0]['lr'])
 
 
@@ -230,12 +237,7 @@ class DOT(SGD):
         if 'dot_kd_started' not in state_dict:
             raise ValueError('the saved optimiser is not DOT (it has no distillation momentum)')
         saved = [i for g in state_dict['param_groups'] for i in g['params']]
-        for index, buf in zip(saved, self.kd_buffers):
-            value = state_dict['state'].get(index, {}).get('momentum_kd_buffer')
-            if value is None:
-                buf.zero_()
-            else:
-                buf.copy_(value)
+        restore_buffers(state_dict, 'momentum_kd_buffer', saved, self.kd_buffers)
         self.kd_started.copy_(state_dict['dot_kd_started'])
 
 

@@ -134,15 +134,20 @@ class DKDDistiller(Distiller):
         return self.dkd.terms(s.out, t.out.detach(), batch.target)
 
 
+def check_settings(mode, a, num_class):
+    """DKD's settings (also SDD's on DKD): a ConfigError naming `mode` for one that cannot work."""
+    if a.dkd_warmup < 0:
+        raise ConfigError(f'{mode}: --dkd_warmup must be >= 0, got {a.dkd_warmup}')
+    if min(a.dkd_alpha, a.dkd_beta) < 0:
+        raise ConfigError(f'{mode}: --dkd_alpha ({a.dkd_alpha}) and --dkd_beta ({a.dkd_beta}) '
+                          f'must be >= 0')
+    if num_class < 2:
+        raise ConfigError(f'{mode} splits target and non-target classes: it needs 2 classes or more')
+
+
 def build(ctx):
     a = ctx.args
-    if a.dkd_warmup < 0:
-        raise ConfigError(f'dkd: --dkd_warmup must be >= 0, got {a.dkd_warmup}')
-    if min(a.dkd_alpha, a.dkd_beta) < 0:
-        raise ConfigError(f'dkd: --dkd_alpha ({a.dkd_alpha}) and --dkd_beta ({a.dkd_beta}) '
-                          f'must be >= 0')
-    if ctx.num_class < 2:
-        raise ConfigError('dkd splits target and non-target classes: it needs 2 classes or more')
+    check_settings('dkd', a, ctx.num_class)
     return DKDDistiller(DKD(a.dkd_alpha, a.dkd_beta, a.T, a.logit_stand), a.dkd_warmup)
 
 

@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dkd import DKD
+from .dkd import DKD, check_settings as check_dkd_settings
 from .registry import METHODS, ConfigError, Distiller, Flag, Method, PairSetting, pick, register
 
 __all__ = ['SDD', 'region_pool']
@@ -167,13 +167,7 @@ def build_kd(ctx):
 def build_dkd(ctx):
     a = ctx.args
     check('sdd_dkd', a)
-    if a.dkd_warmup < 0:
-        raise ConfigError(f'sdd_dkd: --dkd_warmup must be >= 0, got {a.dkd_warmup}')
-    if min(a.dkd_alpha, a.dkd_beta) < 0:
-        raise ConfigError(f'sdd_dkd: --dkd_alpha ({a.dkd_alpha}) and --dkd_beta ({a.dkd_beta}) '
-                          f'must be >= 0')
-    if ctx.num_class < 2:
-        raise ConfigError('sdd_dkd splits target and non-target classes: it needs 2 classes or more')
+    check_dkd_settings('sdd_dkd', a, ctx.num_class)
     loss = SDD(a.T, a.sdd_complementary, DKD(a.dkd_alpha, a.dkd_beta, a.T))
     return SDDDistiller(ctx, 'sdd_dkd', loss, scales_of(a), a.dkd_warmup)
 
