@@ -149,16 +149,17 @@ def build_parser():
 
 
 def method_schedule(method, args, given):
-    """The schedule flags the mode sets under args.protocol (its
-    `schedule_defaults`) that the command line leaves out; its lr gives way to
-    the protocol's own lower lr for small students (CRD_SMALL_LR_NETS)."""
-    values = dict(method.schedule_defaults.get(args.protocol, {}))
-    unknown = sorted(set(values) - set(SCHEDULE_FLAGS))
+    """{schedule flag: Default} that the mode sets under args.protocol for the
+    run's pair and the command line leaves out (Method.schedule: its
+    `schedule_defaults`, whose lr gives way to the protocol's own lower lr for
+    small students, CRD_SMALL_LR_NETS, and the pair's official schedule)."""
+    out = method.schedule(args.protocol, args.t_name, args.s_name,
+                          CRD_SMALL_LR_NETS if args.protocol == 'crd' else (),
+                          {name: getattr(args, name) for name in given if name in SCHEDULE_FLAGS})
+    unknown = sorted(set(out) - set(SCHEDULE_FLAGS))
     if unknown:
-        raise ValueError(f'{method.name}: schedule_defaults for flags that are not schedule flags {unknown}')
-    if args.protocol == 'crd' and args.s_name in CRD_SMALL_LR_NETS:
-        values.pop('lr', None)
-    return {name: value for name, value in values.items() if name not in given}
+        raise ValueError(f'{method.name}: schedule defaults for flags that are not schedule flags {unknown}')
+    return out
 
 
 def parse_args(argv=None, mode=None):
@@ -178,8 +179,8 @@ def parse_args(argv=None, mode=None):
     method = METHODS[args.kd_mode]
     on_command_line = flags_given(parser, argv)
     from_method = method_schedule(method, args, on_command_line)
-    for name, value in from_method.items():
-        setattr(args, name, value)
+    for name, default in from_method.items():
+        setattr(args, name, default.value)
     args = finalize_common_args(parser, args, args.s_name)
     if os.path.isdir(args.t_model):  # a folder of released teachers: --t_name's file in it
         try:
@@ -187,8 +188,8 @@ def parse_args(argv=None, mode=None):
         except UserError as e:
             raise UserError(f'--t_model: {e}') from None
     sources = schedule_sources(args, on_command_line, args.s_name)
-    for name in from_method:
-        sources[name] = f'default for {args.kd_mode} under --protocol {args.protocol}'
+    for name, default in from_method.items():
+        sources[name] = default.where
     check_optimizer(parser, args, on_command_line, sources)
     given = {name: getattr(args, name) for name in method.defaults_for(args.data_name, args.protocol)
              if getattr(args, name) is not None}

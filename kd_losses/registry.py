@@ -25,7 +25,8 @@ training loop uses it:
 A method can also declare a second, strongly augmented view of every image
 (`views=('weak', 'strong')`: its loader computes it, its step runs student
 and teacher on both) and its own values of schedule flags under a protocol
-(`schedule_defaults`, e.g. MLKD's lr).
+(`schedule_defaults`, e.g. MLKD's lr, and a pair's own schedule in its
+PairSetting, e.g. MLKD's 480 epochs for vgg13 -> MobileNetV2).
 
 A Distiller can also ask for pre-training phases (`pretrain_phases`), a
 per-epoch weight schedule (`kd_weight`), per-epoch state (`begin_epoch`),
@@ -77,11 +78,15 @@ class Flag:
 
 @dataclass(frozen=True)
 class PairSetting:
-    """The authors' setting for one teacher -> student pair: flag values
-    (e.g. {'dkd_beta': 2.0}) and where they come from (repository and file,
-    e.g. 'mdistiller configs/cifar100/dkd/res56_res20.yaml')."""
+    """The authors' setting for one teacher -> student pair: values of the
+    method's flags (e.g. {'dkd_beta': 2.0}), where they come from (repository
+    and file, e.g. 'mdistiller configs/cifar100/dkd/res56_res20.yaml'), and
+    values of schedule flags where the pair's official run has a schedule of
+    its own (e.g. {'epochs': 480, 'lr_decay_epochs': [150, 180, 210]}:
+    MLKD's small students; see Method.schedule)."""
     values: Mapping[str, Any]
     source: str
+    schedule: Mapping[str, Any] = field(default_factory=dict)
 
 
 # The protocol under which `pair_defaults` apply: the CIFAR-100 benchmark, whose
@@ -121,7 +126,8 @@ class Method:
     # Per --protocol, the method's own values of schedule flags left out (e.g.
     # {'crd': {'lr': 0.025}}: MLKD's official lr), over the protocol's; the
     # protocol's lower lr for its small students (flags.CRD_SMALL_LR_NETS)
-    # still applies. The log names the method as their source.
+    # still applies. A pair's PairSetting.schedule goes over both (see
+    # `schedule`). The log names the method (and the pair's source) as theirs.
     schedule_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # The views of each training image the method's step reads: ('weak',), the
     # crop and flip of every mode; ('weak', 'strong') adds the strong view
@@ -140,6 +146,29 @@ class Method:
         if protocol != PAIR_PROTOCOL:
             return None
         return self.pair_defaults.get(f'{teacher}:{student}')
+
+    def schedule(self, protocol, teacher=None, student=None, small_lr_students=(), given=None):
+        """{schedule flag: Default} that the method sets for teacher -> student
+        under `protocol`, for the flags not in `given` (those the command line
+        sets): its `schedule_defaults` (without their lr for a student in
+        `small_lr_students`, which keeps the protocol's own lower lr), then
+        the pair's PairSetting.schedule over them (under --protocol crd).
+        `given` maps those flags to their values. A pair's lr decays belong
+        to its length: where `given` sets another --epochs, they do not apply
+        (the protocol scales its own decays to the run)."""
+        given = given or {}
+        where = f'default for {self.name} under --protocol {protocol}'
+        values = dict(self.schedule_defaults.get(protocol, {}))
+        if student in small_lr_students:
+            values.pop('lr', None)
+        out = {name: Default(value, 'protocol', where) for name, value in values.items()}
+        pair = self.pair_setting(protocol, teacher, student)
+        if pair is not None:
+            pair_where = f'{where} for {teacher}->{student} ({pair.source})'
+            other_length = given.get('epochs', pair.schedule.get('epochs')) != pair.schedule.get('epochs')
+            out.update({name: Default(value, 'pair', pair_where) for name, value in pair.schedule.items()
+                        if not (other_length and name == 'lr_decay_epochs')})
+        return {name: default for name, default in out.items() if name not in given}
 
     def resolve(self, data_name, protocol='seed', teacher=None, student=None, given=()):
         """{setting: Default} for every setting the method reads, on
@@ -218,9 +247,13 @@ def check_pairs(method):
         if len(nets) != 2 or any(n not in NETWORKS for n in nets):
             raise ValueError(f'{method.name}: pair_defaults key {key!r} is not TEACHER:STUDENT of '
                              f'known networks ({" ".join(NETWORKS)})')
-        if not isinstance(setting, PairSetting) or not setting.values or not setting.source:
+        if not isinstance(setting, PairSetting) or not (setting.values or setting.schedule) \
+                or not setting.source:
             raise ValueError(f'{method.name}: pair_defaults[{key!r}] must be a PairSetting with '
-                             f'values and a source')
+                             f'values (or a schedule) and a source')
+        if 'lr_decay_epochs' in setting.schedule and 'epochs' not in setting.schedule:
+            raise ValueError(f'{method.name}: pair_defaults[{key!r}] gives lr decays without the '
+                             f'epochs they are meant for')
 
 
 def all_flags():

@@ -1,7 +1,7 @@
 """Each method's defaults are its authors' setting, cited: the values the
 official repositories set (written here as the literal cited values, with
-the file they come from), the per-pair settings under --protocol crd and
-their precedence, the log line naming each value's source, the registry's
+the file they come from), the per-pair settings under --protocol crd
+(MLKD's per-pair schedules too) and their precedence, the log line naming each value's source, the registry's
 checks of pair_defaults, and `python -m kd_losses --defaults MODE --pair T:S`."""
 import dataclasses
 import os
@@ -12,6 +12,7 @@ import kd_losses.dkd
 import kd_losses.st
 import train_kd
 import utils
+from flags import schedule_lines
 from conftest import StopRun, distill_argv
 from kd_losses import METHODS, Flag, Method, PairSetting, register
 from kd_losses.__main__ import main as kd_losses_main
@@ -222,13 +223,85 @@ def test_the_log_names_the_source_of_each_pair_value(base_run, tmp_path, stop_be
     assert '  dkd_alpha = 1.0 (default for dkd on cifar10 under --protocol crd)' in lines
 
 
+# ----------------------------------------------------------------------------- a pair's own schedule
+
+# MLKD's official schedules (Jin-Ying/Multi-Level-Logit-Distillation
+# configs/cifar100/ours/*.yaml): 240 epochs at lr 0.025 except these students,
+# at lr 0.01 for longer, every one with its decays at 150, 180, 210.
+MLKD_LONGER = {('vgg13', 'MobileNetV2'): 480, ('ResNet50', 'MobileNetV2'): 480,
+               ('wrn_40_2', 'ShuffleV1'): 480, ('resnet32x4', 'ShuffleV1'): 960,
+               ('resnet32x4', 'ShuffleV2'): 960}
+BENCHMARK_PAIRS = [('resnet56', 'resnet20'), ('resnet110', 'resnet20'), ('resnet110', 'resnet32'),
+                   ('resnet32x4', 'resnet8x4'), ('wrn_40_2', 'wrn_16_2'), ('wrn_40_2', 'wrn_40_1'),
+                   ('vgg13', 'vgg8'), ('vgg13', 'MobileNetV2'), ('ResNet50', 'MobileNetV2'),
+                   ('ResNet50', 'vgg8'), ('resnet32x4', 'ShuffleV1'), ('resnet32x4', 'ShuffleV2'),
+                   ('wrn_40_2', 'ShuffleV1')]
+
+
+@pytest.mark.parametrize('teacher, student', BENCHMARK_PAIRS)
+def test_mlkd_takes_its_official_schedule_of_each_pair_under_protocol_crd(teacher, student):
+    args, sources = resolved('mlkd', teacher, student)
+    longer = MLKD_LONGER.get((teacher, student))
+    small = student in ('MobileNetV2', 'ShuffleV1', 'ShuffleV2')
+    assert (args.epochs, args.lr, args.lr_decay_epochs, args.batch_size) == \
+        (longer or 240, 0.01 if small else 0.025, [150, 180, 210], 64)
+    if longer:  # the log names the pair's config for each value
+        config = {'vgg13': 'vgg13', 'ResNet50': 'res50', 'wrn_40_2': 'wrn40_2', 'resnet32x4': 'res32x4'}[teacher]
+        config += '_' + {'MobileNetV2': 'mv2', 'ShuffleV1': 'shuv1', 'ShuffleV2': 'shuv2'}[student]
+        for name in ('epochs', 'lr', 'lr_decay_epochs'):
+            assert sources[name] == (f'default for mlkd under --protocol crd for {teacher}->{student} '
+                                     f'(Multi-Level-Logit-Distillation configs/cifar100/ours/{config}.yaml '
+                                     f'lines 11-13)')
+        lines = schedule_lines(args, sources)
+        assert f'  epochs = {longer} ({sources["epochs"]})' in lines
+        assert f'  lr_decay_epochs = 150,180,210 ({sources["lr_decay_epochs"]})' in lines
+    else:
+        assert sources['epochs'] == '--protocol crd default'
+    # other modes keep the benchmark's schedule for the same pair
+    st, _ = resolved('st', teacher, student)
+    assert (st.epochs, st.lr) == (240, 0.01 if small else 0.05)
+
+
+def test_a_pairs_schedule_gives_way_to_the_command_line_and_holds_under_crd_only():
+    pair = ('resnet32x4', 'ShuffleV2')
+    # another length: the benchmark's decays scaled to it (the pair's are for 960 epochs)
+    args, sources = resolved('mlkd', *pair, extra=['--epochs', '30'])
+    assert (args.epochs, args.lr_decay_epochs, args.lr) == (30, [19, 23, 26], 0.01)
+    assert sources['epochs'] == 'command line' and 'scaled to 30' in sources['lr_decay_epochs']
+    # the pair's own length given: its decays hold
+    args, _ = resolved('mlkd', *pair, extra=['--epochs', '960'])
+    assert args.lr_decay_epochs == [150, 180, 210]
+    args, sources = resolved('mlkd', *pair, extra=['--lr_decay_epochs', '100,200', '--lr', '0.02'])
+    assert (args.epochs, args.lr_decay_epochs, args.lr) == (960, [100, 200], 0.02)
+    assert sources['lr'] == sources['lr_decay_epochs'] == 'command line'
+    args, _ = resolved('mlkd', *pair, protocol='seed')
+    assert (args.epochs, args.lr) == (200, 0.1)
+
+
+def test_the_cli_prints_a_pairs_schedule(capsys):
+    kd_losses_main(['--defaults', 'mlkd', '--pair', 'resnet32x4:ShuffleV1'])
+    out = capsys.readouterr().out.splitlines()
+    args, sources = resolved('mlkd', 'resnet32x4', 'ShuffleV1')
+    start = out.index("schedule, over --protocol crd's when the flag is left out:")
+    assert out[start + 1:start + 4] == [f'  {name} = {getattr(args, name)} ({sources[name]})'
+                                        for name in ('epochs', 'lr', 'lr_decay_epochs')]
+    kd_losses_main(['--defaults', 'mlkd', '--pair', 'resnet32x4:resnet8x4'])
+    out = capsys.readouterr().out.splitlines()
+    start = out.index("schedule, over --protocol crd's when the flag is left out:")
+    assert out[start + 1] == '  lr = 0.025 (default for mlkd under --protocol crd)'
+    assert out[start + 2] == 'with --logit_stand:'
+
+
 # ----------------------------------------------------------------------------- the registry's checks
 
 @pytest.mark.parametrize('pairs, message', [
     ({'resnet56->resnet20': PairSetting({'lambda_kd': 1.0}, 'a.yaml')}, 'not TEACHER:STUDENT'),
     ({'resnet56:resnet21': PairSetting({'lambda_kd': 1.0}, 'a.yaml')}, 'not TEACHER:STUDENT'),
     ({'resnet56:resnet20': PairSetting({'beta': 1.0}, 'a.yaml')}, 'undeclared flags'),
-    ({'resnet56:resnet20': PairSetting({'lambda_kd': 1.0}, '')}, 'values and a source'),
+    ({'resnet56:resnet20': PairSetting({'lambda_kd': 1.0}, '')}, 'and a source'),
+    ({'resnet56:resnet20': PairSetting({}, 'a.yaml')}, 'values (or a schedule) and a source'),
+    ({'resnet56:resnet20': PairSetting({}, 'a.yaml', schedule={'lr_decay_epochs': [150]})},
+     'lr decays without the epochs'),
     ({'resnet56:resnet20': {'lambda_kd': 1.0}}, 'must be a PairSetting'),
 ])
 def test_register_refuses_bad_pair_defaults(pairs, message):

@@ -104,6 +104,23 @@ def test_transcriptions_and_the_reference_source():
     assert len(published.matching('st', 'resnet32x4', 'resnet8x4')) == 6
 
 
+def test_mlkd_rows_carry_their_longer_schedule_and_second_view():
+    # the logit standardisation README trains MLKD with its configs/cifar100/mlkd/*.yaml:
+    # 480 epochs, 960 for resnet32x4 -> ShuffleV2, on a weak and a strong view
+    rows = [r for r in records_of(published.LOGIT_STAND) if r.method.startswith('mlkd')]
+    assert len(rows) == 28
+    for r in rows:
+        expected = 960 if (r.teacher, r.student) == ('resnet32x4', 'ShuffleV2') else 480
+        assert r.protocol.epochs == expected, r
+        assert 'RandAugment' in r.protocol.augmentation and f'{r.teacher}_{r.student}.yaml' in r.protocol.basis
+    # the other rows of the same tables keep the benchmark's 240 epochs and one view
+    others = [r for r in records_of(published.LOGIT_STAND) if not r.method.startswith('mlkd')]
+    assert others and all(r.protocol == published.LOGIT_STAND_PROTOCOL for r in others)
+    # a 240-epoch run of ours is marked as a shorter schedule beside it
+    record = next(r for r in rows if (r.method, r.student) == ('mlkd', 'ShuffleV2'))
+    assert '240 vs 960 epochs' in summarize.protocol_note({'epochs': 240}, record, 3)
+
+
 def test_protocol_says_what_is_not_stated():
     text = published.DIST_PROTOCOL.describe()
     assert 'epochs not stated' in text and 'mean ± std, runs not stated' in text
