@@ -218,10 +218,10 @@ DKD_PAIRS = {
 
 register(Method(
     name='sdd_kd', title='scale decoupled distillation on KD', paper='https://arxiv.org/abs/2403.13512',
-    transfers="last stage post-activation pooled at scales 1,2,4, each region through each net's "
+    transfers="the map each net's classifier averages (last stage post-activation; MobileNetV2/"
+              "ShuffleV2: their extra 1x1 conv's) pooled at scales 1,2,4, each region through the "
               'classifier; KD per region, complementary regions weighted 2',
-    variant="MobileNetV2/ShuffleV2: regions of the extra 1x1 conv's map their classifier reads; "
-            'per-pair scales under --protocol crd only',
+    variant='per-pair scales under --protocol crd only',
     build=build_kd,
     defaults=KD_SETTINGS,
     protocol_defaults={'crd': KD_SETTINGS},
@@ -231,10 +231,10 @@ register(Method(
 
 register(Method(
     name='sdd_dkd', title='scale decoupled distillation on DKD', paper='https://arxiv.org/abs/2403.13512',
-    transfers="last stage post-activation pooled at scales 1,2,4, each region through each net's "
+    transfers="the map each net's classifier averages (last stage post-activation; MobileNetV2/"
+              "ShuffleV2: their extra 1x1 conv's) pooled at scales 1,2,4, each region through the "
               'classifier; DKD per region, complementary regions weighted 2',
-    variant="MobileNetV2/ShuffleV2: regions of the extra 1x1 conv's map their classifier reads; "
-            'KD weight warmed up over 20 epochs (official: of 240); per-pair betas and scales under '
+    variant='KD weight warmed up over 20 epochs (official: of 240); per-pair betas and scales under '
             '--protocol crd only',
     build=build_dkd,
     defaults=DKD_SETTINGS,

@@ -358,6 +358,13 @@ def test_train_kd_runs_and_resumes(base_run, tmp_path, monkeypatch):
     ('sdd_dkd', ('resnet56', 'resnet20'), {'sdd_scales': '1,2,4', 'dkd_beta': 2.0}),
     ('sdd_dkd', ('wrn_40_2', 'wrn_16_2'), {'sdd_scales': '1,2,4', 'dkd_beta': 6.0}),
     ('sdd_dkd', ('resnet32x4', 'resnet8x4'), {'sdd_scales': '1,2,4', 'dkd_beta': 8.0}),
+    # MobileNetV2 / ShuffleV2 students: --M [1,2,4]; vgg13_mv2.yaml and wrn40_2_mv2.yaml
+    # set beta 6, res32x4_mv2.yaml (the one teacher_unpair.sh runs) none
+    ('sdd_kd', ('resnet32x4', 'ShuffleV2'), {'sdd_scales': '1,2,4'}),
+    ('sdd_dkd', ('vgg13', 'MobileNetV2'), {'sdd_scales': '1,2,4', 'dkd_beta': 6.0}),
+    ('sdd_dkd', ('wrn_40_2', 'MobileNetV2'), {'sdd_scales': '1,2,4', 'dkd_beta': 6.0}),
+    ('sdd_dkd', ('resnet32x4', 'MobileNetV2'), {'sdd_scales': '1,2,4', 'dkd_beta': 8.0}),
+    ('sdd_dkd', ('resnet32x4', 'ShuffleV2'), {'sdd_scales': '1,2,4', 'dkd_beta': 8.0}),
 ])
 def test_the_official_per_pair_settings_hold_under_protocol_crd_only(mode, pair, expected):
     crd = METHODS[mode].resolve('cifar100', 'crd', *pair)
