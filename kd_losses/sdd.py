@@ -182,8 +182,8 @@ def build_dkd(ctx):
     return SDDDistiller(ctx, 'sdd_dkd', loss, scales_of(a), a.dkd_warmup)
 
 
-FLAGS = {'sdd_scales': Flag(str, 'sdd: the pooling scales of the last feature map (1: the whole '
-                                 'map, 2: its quarters, 4: its 4x4 grid)', choices=SCALES),
+FLAGS = {'sdd_scales': Flag(str, 'sdd: the pooling scales of the map each classifier averages (1: '
+                                 'the whole map, 2: its quarters, 4: its 4x4 grid)', choices=SCALES),
          'sdd_complementary': Flag(float, 'sdd: weight of the regions whose teacher prediction is '
                                           'right where the global one is wrong, or wrong where it '
                                           'is right')}

@@ -212,7 +212,7 @@ def test_every_networks_classifier_reads_its_head_map():
         assert (shape == tuple(net.feature_shapes[last])) == (name not in ('MobileNetV2', 'ShuffleV2'))
 
 
-# ----------------------------------------------------------------------------- the head map of MobileNetV2 and ShuffleV2
+# ----------------------------------------------------------------------------- MobileNetV2, ShuffleV2
 
 # The module whose forward hook sees the map the classifier averages (before
 # its ReLU where the ReLU is not part of it).
@@ -228,8 +228,13 @@ def hook_head_maps(net):
     return maps
 
 
+def head_bn(net):
+    """The BatchNorm of the extra conv."""
+    return net.conv2[1] if net.name == 'MobileNetV2' else net.bn2
+
+
 def bn_state(net):
-    bn = net.conv2[1] if net.name == 'MobileNetV2' else net.bn2
+    bn = head_bn(net)
     return [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
 
 
@@ -248,7 +253,7 @@ def test_head_map_is_the_forwards_map_and_counts_nothing(name, train):
     assert tuple(head_map.shape[1:]) == net.head_map_shape
     assert torch.allclose(head_map.mean(dim=(2, 3)), feats.feat, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(before, bn_state(net)))  # nothing counted again
-    assert net.conv2[1].track_running_stats if name == 'MobileNetV2' else net.bn2.track_running_stats
+    assert head_bn(net).track_running_stats  # restored
 
 
 @pytest.mark.parametrize('cls', [nn.BatchNorm2d, nn.SyncBatchNorm, GlobalBatchNorm2d])
@@ -307,19 +312,21 @@ def test_region_logits_of_mobilenetv2_and_shufflev2_are_their_extra_convs_map(mo
     assert all(torch.equal(a, b) for a, b in zip(before, bn_state(student)))
     out_s, out_t = region_logits_seen[0]
     assert out_s.shape == out_t.shape == (2, 21, 10)
-    np.testing.assert_allclose(out_s.detach().double().numpy(), np_region_logits(s_maps[0], student.head),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out_s.detach().double().numpy(),
+                               np_region_logits(s_maps[0], student.head), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out_t.double().numpy(), np_region_logits(t_maps[0], teacher.head),
                                rtol=1e-4, atol=1e-5)
     # region 0 is the global one: the network's own logits
     assert torch.allclose(out_s[:, 0], s.out, rtol=1e-4, atol=1e-5)
     assert torch.allclose(out_t[:, 0], t.out, rtol=1e-4, atol=1e-5)
-    # the loss alone trains the student's extra conv (and reaches the last stage)
+    # the loss alone trains the student's extra conv, and through it the last stage
     loss = out if torch.is_tensor(out) else sum(out.values())
     loss.backward()
     conv = student.conv2[0] if student_name == 'MobileNetV2' else student.conv2
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
     assert student.head.weight.grad.abs().sum() > 0
+    last_stage = student.blocks[-1] if student_name == 'MobileNetV2' else student.layer3
+    assert sum(p.grad.abs().sum() for p in last_stage.parameters() if p.grad is not None) > 0
 
 
 def test_official_defaults():
