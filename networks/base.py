@@ -1,8 +1,8 @@
 """What every network of the zoo returns and offers: the features that
 distillation methods read (`Features`, `Features4`) and the base class with
 `name`, `num_class`, `feature_shapes`, `head` and `head_map`, and the
-initialisation the families share. The network families import this module; `network`
-registers the families."""
+initialisation the families share. The network families import this
+module; `network` registers the families."""
 from typing import NamedTuple, Tuple
 
 import torch
