@@ -28,8 +28,13 @@ how. Both are tuples, so `stem, rb1, rb2, rb3, feat, out = net(x)` works as in
 the seed; `.stages` gives the stage pairs.
 
 Every network also has `name` (its key in NETWORKS), `num_class`,
-`feature_shapes` (per-sample shape of each output) and `head` (the final
-nn.Linear, `out = head(feat)`).
+`feature_shapes` (per-sample shape of each output), `head` (the final
+nn.Linear, `out = head(feat)`) and `head_map(x)`: the map whose global
+average is `feat`, from the last stage's post-activation map x. That is x
+itself except in MobileNetV2 and ShuffleV2, whose classifier reads an extra
+1x1 conv + BN + ReLU after the last stage: there head_map runs that conv
+again, its BN not counting the batch a second time (same input, same batch
+statistics: the forward's map). `head_map_shape` is its per-sample shape.
 """
 from networks.base import Features, Features4, ZooNetwork
 from networks.mobilenetv2 import MobileNetV2

@@ -12,7 +12,8 @@ follow RepDistiller's list (at width 0.5):
 - `rb1`..`rb4`: the outputs of block groups 1, 2, 4 and 6 (f1..f4): 12 x 16 x
   16, 16 x 8 x 8, 48 x 4 x 4, 160 x 2 x 2. Each ends in a linear bottleneck
   (BN, no ReLU), so pre and post are the same tensor.
-- `feat`: the 1x1 conv's activation averaged, 1280 values.
+- `feat`: the 1x1 conv's activation averaged, 1280 values. `head_map(x)`
+  recomputes that activation (1280 x 2 x 2) from rb4's map x.
 
 Parameter names are RepDistiller's (`conv1.{0,1}`, `blocks.g.i.conv.k`,
 `conv2.{0,1}`, `classifier.0`).
@@ -20,7 +21,7 @@ Parameter names are RepDistiller's (`conv1.{0,1}`, `blocks.g.i.conv.k`,
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.base import Features4, ZooNetwork, initialise
+from networks.base import Features4, ZooNetwork, initialise, untracked_batch_stats
 
 # (expansion, channels, blocks, first stride) per group; expansion None = the network's.
 GROUPS = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
@@ -76,6 +77,15 @@ class MobileNetV2(ZooNetwork):
     @property
     def head(self):
         return self.classifier[0]
+
+    def head_map(self, x):
+        """The 1x1 conv's activation, whose average is `feat`, from rb4's map x;
+        its BN does not count the batch again."""
+        return untracked_batch_stats(self.conv2[1], self.conv2, x)
+
+    @property
+    def head_map_shape(self):
+        return (self.last_channels, *self.feature_shapes['rb4'][1:])
 
     @property
     def feature_shapes(self):

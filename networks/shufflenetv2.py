@@ -14,7 +14,8 @@ The features follow RepDistiller's preact list:
   channel shuffle while the output is after it; pre here is that tensor
   shuffled the same way (the same values, channels in output order), so that
   post == relu(pre) (the kept half is post-ReLU already).
-- `feat`: the 1x1 conv's activation averaged, 1024 values.
+- `feat`: the 1x1 conv's activation averaged, 1024 values. `head_map(x)`
+  recomputes that activation (1024 x 4 x 4) from rb3's map x.
 
 Parameter names are RepDistiller's (`conv1, bn1, layer1..3.i.{conv1..5,
 bn1..5}, conv2, bn2, linear`); PyTorch's default initialisation, as there.
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.base import Features, ZooNetwork
+from networks.base import Features, ZooNetwork, untracked_batch_stats
 from networks.shufflenetv1 import channel_shuffle
 
 
@@ -106,6 +107,19 @@ class ShuffleNetV2(ZooNetwork):
     def head(self):
         return self.linear
 
+    def head_conv(self, x):
+        """The 1x1 conv to `last_channels`, BN and ReLU after the last stage:
+        the map the forward averages into `feat`."""
+        return F.relu(self.bn2(self.conv2(x)))
+
+    def head_map(self, x):
+        """head_conv(x) from rb3's map x, its BN not counting the batch again."""
+        return untracked_batch_stats(self.bn2, self.head_conv, x)
+
+    @property
+    def head_map_shape(self):
+        return (self.linear.in_features, *self.feature_shapes['rb3'][1:])
+
     @property
     def feature_shapes(self):
         w1, w2, w3 = self.widths
@@ -118,7 +132,7 @@ class ShuffleNetV2(ZooNetwork):
         rb1 = self.layer1(stem[1])
         rb2 = self.layer2(rb1[1])
         rb3 = self.layer3(rb2[1])
-        feat = F.relu(self.bn2(self.conv2(rb3[1]))).mean(dim=(2, 3))
+        feat = self.head_conv(rb3[1]).mean(dim=(2, 3))
         return Features(stem, rb1, rb2, rb3, feat, self.linear(feat))
 
 

@@ -2,17 +2,25 @@
 against a float64 numpy computation of the official formula (regions pooled
 by explicit slices, each through the classifier, KD or DKD per region,
 complementary regions weighted), the one-scale case equal to plain KD / DKD,
-the pairs it refuses, and a train_kd run that resumes bitwise."""
+the head map of MobileNetV2 and ShuffleV2 (their extra conv's output, as the
+forward computed it, BN statistics untouched) and their region logits
+against the map hooked in the forward, the pairs it refuses, and a train_kd
+run that resumes bitwise."""
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import train_kd
-from conftest import (assert_same_run, distill_argv, make_context, metrics_rows,
+from conftest import (SHAPES, assert_same_run, distill_argv, make_context, metrics_rows,
                       stop_after_first_epoch_then_resume)
+from dataset import Batch
+from distributed import GlobalBatchNorm2d
 from kd_losses import DKD, METHODS, SDD, ConfigError, SoftTarget, region_pool
 from kd_losses.sdd import region_logits
+from network import NETWORKS, ZooNetwork, build_network
+from networks.base import untracked_batch_stats
 
 
 # ----------------------------------------------------------------------------- the pooling by hand
@@ -30,6 +38,31 @@ def test_region_pool_by_hand():
     fm[0, 1, 4:, :4] = 8.0   # bottom-left quarter of channel 1
     pooled = region_pool(fm, (1, 2))[0]
     assert pooled.tolist() == [[1.0, 0.0, 4.0, 0.0, 0.0], [2.0, 0.0, 0.0, 8.0, 0.0]]
+
+
+def test_region_pool_of_a_2x2_map_repeats_its_pixels_as_the_official_spp():
+    # the official SPP pools any map to 4x4 first: MobileNetV2's 2x2 map has
+    # each pixel repeated 2x2, so its 16 regions are each pixel 4 times
+    fm = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    pooled = region_pool(fm, (1, 2, 4))[0, 0].tolist()
+    assert pooled[0] == 2.5
+    assert pooled[1:5] == [1.0, 2.0, 3.0, 4.0]
+    assert pooled[5:] == [1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 3.0, 3.0, 4.0, 4.0]
+    assert region_pool(fm, (1, 2))[0, 0].tolist() == [2.5, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_region_pool_of_a_map_that_4_does_not_divide_is_the_official_adaptive_one():
+    # 6x6 -> 4x4 adaptive bins overlap: rows/columns [0,2), [1,3), [3,5), [4,6);
+    # the coarser scales are means of that grid, not of the map
+    fm = torch.arange(36.0).view(1, 1, 6, 6) ** 2
+    bins = [(0, 2), (1, 3), (3, 5), (4, 6)]
+    grid = np.array([[fm[0, 0, r0:r1, c0:c1].double().mean().item() for c0, c1 in bins]
+                     for r0, r1 in bins])
+    quarters = [grid[r:r + 2, c:c + 2].mean() for r in (0, 2) for c in (0, 2)]
+    expected = [grid.mean(), *quarters, *grid.reshape(-1)]
+    np.testing.assert_allclose(region_pool(fm, (1, 2, 4))[0, 0].double().numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(region_pool(fm, (1, 2))[0, 0].double().numpy(), expected[:5], rtol=1e-6)
+    assert grid.mean() != pytest.approx(fm.double().mean().item())  # the case tells them apart
 
 
 def test_region_weights_by_hand():
@@ -123,12 +156,17 @@ def test_one_scale_is_plain_kd_and_dkd():
 
 # ----------------------------------------------------------------------------- the distiller
 
-class Net(nn.Module):
-    """What SDD reads of a network: its classifier."""
+class Net(ZooNetwork):
+    """What SDD reads of a network: its classifier, and its head map, here
+    the base class's (the last stage's map, resnet20's shapes)."""
 
     def __init__(self, channels, num_class=10):
         super().__init__()
         self.head = nn.Linear(channels, num_class)
+
+    @property
+    def feature_shapes(self):
+        return {**SHAPES, 'out': (self.head.out_features,)}
 
 
 @pytest.mark.parametrize('mode', ['sdd_kd', 'sdd_dkd'])
@@ -155,18 +193,140 @@ def test_distiller_uses_each_networks_classifier_and_trains_the_students(mode):
 
 @pytest.mark.parametrize('mode', ['sdd_kd', 'sdd_dkd'])
 def test_pairs_it_cannot_apply_to_are_refused_with_the_shapes(mode):
-    from test_methods_across_pairs import context
-    for student in ('MobileNetV2', 'ShuffleV2'):  # their head reads an extra conv
-        with pytest.raises(ConfigError, match=r"student's classifier reads \d+ features.*student rb"):
-            METHODS[mode].build(context(mode, 'resnet32x4', student))
-    ctx = make_context(mode, student=Net(64), teacher=Net(64))
-    ctx.student_shapes = {**ctx.student_shapes, 'rb3': (64, 6, 6)}  # 6 does not split in 4
-    with pytest.raises(ConfigError, match=r'cannot be split into 4x4 regions .*\(64, 6, 6\)'):
-        METHODS[mode].build(ctx)
-    ctx.args.sdd_scales = '1,2'  # but in 2x2 it does
-    METHODS[mode].build(ctx)
+    # a classifier that does not read the head map's channels
+    with pytest.raises(ConfigError, match=r"student's classifier reads 32 features, not its head "
+                                          r'map pooled \(student head map \(64, 8, 8\), teacher'):
+        METHODS[mode].build(make_context(mode, student=Net(32), teacher=Net(64)))
     with pytest.raises(ConfigError, match='numbers of classes'):
         METHODS[mode].build(make_context(mode, student=Net(64), teacher=Net(64, 7)))
+
+
+def test_every_networks_classifier_reads_its_head_map():
+    for name in NETWORKS:
+        with torch.device('meta'):  # shapes only
+            net = build_network(name, 10)
+        shape = net.head_map_shape
+        assert net.head.in_features == shape[0], name
+        last = [k for k in net.feature_shapes if k.startswith('rb')][-1]
+        assert shape[1:] == tuple(net.feature_shapes[last][1:]), name
+        assert (shape == tuple(net.feature_shapes[last])) == (name not in ('MobileNetV2', 'ShuffleV2'))
+
+
+# ----------------------------------------------------------------------------- MobileNetV2, ShuffleV2
+
+# The module whose forward hook sees the map the classifier averages (before
+# its ReLU where the ReLU is not part of it).
+HEAD_MAP_MODULE = {'MobileNetV2': ('conv2', False), 'ShuffleV2': ('bn2', True)}
+
+
+def hook_head_maps(net):
+    """The list that collects, at each call, the map the classifier averages."""
+    module, then_relu = HEAD_MAP_MODULE[net.name]
+    maps = []
+    getattr(net, module).register_forward_hook(
+        lambda m, inputs, out: maps.append(F.relu(out) if then_relu else out.clone()))
+    return maps
+
+
+def head_bn(net):
+    """The BatchNorm of the extra conv."""
+    return net.conv2[1] if net.name == 'MobileNetV2' else net.bn2
+
+
+def bn_state(net):
+    bn = head_bn(net)
+    return [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+
+
+@pytest.mark.parametrize('name', ['MobileNetV2', 'ShuffleV2'])
+@pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
+def test_head_map_is_the_forwards_map_and_counts_nothing(name, train):
+    torch.manual_seed(0)
+    net = build_network(name, 10).train(train)
+    maps = hook_head_maps(net)
+    with torch.no_grad():
+        feats = net(torch.randn(3, 3, 32, 32))
+        before = bn_state(net)
+        assert before[2].item() == int(train)  # the forward counted its batch (train mode)
+        head_map = net.head_map(feats.stages[-1][1])
+    assert torch.equal(head_map, maps[0])  # same input, same statistics: bitwise
+    assert tuple(head_map.shape[1:]) == net.head_map_shape
+    assert torch.allclose(head_map.mean(dim=(2, 3)), feats.feat, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(before, bn_state(net)))  # nothing counted again
+    assert head_bn(net).track_running_stats  # restored
+
+
+@pytest.mark.parametrize('cls', [nn.BatchNorm2d, nn.SyncBatchNorm, GlobalBatchNorm2d])
+def test_untracked_batch_stats_normalises_by_the_batch_and_updates_nothing(cls):
+    bn = cls(3).train()
+    nn.init.normal_(bn.running_mean)
+    x = torch.randn(4, 3, 2, 2) * 3 + 1
+    before = [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    y = untracked_batch_stats(bn, bn, x)
+    assert all(torch.equal(a, b) for a, b in zip(before, (bn.running_mean, bn.running_var,
+                                                            bn.num_batches_tracked)))
+    xd = x.double()
+    mean, var = xd.mean(dim=(0, 2, 3), keepdim=True), xd.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    assert torch.allclose(y.double(), (xd - mean) / torch.sqrt(var + bn.eps), atol=1e-5)
+    assert bn.track_running_stats
+    bn.eval()  # in eval mode the running statistics, as ever
+    y = untracked_batch_stats(bn, bn, x)
+    expected = (xd - bn.running_mean.double()[:, None, None]) / (1.0 + bn.eps) ** 0.5  # running_var is 1
+    assert torch.allclose(y.double(), expected, atol=1e-5)
+
+
+def np_region_logits(fm, head):
+    """[B, N, K] in float64: the map made a 4x4 grid (a 2x2 map's pixels
+    repeated), the means of its 1x1, 2x2 and 4x4 blocks row by row, each
+    through the classifier."""
+    fm = fm.detach().double().numpy()
+    r = 4 // fm.shape[2]
+    grid = fm.repeat(r, axis=2).repeat(r, axis=3)
+    b, c = grid.shape[:2]
+    regions = [grid.reshape(b, c, s, 4 // s, s, 4 // s).mean(axis=(3, 5)).reshape(b, c, s * s)
+               for s in (1, 2, 4)]
+    pooled = np.concatenate(regions, axis=2).transpose(0, 2, 1)
+    return pooled @ head.weight.detach().double().numpy().T + head.bias.detach().double().numpy()
+
+
+@pytest.mark.parametrize('student_name, teacher_name', [('MobileNetV2', 'ShuffleV2'),
+                                                          ('ShuffleV2', 'MobileNetV2')])
+@pytest.mark.parametrize('mode', ['sdd_kd', 'sdd_dkd'])
+def test_region_logits_of_mobilenetv2_and_shufflev2_are_their_extra_convs_map(mode, student_name,
+                                                                             teacher_name):
+    torch.manual_seed(1)
+    student = build_network(student_name, 10).train()
+    teacher = build_network(teacher_name, 10).eval().requires_grad_(False)
+    s_maps, t_maps = hook_head_maps(student), hook_head_maps(teacher)
+    ctx = make_context(mode, student=student, teacher=teacher)
+    ctx.student_shapes, ctx.teacher_shapes = student.feature_shapes, teacher.feature_shapes
+    distiller = METHODS[mode].build(ctx)
+    region_logits_seen = []
+    distiller.sdd.register_forward_hook(lambda m, inputs, out: region_logits_seen.append(inputs[:2]))
+    img = torch.randn(2, 3, 32, 32)
+    s = student(img)
+    with torch.no_grad():
+        t = teacher(img)
+    before = bn_state(student)
+    out = distiller(s, t, Batch(img, torch.tensor([1, 2]), torch.tensor([0, 1])))
+    assert all(torch.equal(a, b) for a, b in zip(before, bn_state(student)))
+    out_s, out_t = region_logits_seen[0]
+    assert out_s.shape == out_t.shape == (2, 21, 10)
+    np.testing.assert_allclose(out_s.detach().double().numpy(),
+                               np_region_logits(s_maps[0], student.head), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out_t.double().numpy(), np_region_logits(t_maps[0], teacher.head),
+                               rtol=1e-4, atol=1e-5)
+    # region 0 is the global one: the network's own logits
+    assert torch.allclose(out_s[:, 0], s.out, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out_t[:, 0], t.out, rtol=1e-4, atol=1e-5)
+    # the loss alone trains the student's extra conv, and through it the last stage
+    loss = out if torch.is_tensor(out) else sum(out.values())
+    loss.backward()
+    conv = student.conv2[0] if student_name == 'MobileNetV2' else student.conv2
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert student.head.weight.grad.abs().sum() > 0
+    last_stage = student.blocks[-1] if student_name == 'MobileNetV2' else student.layer3
+    assert sum(p.grad.abs().sum() for p in last_stage.parameters() if p.grad is not None) > 0
 
 
 def test_official_defaults():
@@ -205,6 +365,13 @@ def test_train_kd_runs_and_resumes(base_run, tmp_path, monkeypatch):
     ('sdd_dkd', ('resnet56', 'resnet20'), {'sdd_scales': '1,2,4', 'dkd_beta': 2.0}),
     ('sdd_dkd', ('wrn_40_2', 'wrn_16_2'), {'sdd_scales': '1,2,4', 'dkd_beta': 6.0}),
     ('sdd_dkd', ('resnet32x4', 'resnet8x4'), {'sdd_scales': '1,2,4', 'dkd_beta': 8.0}),
+    # MobileNetV2 / ShuffleV2 students: --M [1,2,4]; vgg13_mv2.yaml and wrn40_2_mv2.yaml
+    # set beta 6, res32x4_mv2.yaml (the one teacher_unpair.sh runs) none
+    ('sdd_kd', ('resnet32x4', 'ShuffleV2'), {'sdd_scales': '1,2,4'}),
+    ('sdd_dkd', ('vgg13', 'MobileNetV2'), {'sdd_scales': '1,2,4', 'dkd_beta': 6.0}),
+    ('sdd_dkd', ('wrn_40_2', 'MobileNetV2'), {'sdd_scales': '1,2,4', 'dkd_beta': 6.0}),
+    ('sdd_dkd', ('resnet32x4', 'MobileNetV2'), {'sdd_scales': '1,2,4', 'dkd_beta': 8.0}),
+    ('sdd_dkd', ('resnet32x4', 'ShuffleV2'), {'sdd_scales': '1,2,4', 'dkd_beta': 8.0}),
 ])
 def test_the_official_per_pair_settings_hold_under_protocol_crd_only(mode, pair, expected):
     crd = METHODS[mode].resolve('cifar100', 'crd', *pair)
