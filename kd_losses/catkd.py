@@ -3,9 +3,12 @@
 Guo, Yan, Li, Lin: "Class Attention Transfer Based Knowledge Distillation",
 CVPR 2023, https://arxiv.org/abs/2304.12777
 
-Class activation maps (CAMs) of the last stage: for each class k,
-CAM_k = sum_c W[k, c] * F_c, with F the last stage's post-activation map and
-W the weight of the network's own classifier (the classifier is a 1x1 conv
+Class activation maps (CAMs) of the map each classifier reads: for each
+class k, CAM_k = sum_c W[k, c] * F_c, with F the network's head map (the
+last stage's post-activation map; in MobileNetV2 and ShuffleV2 the output of
+their extra 1x1 conv + BN + ReLU after it, `net.head_map`, networks/base.py,
+recomputed without counting the batch in its BN statistics again) and W the
+weight of the network's own classifier (the classifier is a 1x1 conv
 without bias applied before the global pooling in the official networks,
 the same linear map). The student's CAMs use its own head's weight (trained,
 so CAT also trains the student's classifier); the teacher's use its frozen
@@ -36,22 +39,18 @@ the log. The 13 benchmark pairs without an official config
 (resnet110->resnet20, ResNet50->vgg8) keep the resnet56 -> resnet20 setting.
 
 Departures: the official student's classifier is a bias-free 1x1 conv; ours
-keeps its Linear head with bias (the bias is not part of the CAM). Needs
-networks whose head reads the global average of the last stage: not
-MobileNetV2 or ShuffleV2 (their head reads an extra 1x1 conv after the last
-stage, which the zoo's features do not expose): ConfigError. Loss in float32.
+keeps its Linear head with bias (the bias is not part of the CAM). Loss in
+float32.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from networks.base import last_stage
+
 from .registry import ConfigError, Distiller, Flag, Method, PairSetting, pick, register
 
 __all__ = ['CATKD']
-
-
-def last_stage(shapes):
-    return [k for k in shapes if k.startswith('rb')][-1]
 
 
 class CATKD(nn.Module):
@@ -78,12 +77,12 @@ class CATKDDistiller(Distiller):
         if ctx.student is None or ctx.teacher is None:
             raise ConfigError("catkd reads both networks' classifiers: the context must give them")
         self.s_key, self.t_key = last_stage(ctx.student_shapes), last_stage(ctx.teacher_shapes)
-        s_shape, t_shape = ctx.student_shapes[self.s_key], ctx.teacher_shapes[self.t_key]
+        s_shape, t_shape = tuple(ctx.student.head_map_shape), tuple(ctx.teacher.head_map_shape)
         for who, net, shape in (('student', ctx.student, s_shape), ('teacher', ctx.teacher, t_shape)):
-            if net.head.in_features != shape[0]:
+            if net.head.in_features != shape[0]:  # a network whose head_map is not what its head reads
                 raise ConfigError(f"catkd: the {who}'s classifier reads {net.head.in_features} "
-                                  f'features, not its last stage pooled (student {self.s_key} '
-                                  f'{tuple(s_shape)}, teacher {self.t_key} {tuple(t_shape)})')
+                                  f'features, not its head map pooled (student head map {s_shape}, '
+                                  f'teacher head map {t_shape})')
         if ctx.student.head.out_features != ctx.teacher.head.out_features:
             raise ConfigError('catkd: student and teacher classify different numbers of classes')
         self.cat = CATKD(resolution, normalize)
@@ -91,8 +90,10 @@ class CATKDDistiller(Distiller):
 
     def forward(self, s, t, batch):
         student, teacher = self.nets
-        return self.cat(pick(s, self.s_key, 'post'), student.head.weight,
-                        pick(t, self.t_key, 'post').detach(), teacher.head.weight.detach())
+        with torch.no_grad():  # detached too where head_map is the map itself
+            fm_t = teacher.head_map(pick(t, self.t_key, 'post')).detach()
+        return self.cat(student.head_map(pick(s, self.s_key, 'post')), student.head.weight,
+                        fm_t, teacher.head.weight.detach())
 
 
 def build(ctx):
@@ -101,8 +102,9 @@ def build(ctx):
 
 register(Method(
     name='catkd', title='class attention transfer', paper='https://arxiv.org/abs/2304.12777',
-    transfers="last stage post-activation x each net's classifier weights (class activation "
-              'maps), average-pooled, MSE',
+    transfers="the map each net's classifier averages (last stage post-activation; MobileNetV2/"
+              "ShuffleV2: their extra 1x1 conv's) x its classifier weights (class activation maps), "
+              'average-pooled, MSE',
     variant="official resnet56->resnet20 settings (beta 0.7), per pair under --protocol crd; "
             "the student's head keeps its bias",
     build=build,

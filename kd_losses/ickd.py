@@ -25,13 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from networks.base import last_stage
+
 from .registry import Distiller, Method, pick, register
 
 __all__ = ['ICKD']
-
-
-def last_stage(shapes):
-    return [k for k in shapes if k.startswith('rb')][-1]
 
 
 def channel_correlation(fm):

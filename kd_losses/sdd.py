@@ -69,6 +69,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from networks.base import last_stage
+
 from .dkd import DKD, check_settings as check_dkd_settings
 from .registry import METHODS, ConfigError, Distiller, Flag, Method, PairSetting, pick, register
 
@@ -122,10 +124,6 @@ class SDD(nn.Module):
                 return {'kd': (weight * kl).sum()}
             terms = self.dkd.sample_terms(rows_s, rows_t, rows_target)
             return {name: (weight * value).sum() for name, value in terms.items()}
-
-
-def last_stage(shapes):
-    return [k for k in shapes if k.startswith('rb')][-1]
 
 
 class SDDDistiller(Distiller):

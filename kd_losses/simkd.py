@@ -40,13 +40,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from networks.base import last_stage
+
 from .registry import ConfigError, Distiller, Flag, Method, pick, register
 
 __all__ = ['SimKD', 'SimKDStudent']
-
-
-def last_stage(shapes):
-    return [k for k in shapes if k.startswith('rb')][-1]
 
 
 def projector(in_ch, out_ch, factor):

@@ -228,3 +228,29 @@ def assert_same_run(a_dir, b_dir, net_keys=('net',)):
         for name, value in a.get(key, {}).items():
             assert torch.equal(value, b[key][name]), f'{key}.{name} differs after resume'
     assert metrics_rows(a_dir) == metrics_rows(b_dir)
+
+
+# ----------------------------------------------------------------------------- head maps
+
+# The module whose forward hook sees the map the classifier averages (before
+# its ReLU where the ReLU is not part of it).
+HEAD_MAP_MODULE = {'MobileNetV2': ('conv2', False), 'ShuffleV2': ('bn2', True)}
+
+
+def hook_head_maps(net):
+    """The list that collects, at each call, the map the classifier averages."""
+    module, then_relu = HEAD_MAP_MODULE[net.name]
+    maps = []
+    getattr(net, module).register_forward_hook(
+        lambda m, inputs, out: maps.append(torch.relu(out) if then_relu else out.clone()))
+    return maps
+
+
+def head_bn(net):
+    """The BatchNorm of the extra conv."""
+    return net.conv2[1] if net.name == 'MobileNetV2' else net.bn2
+
+
+def bn_state(net):
+    bn = head_bn(net)
+    return [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]

@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train_kd
-from conftest import (SHAPES, assert_same_run, distill_argv, make_context, metrics_rows,
-                      stop_after_first_epoch_then_resume)
+from conftest import (SHAPES, assert_same_run, bn_state, distill_argv, head_bn, hook_head_maps,
+                      make_context, metrics_rows, stop_after_first_epoch_then_resume)
 from dataset import Batch
 from distributed import GlobalBatchNorm2d
 from kd_losses import DKD, METHODS, SDD, ConfigError, SoftTarget, region_pool
@@ -213,30 +213,6 @@ def test_every_networks_classifier_reads_its_head_map():
 
 
 # ----------------------------------------------------------------------------- MobileNetV2, ShuffleV2
-
-# The module whose forward hook sees the map the classifier averages (before
-# its ReLU where the ReLU is not part of it).
-HEAD_MAP_MODULE = {'MobileNetV2': ('conv2', False), 'ShuffleV2': ('bn2', True)}
-
-
-def hook_head_maps(net):
-    """The list that collects, at each call, the map the classifier averages."""
-    module, then_relu = HEAD_MAP_MODULE[net.name]
-    maps = []
-    getattr(net, module).register_forward_hook(
-        lambda m, inputs, out: maps.append(F.relu(out) if then_relu else out.clone()))
-    return maps
-
-
-def head_bn(net):
-    """The BatchNorm of the extra conv."""
-    return net.conv2[1] if net.name == 'MobileNetV2' else net.bn2
-
-
-def bn_state(net):
-    bn = head_bn(net)
-    return [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
-
 
 @pytest.mark.parametrize('name', ['MobileNetV2', 'ShuffleV2'])
 @pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
