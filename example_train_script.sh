@@ -42,6 +42,9 @@
 #   SEEDS="2"              one full replicate per seed (the summary gives mean +- std)
 #   EPOCHS=200             (crd: 240) another value shortens the schedule and adds
 #                          -e<EPOCHS> to every run's name, so its runs stay apart
+#   SCHEDULES=table        table: every run trains EPOCHS; authors (TABLE=crd): a KD run whose
+#                          authors train its pair longer trains their schedule, named -e<its epochs>
+#                          (MLKD: 480 or 960 epochs for five pairs; python -m kd_losses --own_epochs T S)
 #   EXTRA_ARGS=""          appended to every command (e.g. "--no_download", "--device cpu")
 #   KD_ARGS=""             appended to train_kd.py commands (e.g. "--init_epochs 5")
 #   SHARE_TEACHER=1        the KD runs of one dataset, pair and seed share one process and one
@@ -133,6 +136,23 @@ if [ "$TABLE" = crd ] && [ -n "$MODES" ] && [ -n "$PAIRS" ] && [ -n "$SEEDS" ]; 
     done
 fi
 
+# ---- SCHEDULES=authors: the KD runs whose authors train their pair longer (OWN_EPOCHS["data pair mode"])
+declare -A OWN_EPOCHS=()
+if [ "$SCHEDULES" = authors ] && [ -n "$MODES" ] && [ -n "$PAIRS" ]; then
+    nets=()
+    for pair in $PAIRS; do nets+=("${pair%%:*}" "${pair##*:}"); done
+    answer=$("$PYTHON" -m kd_losses --own_epochs "${nets[@]}" --protocol crd) ||
+        die "python -m kd_losses --own_epochs failed (see above)"
+    read -r -a pairs <<< "$PAIRS"
+    i=0
+    while IFS= read -r line; do  # one line per pair: MODE:EPOCHS ...
+        for own in $line; do
+            for data in $DATASETS; do OWN_EPOCHS["$data ${pairs[i]} ${own%%:*}"]=${own##*:}; done
+        done
+        i=$((i + 1))
+    done <<< "$answer"
+fi
+
 # ---- released teachers (TEACHERS=DIR): each teacher's file, found in either layout
 declare -A TEACHER_FILE=()
 if [ -n "$TEACHERS" ] && [ -n "$MODES" ] && [ -n "$SEEDS" ] && [ -n "$DATASETS" ]; then
@@ -159,6 +179,11 @@ kd_run() {  # the KD run of modes "$@" (one: a run of its own; several: one proc
         t_model="$BASE_DIR/model_best.pth.tar"
     fi
     run_id "$data" "$t" "$s"  # (after base_dir, which sets RUN_ID too)
+    local schedule=("${SCHEDULE[@]}")
+    if [ -n "$OWN_LENGTH" ]; then  # the authors' length for the pair: their schedule, not --epochs
+        RUN_ID+="-e$OWN_LENGTH"
+        schedule=(--protocol crd)
+    fi
     if (( $# == 1 )); then
         note="${VARIANT:-$1}-$RUN_ID"; dir="$RESULTS/${VARIANT:-$1}"; modes=$1
     else
@@ -172,9 +197,10 @@ kd_run() {  # the KD run of modes "$@" (one: a run of its own; several: one proc
         --t_name "$t" --s_name "$s" --kd_mode "$modes" \
         --t_model "$t_model" --s_init "$s_dir/${INITIAL[$s]}" \
         --img_root "$DATA_ROOT" --save_root "$dir" --note "$note" \
-        "${SCHEDULE[@]}" --seed "$seed" "${VARIANT_FLAGS[@]}" "${KD_EXTRA[@]}" "${EXTRA[@]}"
+        "${schedule[@]}" --seed "$seed" "${VARIANT_FLAGS[@]}" "${KD_EXTRA[@]}" "${EXTRA[@]}"
 }
 VARIANT=""
+OWN_LENGTH=""
 VARIANT_FLAGS=()
 table() {
     # 1. baselines: every network a pair or DML uses (with TEACHERS, the teachers come released)
@@ -217,7 +243,11 @@ table() {
                 shared=()
                 for mode in $MODES; do
                     [ "$TABLE" != crd ] || [[ ${APPLIES["$data ${pair}"]-} == *" $mode "* ]] || continue
-                    if [ "$SHARE_TEACHER" = 1 ] && [[ " $SHAREABLE " == *" $mode "* ]]; then
+                    if [ -n "${OWN_EPOCHS["$data $pair $mode"]-}" ]; then  # a length of its own: alone
+                        OWN_LENGTH=${OWN_EPOCHS["$data $pair $mode"]}
+                        kd_run "$mode"
+                        OWN_LENGTH=""
+                    elif [ "$SHARE_TEACHER" = 1 ] && [[ " $SHAREABLE " == *" $mode "* ]]; then
                         shared+=("$mode")  # trained below, several students on one teacher pass
                     else
                         kd_run "$mode"

@@ -286,6 +286,9 @@ class Setting:
 
 
 EXECUTORS = ('local', 'slurm')
+# table: every run trains the table's EPOCHS (equal terms); authors: a mode's
+# official per-pair length where its authors train a pair longer.
+SCHEDULE_CHOICES = ('table', 'authors')
 
 # In the order they are resolved: a default may read the settings above it.
 SETTINGS = (
@@ -322,6 +325,11 @@ SETTINGS = (
     Setting('EPOCHS', 'a whole number >= 1', table_default('epochs'), "the table's (seed: 200; crd: 240)",
             'the schedule; another length adds -e<EPOCHS> to every run\'s name, so its runs stay apart',
             check_whole_number(1)),
+    Setting('SCHEDULES', ' | '.join(SCHEDULE_CHOICES), 'table', 'table',
+            'table: every run trains EPOCHS; authors (TABLE=crd): a KD run whose authors train its pair '
+            'longer trains their schedule instead, named -e<their epochs> (MLKD: 480 or 960 epochs for '
+            'five pairs; python -m kd_losses --own_epochs T S)',
+            check_choice('schedule choice', SCHEDULE_CHOICES)),
     Setting('EXTRA_ARGS', 'flags', '', 'none',
             'appended to every command (e.g. "--no_download", "--device cpu")'),
     Setting('KD_ARGS', 'flags', '', 'none', 'appended to the train_kd.py commands (e.g. "--init_epochs 5")'),
@@ -448,6 +456,12 @@ def check_together(environ, resolved):
             if name in environ:
                 raise UserError(f'{name} is a setting of EXECUTOR=slurm (EXECUTOR is {resolved["EXECUTOR"]}): '
                                 f'set EXECUTOR=slurm, or unset {name}')
+    if resolved['SCHEDULES'] == 'authors':
+        default = str(TABLES[resolved['TABLE']].epochs)
+        if resolved['TABLE'] != 'crd' or resolved['EPOCHS'] != default:
+            raise UserError(f"SCHEDULES=authors gives the CIFAR-100 benchmark's KD runs their authors' "
+                            f"per-pair lengths: it needs TABLE=crd and EPOCHS at the table's "
+                            f"{TABLES['crd'].epochs} (TABLE is {resolved['TABLE']}, EPOCHS {resolved['EPOCHS']})")
     if resolved['TEACHERS'] and set(words(resolved['DATASETS'])) - {'cifar100'}:
         raise UserError(f"TEACHERS: released teachers are CIFAR-100 networks, but DATASETS is "
                         f"'{resolved['DATASETS']}': set DATASETS=cifar100 (TABLE=crd has it)")

@@ -6,6 +6,7 @@
     python -m kd_losses --applies resnet32x4 ShuffleV1 [TEACHER STUDENT ...] [--why]
     python -m kd_losses --shareable            # the modes that can share one teacher pass
     python -m kd_losses --defaults dkd --pair resnet56:resnet20
+    python -m kd_losses --own_epochs vgg13 MobileNetV2 [TEACHER STUDENT ...]
 
 `--defaults MODE` prints each setting a run of MODE takes when its flag is
 left out, its value and where it comes from, as the run's log names it:
@@ -31,6 +32,11 @@ split (50000 images, equal classes), as a real run sees it.
 one teacher pass (train_kd.py --kd_mode a,b,...), then a `# not shareable:
 MODE: REASON` line for each of the others (each method built as
 `--applies` builds it, for the seed's resnet110 -> resnet20 pair).
+
+`--own_epochs` prints, one line per TEACHER STUDENT pair, `MODE:EPOCHS` for
+each mode whose authors train that pair for a length of its own under
+`--protocol` (crd unless given; MLKD's longer schedules), an empty line where
+none does: the sweep's SCHEDULES=authors runs those as their authors do.
 """
 import functools
 import shutil
@@ -189,6 +195,18 @@ def sharing():
             for mode in mode_names()}
 
 
+def own_epochs(teacher, student, protocol='crd'):
+    """[(mode, epochs)] of the modes whose authors train teacher -> student for
+    a schedule length of its own under `protocol` (a PairSetting.schedule
+    with epochs: train_kd.py takes it when --epochs is left out)."""
+    out = []
+    for mode in mode_names():
+        schedule = METHODS[mode].schedule(protocol, teacher, student)
+        if 'epochs' in schedule and schedule['epochs'].level == 'pair':
+            out.append((mode, schedule['epochs'].value))
+    return out
+
+
 def defaults_lines(mode, data_name='cifar100', protocol='crd', pair=None):
     """The lines of `--defaults`: each setting of `mode` with its value and
     source, then the settings each on/off switch of the mode changes."""
@@ -229,6 +247,11 @@ def build_parser():
     what.add_argument('--applies', nargs='+', metavar='NET',
                       help='TEACHER STUDENT [TEACHER STUDENT ...]: print, one line per pair, the '
                            'modes that can distil TEACHER into STUDENT')
+    what.add_argument('--own_epochs', nargs='+', metavar='NET',
+                      help='TEACHER STUDENT [TEACHER STUDENT ...]: print, one line per pair, '
+                           'MODE:EPOCHS for each mode whose authors train the pair for a schedule '
+                           'of its own under --protocol (MLKD: 480 or 960 epochs for five pairs; '
+                           'the sweep\'s SCHEDULES=authors reads them)')
     what.add_argument('--defaults', metavar='MODE',
                       help="print each setting of MODE left out on the command line: its value "
                            "and where it comes from (the method's, the dataset's, the protocol's, "
@@ -249,11 +272,12 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.pair is not None and args.defaults is None:
         parser.error('--pair goes with --defaults')
-    if args.applies is None and (args.why or (args.defaults is None and (
+    if args.applies is None and (args.why or (args.defaults is None and args.own_epochs is None and (
             '--data_name' in argv or '--protocol' in argv))):
         parser.error('--why, --data_name and --protocol go with --applies (the last two '
-                     'also with --defaults)')
-    if args.applies is None and args.defaults is None:
+                     'also with --defaults, --protocol with --own_epochs)')
+    pairs = args.applies if args.applies is not None else args.own_epochs
+    if pairs is None and args.defaults is None:
         return args
     from network import NETWORKS
     if args.defaults is not None:
@@ -266,11 +290,12 @@ def parse_args(argv):
                              f'networks: {" ".join(NETWORKS)}')
             args.pair = tuple(nets)
     else:
-        if len(args.applies) % 2:
-            parser.error(f'--applies takes TEACHER STUDENT pairs, got {len(args.applies)} names')
-        unknown = [n for n in args.applies if n not in NETWORKS]
+        flag = '--applies' if args.applies is not None else '--own_epochs'
+        if len(pairs) % 2:
+            parser.error(f'{flag} takes TEACHER STUDENT pairs, got {len(pairs)} names')
+        unknown = [n for n in pairs if n not in NETWORKS]
         if unknown:
-            parser.error(f'--applies: unknown network {unknown[0]!r}; networks: {" ".join(NETWORKS)}')
+            parser.error(f'{flag}: unknown network {unknown[0]!r}; networks: {" ".join(NETWORKS)}')
     import train_kd  # its own choices, wherever they are defined
     choices = {a.dest: a.choices for a in train_kd.build_parser()._actions}
     for name in ('data_name', 'protocol'):
@@ -292,6 +317,9 @@ def main(argv=None):
                 print(f'# not shareable: {mode}: {reason}')
     elif args.defaults:
         print('\n'.join(defaults_lines(args.defaults, args.data_name, args.protocol, args.pair)))
+    elif args.own_epochs:
+        for teacher, student in zip(args.own_epochs[::2], args.own_epochs[1::2]):
+            print(' '.join(f'{mode}:{length}' for mode, length in own_epochs(teacher, student, args.protocol)))
     elif args.applies:
         for teacher, student in zip(args.applies[::2], args.applies[1::2]):
             result = applicability(teacher, student, args.data_name, args.protocol)

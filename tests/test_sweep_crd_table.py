@@ -152,3 +152,44 @@ def test_a_shorter_benchmark_schedule_keeps_its_shape_and_its_runs_apart(tmp_pat
     cmds, _ = dry_run(RESULTS=str(tmp_path), PAIRS='wrn_40_2:wrn_40_1', MODES='', EPOCHS='1')
     args = train_base.parse_args(cmds[0][3:] + ['--device', 'cpu'])
     assert args.epochs == 1 and args.lr_decay_epochs == [1, 1, 1]  # a one-epoch check run keeps lr
+
+
+# ----------------------------------------------------------------------------- SCHEDULES=authors
+
+def test_own_epochs_lists_the_modes_whose_authors_train_a_pair_longer(capsys):
+    kd_losses_main(['--own_epochs', 'vgg13', 'MobileNetV2', 'resnet32x4', 'resnet8x4', 'resnet32x4', 'ShuffleV2'])
+    assert capsys.readouterr().out.splitlines() == ['mlkd:480', '', 'mlkd:960']
+    kd_losses_main(['--own_epochs', 'vgg13', 'MobileNetV2', '--protocol', 'seed'])  # crd's configs only
+    assert capsys.readouterr().out == '\n'
+
+
+def test_authors_schedules_give_those_runs_their_length_and_leave_the_rest(tmp_path):
+    pairs = 'vgg13:MobileNetV2 resnet32x4:resnet8x4 resnet32x4:ShuffleV2'
+    table, _ = dry_run(RESULTS=str(tmp_path), PAIRS=pairs, MODES='mlkd st', SHARE_TEACHER='1')
+    authors, _ = dry_run(RESULTS=str(tmp_path), PAIRS=pairs, MODES='mlkd st', SHARE_TEACHER='1',
+                         SCHEDULES='authors')
+    own = {(flag(c, '--t_name'), flag(c, '--s_name')): c for c in authors
+           if c[2] == 'train_kd.py' and flag(c, '--kd_mode') == 'mlkd'}
+    assert sorted(own) == sorted(tuple(p.split(':')) for p in pairs.split())
+    for (teacher, student), length in ((('vgg13', 'MobileNetV2'), 480), (('resnet32x4', 'ShuffleV2'), 960)):
+        c = own[(teacher, student)]
+        assert '--epochs' not in c and flag(c, '--protocol') == 'crd'
+        assert flag(c, '--note') == f'mlkd-c100-{short(teacher)}-{student}-crd-s2-e{length}'
+        args = train_kd.parse_args(c[3:] + ['--device', 'cpu'])[0]   # the authors' schedule resolves
+        assert (args.epochs, args.lr, args.lr_decay_epochs) == (length, 0.01, [150, 180, 210])
+        assert c[c.index('--s_init') + 1] == (f'{tmp_path}/base/base-c100-{student}-crd-s2/'
+                                              f'initial_{student}.pth.tar')  # the table's own baselines
+    # every other command is the table's, unchanged
+    longer = [own[('vgg13', 'MobileNetV2')], own[('resnet32x4', 'ShuffleV2')]]
+    assert sorted(c for c in authors if c not in longer) == \
+        sorted(c for c in table if not (c[2] == 'train_kd.py' and flag(c, '--kd_mode') == 'mlkd'
+                                        and flag(c, '--s_name') != 'resnet8x4'))
+
+
+@pytest.mark.parametrize('env', [{'TABLE': 'seed'}, {'EPOCHS': '30'}])
+def test_authors_schedules_need_the_benchmark_at_its_length(env):
+    p = subprocess.run(['bash', SCRIPT], env={**os.environ, 'DRY_RUN': '1', 'TABLE': 'crd',
+                                              'SCHEDULES': 'authors', **env},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and p.stdout == '' and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith('error: SCHEDULES=authors') and 'TABLE=crd' in p.stderr

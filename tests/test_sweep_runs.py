@@ -103,6 +103,8 @@ BAD_SETTINGS = [  # (setting, value, what the one-line message must name)
     ('TABLE', 'crd2', ["crd2", 'seed crd']),
     ('DRY_RUN', 'maybe', ["'maybe'", '0/1/no/yes/false/true']),
     ('EXECUTOR', 'pbs', ["'pbs'", 'local slurm']),
+    ('SCHEDULES', 'own', ["'own'", 'table authors']),
+    ('SCHEDULES', 'authors', ['TABLE=crd', 'TABLE is seed']),  # the per-pair lengths are the benchmark's
     ('PARTITION', 'gpu', ['EXECUTOR=slurm', 'unset PARTITION']),  # given for the local executor: a mistake
     ('TEACHERS', '/no/such/folder', ["'/no/such/folder' is not a directory"]),
     # a variable that looks like a misspelt setting (test_sweep_settings.py has more): the sweep

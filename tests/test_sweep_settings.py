@@ -34,8 +34,8 @@ def test_the_defaults_are_the_seed_table_and_the_crd_table():
     assert seed == {
         'TABLE': 'seed', 'DATA_ROOT': './datasets', 'RESULTS': './results', 'TEACHERS': '', 'GPUS': '0',
         'JOBS_PER_GPU': '1', 'DATASETS': 'cifar10 cifar100', 'MODES': ' '.join(sorted(METHODS)), 'PAIRS': pairs,
-        'DML_PAIRS': pairs, 'SEEDS': '2', 'EPOCHS': '200', 'EXTRA_ARGS': '', 'KD_ARGS': '', 'SHARE_TEACHER': '1',
-        'STUDENTS_PER_RUN': 'all', 'DRY_RUN': '0',
+        'DML_PAIRS': pairs, 'SEEDS': '2', 'EPOCHS': '200', 'SCHEDULES': 'table', 'EXTRA_ARGS': '',
+        'KD_ARGS': '', 'SHARE_TEACHER': '1', 'STUDENTS_PER_RUN': 'all', 'DRY_RUN': '0',
         'PYTHON': 'python', 'EXECUTOR': 'local', 'PARTITION': '', 'TIME_LIMIT': '1440', 'GPUS_PER_JOB': '1',
         'MAX_JOBS': '64', 'SBATCH_OPTIONS': ''}
     crd = sweep.check_settings({'TABLE': 'crd'})
