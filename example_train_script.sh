@@ -114,41 +114,38 @@ run_id() {  # $1: dataset, then the networks: sets RUN_ID, e.g. c100-r110-r20-cr
 }
 base_dir() { run_id "$1" "$2"; BASE_DIR="$RESULTS/base/base-$RUN_ID"; }  # sets BASE_DIR
 
+# The pairs, and their networks as the TEACHER STUDENT words the registry's queries take
+read -r -a PAIR_LIST <<< "$PAIRS"
+PAIR_NETS=()
+for pair in $PAIRS; do PAIR_NETS+=("${pair%%:*}" "${pair##*:}"); done
+
 # ---- which modes apply to which pair (TABLE=crd: networks of other shapes; built, not trained)
 declare -A APPLIES=() SKIPPED=()
 if [ "$TABLE" = crd ] && [ -n "$MODES" ] && [ -n "$PAIRS" ] && [ -n "$SEEDS" ]; then
     for data in $DATASETS; do
-        nets=()
-        for pair in $PAIRS; do nets+=("${pair%%:*}" "${pair##*:}"); done
-        answer=$("$PYTHON" -m kd_losses --applies "${nets[@]}" --why --data_name "$data" --protocol crd) ||
+        answer=$("$PYTHON" -m kd_losses --applies "${PAIR_NETS[@]}" --why --data_name "$data" --protocol crd) ||
             die "python -m kd_losses --applies failed (see above)"
         i=-1
-        read -r -a pairs <<< "$PAIRS"
         while IFS= read -r line; do
             if [[ $line == "# skipped: "* ]]; then  # "# skipped: MODE does not apply to T->S: why"
                 mode=${line#"# skipped: "}
-                SKIPPED["$data ${pairs[i]} ${mode%% *}"]=$line
+                SKIPPED["$data ${PAIR_LIST[i]} ${mode%% *}"]=$line
             else
                 i=$((i + 1))
-                APPLIES["$data ${pairs[i]}"]=" $line "
+                APPLIES["$data ${PAIR_LIST[i]}"]=" $line "
             fi
         done <<< "$answer"
     done
 fi
 
-# ---- SCHEDULES=authors: the KD runs whose authors train their pair longer (OWN_EPOCHS["data pair mode"])
+# ---- SCHEDULES=authors: the KD runs whose authors train their pair longer (OWN_EPOCHS["pair mode"])
 declare -A OWN_EPOCHS=()
 if [ "$SCHEDULES" = authors ] && [ -n "$MODES" ] && [ -n "$PAIRS" ]; then
-    nets=()
-    for pair in $PAIRS; do nets+=("${pair%%:*}" "${pair##*:}"); done
-    answer=$("$PYTHON" -m kd_losses --own_epochs "${nets[@]}" --protocol crd) ||
+    answer=$("$PYTHON" -m kd_losses --own_epochs "${PAIR_NETS[@]}" --protocol crd) ||
         die "python -m kd_losses --own_epochs failed (see above)"
-    read -r -a pairs <<< "$PAIRS"
     i=0
     while IFS= read -r line; do  # one line per pair: MODE:EPOCHS ...
-        for own in $line; do
-            for data in $DATASETS; do OWN_EPOCHS["$data ${pairs[i]} ${own%%:*}"]=${own##*:}; done
-        done
+        for own in $line; do OWN_EPOCHS["${PAIR_LIST[i]} ${own%%:*}"]=${own##*:}; done
         i=$((i + 1))
     done <<< "$answer"
 fi
@@ -243,8 +240,8 @@ table() {
                 shared=()
                 for mode in $MODES; do
                     [ "$TABLE" != crd ] || [[ ${APPLIES["$data ${pair}"]-} == *" $mode "* ]] || continue
-                    if [ -n "${OWN_EPOCHS["$data $pair $mode"]-}" ]; then  # a length of its own: alone
-                        OWN_LENGTH=${OWN_EPOCHS["$data $pair $mode"]}
+                    if [ -n "${OWN_EPOCHS["$pair $mode"]-}" ]; then  # a length of its own: alone
+                        OWN_LENGTH=${OWN_EPOCHS["$pair $mode"]}
                         kd_run "$mode"
                         OWN_LENGTH=""
                     elif [ "$SHARE_TEACHER" = 1 ] && [[ " $SHAREABLE " == *" $mode "* ]]; then

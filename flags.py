@@ -133,6 +133,11 @@ PROTOCOLS = {
 }
 # ...and the smaller learning rate it gives these students.
 CRD_SMALL_LR_NETS = {'MobileNetV2': 0.01, 'ShuffleV1': 0.01, 'ShuffleV2': 0.01}
+
+
+def small_lr_nets(protocol):
+    """The students whose lr `protocol` lowers (none outside --protocol crd)."""
+    return CRD_SMALL_LR_NETS if protocol == 'crd' else {}
 SEED_SCHEDULE = {'epochs': 200, 'batch_size': 128, 'lr': 0.1, 'weight_decay': 1e-4,
                  'momentum': 0.9, 'nesterov': True, 'lr_decay_epochs': None, 'lr_decay_rate': 0.1}
 

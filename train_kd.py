@@ -36,9 +36,9 @@ from checkpoints import file_digest, load_network_weights, save_checkpoint, zoo_
 from dataset import make_loaders
 from distributed import WORLD, sync_batchnorm
 from errors import ArgumentParser, cli, UserError
-from flags import (CRD_SMALL_LR_NETS, SCHEDULE_FLAGS, HelpFormatter, add_common_args,
+from flags import (SCHEDULE_FLAGS, HelpFormatter, add_common_args,
                    finalize_common_args, finite, flags_given, non_negative, positive,
-                   protocol_epochs, schedule_lines, schedule_sources)
+                   protocol_epochs, schedule_lines, schedule_sources, small_lr_nets)
 from kd_losses import METHODS, ConfigError, Context, all_flags
 from kd_losses.registry import COMMON_DEFAULTS
 from network import NETWORKS, build_network
@@ -152,9 +152,8 @@ def method_schedule(method, args, given):
     """{schedule flag: Default} that the mode sets under args.protocol for the
     run's pair and the command line leaves out (Method.schedule: its
     `schedule_defaults`, whose lr gives way to the protocol's own lower lr for
-    small students, CRD_SMALL_LR_NETS, and the pair's official schedule)."""
-    out = method.schedule(args.protocol, args.t_name, args.s_name,
-                          CRD_SMALL_LR_NETS if args.protocol == 'crd' else (),
+    small students, flags.small_lr_nets, and the pair's official schedule)."""
+    out = method.schedule(args.protocol, args.t_name, args.s_name, small_lr_nets(args.protocol),
                           {name: getattr(args, name) for name in given if name in SCHEDULE_FLAGS})
     unknown = sorted(set(out) - set(SCHEDULE_FLAGS))
     if unknown:

@@ -14,9 +14,9 @@ under `--protocol` (crd unless given) on `--data_name` (cifar100 unless
 given), for the teacher:student `--pair` if given (under --protocol crd a
 pair may have the official per-pair setting), then the schedule flags the
 mode sets over the protocol's (MLKD's lr, and a pair's longer official
-schedule), then what the mode's on/off switches change when on. Precedence (kd_losses/registry.py): the command
-line, a switch's defaults, the pair's, the protocol's, the dataset's, the
-mode's own. Numbers of epochs are the protocol's own; train_kd.py scales
+schedule), then what the mode's on/off switches change when on.
+Precedence (kd_losses/registry.py): the command line, a switch's defaults,
+the pair's, the protocol's, the dataset's, the mode's own. Numbers of epochs are the protocol's own; train_kd.py scales
 them to --epochs.
 
 `--applies` says, without training, which methods can distil TEACHER into
@@ -218,8 +218,8 @@ def defaults_lines(mode, data_name='cifar100', protocol='crd', pair=None):
         where += f' (a pair\'s official settings apply under --protocol {PAIR_PROTOCOL} only)'
     lines = [f'{mode} on {data_name} under --protocol {protocol}{where}:']
     lines += [f'  {name} = {d.value} ({d.where})' for name, d in resolved.items()]
-    from flags import CRD_SMALL_LR_NETS  # the students that keep the benchmark's own lr
-    schedule = method.schedule(protocol, teacher, student, CRD_SMALL_LR_NETS if protocol == 'crd' else ())
+    from flags import small_lr_nets  # the students that keep the protocol's own lr
+    schedule = method.schedule(protocol, teacher, student, small_lr_nets(protocol))
     if schedule:
         lines.append(f'schedule, over --protocol {protocol}\'s when the flag is left out:')
         lines += [f'  {name} = {d.value} ({d.where})' for name, d in schedule.items()]
